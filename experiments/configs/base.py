@@ -1,0 +1,71 @@
+"""Defaults for every run: each field here is read by the package part named by its group.
+
+Other configs start from `base.get_config()` and change what they need; command-line
+overrides (`--config.optimizer.lr=1e-3`) must name fields that exist here.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+
+    # model/: a preset from nanochat_jax.model.config.PRESETS; None fields keep the preset.
+    c.model = config_dict.ConfigDict()
+    c.model.preset = "125m"
+    c.model.ternary = True  # False: the same architecture in dense precision (the baseline)
+    c.model.vocab_size = 384  # byte-level tokenizer (259 ids) padded to a multiple of 128
+    c.model.seq_len = 1024
+    c.model.d_model = config_dict.placeholder(int)
+    c.model.n_layers = config_dict.placeholder(int)
+    c.model.n_heads = config_dict.placeholder(int)
+    c.model.n_kv_heads = config_dict.placeholder(int)
+    c.model.d_ff = config_dict.placeholder(int)
+    c.model.tie_embeddings = False
+    c.model.rope_theta = 500_000.0
+    c.model.norm_eps = 1e-5
+    c.model.init_std = 0.02
+
+    # data/: 'python-stdlib', a directory (searched for `extensions`), or a glob.
+    c.data = config_dict.ConfigDict()
+    c.data.source = "python-stdlib"
+    c.data.extensions = (".py", ".rs", ".txt", ".md")
+    c.data.val_fraction = 0.05  # share of files held out, chosen by a hash of the path
+    c.data.max_bytes = 0  # read at most this many bytes of training text (0: all)
+    c.data.batch_size = 32
+
+    # train/: the loop.
+    c.training = config_dict.ConfigDict()
+    c.training.steps = 5000
+    c.training.seed = 0
+    c.training.log_every = 10
+    c.training.eval_every = 250
+    c.training.eval_batches = 8
+    c.training.z_loss = 0.0  # coefficient of mean(logsumexp^2); 1e-4 is PaLM's
+    c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
+    c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure
+
+    # optim/: name in (adamw, muon); schedule in (constant, linear, cosine, bitnet).
+    c.optimizer = config_dict.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1.5e-3  # AdamW's lr, or Muon's for name=muon
+    c.optimizer.adam_lr = 3e-4  # name=muon: lr of the AdamW branch (embedding, head, norms)
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.momentum = 0.95  # Muon
+    c.optimizer.ns_steps = 5  # Muon Newton-Schulz iterations
+    c.optimizer.consistent_rms = config_dict.placeholder(float)  # Muon; 0.2: Moonlight scaling
+    c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optimizer.schedule = "bitnet"
+    c.optimizer.warmup_steps = 375
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.stage2_at = 0.5  # bitnet: fraction of steps where LR drops and decay stops
+    c.optimizer.stage2_lr_ratio = 2 / 3  # bitnet: 1.5e-3 -> 1e-3 as in the BitNet FAQ
+
+    # train/checkpoint.py
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.max_to_keep = 3
+    return c

@@ -1,0 +1,119 @@
+"""`python -m experiments.run --config=NAME [--config.group.field=value ...] [--workdir=DIR]`
+
+NAME is a module in `experiments/configs/` (or a path to a config file). Overrides go through
+ml_collections' config flags; a name or field that does not exist fails before any compute.
+The default workdir is `runs/NAME`; re-running the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from nanochat_jax.errors import NanochatError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEFAULT_CONFIG = "tiny"
+
+
+def available_configs() -> list[str]:
+    return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                  if f.endswith(".py") and not f.startswith("_"))
+
+
+def resolve_config_arg(value: str) -> str:
+    """A config NAME (or NAME:arg) -> the path of its file; paths pass through unchanged."""
+    name, sep, arg = value.partition(":")
+    if name.endswith(".py") or os.sep in name:
+        return value
+    if name not in available_configs():
+        hint = difflib.get_close_matches(name, available_configs(), n=1)
+        raise SystemExit(f"error: unknown config {name!r}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; choose one of: {', '.join(available_configs())}")
+    return os.path.join(CONFIG_DIR, name + ".py") + sep + arg
+
+
+def _rewrite_argv(argv: list[str]) -> tuple[list[str], str]:
+    """Map `--config=NAME` / `--config NAME` to the config file; returns (argv, NAME)."""
+    out, name, i = [argv[0]], DEFAULT_CONFIG, 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+            arg = "--config=" + resolve_config_arg(name)
+        elif arg == "--config" and i + 1 < len(argv):
+            name = argv[i + 1]
+            out.append(arg)
+            arg = resolve_config_arg(name)
+            i += 1
+        out.append(arg)
+        i += 1
+    if not any(a == "--config" or a.startswith("--config=") for a in out):
+        out.insert(1, "--config=" + resolve_config_arg(DEFAULT_CONFIG))
+    return out, os.path.basename(name.partition(":")[0]).removesuffix(".py")
+
+
+def check_overrides(config_path: str, argv: list[str]) -> None:
+    """Fail on `--config.a.b=...` overrides that name no field, listing the fields there."""
+    spec = importlib.util.spec_from_file_location("_run_config", config_path.partition(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, walked = config, []
+        for key in arg[len("--config."):].split("=", 1)[0].split("."):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                hint = difflib.get_close_matches(key, fields, n=1)
+                where = ".".join(["config", *walked])
+                raise SystemExit(f"error: {arg.split('=', 1)[0]}: {where} has no field {key!r}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + (f"; its fields are: {', '.join(fields)}" if fields else
+                                    f"; {where} is a value, not a group"))
+            node, walked = node[key], walked + [key]
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config NAME in experiments/configs/ (default tiny) or a file path.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
+
+
+def main(argv: list[str], name: str) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from nanochat_jax.train.trainer import train  # import after flag parsing: fast --help
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+    workdir = _WORKDIR.value or os.path.join("runs", name)
+    try:
+        summary = train(_CONFIG.value, workdir)
+    except NanochatError as e:
+        raise SystemExit(f"error: {e}") from None
+    keys = ("loss/ce", "eval/ce", "eval/bpb", "throughput/tokens_per_sec", "throughput/mfu")
+    print("final: step {} | ".format(summary["step"])
+          + " | ".join(f"{k} {summary[k]:.4g}" for k in keys if k in summary))
+    print(f"workdir: {workdir}  (tensorboard --logdir {os.path.join(workdir, 'tb')})")
+
+
+def run() -> None:
+    argv, name = _rewrite_argv(sys.argv)
+    config_arg = next(a for a in argv if a.startswith("--config=") or a == "--config")
+    config_path = (config_arg.split("=", 1)[1] if "=" in config_arg
+                   else argv[argv.index("--config") + 1])
+    check_overrides(config_path, argv)
+    app.run(lambda a: main(a, name), argv=argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,21 @@
+"""User-facing error types: one per kind of failure, each message says what to do."""
+
+
+class NanochatError(Exception):
+    """Base class for errors a user can fix without reading a traceback."""
+
+
+class ConfigError(NanochatError, ValueError):
+    """A config name, field or value is wrong (raised before any compute)."""
+
+
+class DataError(NanochatError):
+    """A corpus source is missing, empty, or too small for the requested batches."""
+
+
+class CheckpointError(NanochatError):
+    """A checkpoint cannot be resumed with this config (different model or data)."""
+
+
+class DivergenceError(NanochatError, FloatingPointError):
+    """The training loss became NaN or infinite."""

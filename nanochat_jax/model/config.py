@@ -1,0 +1,125 @@
+"""Model hyper-parameters and the size presets (the model zoo).
+
+`python -m nanochat_jax.model.config` prints every preset with its parameter count,
+computed with `jax.eval_shape` (shapes only, nothing is allocated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from nanochat_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a BitNet b1.58 decoder (SPECS §1); `ternary=False` is the dense twin."""
+
+    vocab_size: int
+    seq_len: int  # training context length (rotary tables are built on the fly)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # grouped-query attention when < n_heads
+    d_ff: int  # hidden width of the gated squared-ReLU FFN
+    ternary: bool = True
+    tie_embeddings: bool = False
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                     "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by "
+                              f"model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of "
+                              f"model.n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# name -> architecture; vocab 32768 (our BPE) unless the preset is byte-level.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains in minutes on 2 CPU cores on a byte-level tokenizer.
+    "tiny": dict(vocab_size=384, seq_len=128, d_model=128, n_layers=4, n_heads=4,
+                 n_kv_heads=2, d_ff=384),
+    # nanochat's d20 geometry (depth 20, width 64 * depth).
+    "d20": dict(vocab_size=32768, seq_len=2048, d_model=1280, n_layers=20, n_heads=10,
+                n_kv_heads=10, d_ff=3584),
+    "125m": dict(vocab_size=32768, seq_len=2048, d_model=768, n_layers=12, n_heads=12,
+                 n_kv_heads=12, d_ff=2048),
+    "350m": dict(vocab_size=32768, seq_len=2048, d_model=1024, n_layers=24, n_heads=16,
+                 n_kv_heads=16, d_ff=2816),
+    "1b": dict(vocab_size=32768, seq_len=2048, d_model=2048, n_layers=16, n_heads=32,
+               n_kv_heads=8, d_ff=8192),
+    # BitNet b1.58 2B4T-like width with Llama-3.2-3B depth.
+    "3b": dict(vocab_size=32768, seq_len=4096, d_model=3072, n_layers=28, n_heads=24,
+               n_kv_heads=8, d_ff=8192),
+    # Llama-2-7B geometry.
+    "7b": dict(vocab_size=32768, seq_len=4096, d_model=4096, n_layers=32, n_heads=32,
+               n_kv_heads=32, d_ff=11008),
+}
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def model_config(preset: str, **overrides: Any) -> ModelConfig:
+    """A preset with some fields replaced; None-valued overrides keep the preset's value."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - _FIELDS
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {sorted(unknown)}: fields are {sorted(_FIELDS)}")
+    fields = dict(PRESETS[preset])
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**fields)
+
+
+def from_config_group(group: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from the run config's `model` group (`preset` + optional overrides)."""
+    fields = dict(group)
+    return model_config(fields.pop("preset"), **fields)
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by `jax.eval_shape` of `init`: total, embedding/head, and the rest."""
+    import jax
+    import jax.numpy as jnp
+
+    from nanochat_jax.model.transformer import Transformer
+
+    model = Transformer(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+    total = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    embed = sum(int(x.size) for k, v in shapes.items() if k in ("embed", "lm_head")
+                for x in jax.tree.leaves(v))
+    return {"total": total, "embedding": embed, "non_embedding": total - embed}
+
+
+def main() -> None:
+    """Print every preset with its geometry and parameter counts."""
+    header = (f"{'preset':>6} {'d_model':>7} {'layers':>6} {'heads':>5} {'kv':>3} {'d_ff':>6} "
+              f"{'vocab':>6} {'params':>14} {'non-embedding':>14}")
+    print(header)
+    print("-" * len(header))
+    for name in PRESETS:
+        cfg = model_config(name)
+        n = count_params(cfg)
+        print(f"{name:>6} {cfg.d_model:>7} {cfg.n_layers:>6} {cfg.n_heads:>5} {cfg.n_kv_heads:>3} "
+              f"{cfg.d_ff:>6} {cfg.vocab_size:>6} {n['total']:>14,} {n['non_embedding']:>14,}")
+
+
+if __name__ == "__main__":
+    main()

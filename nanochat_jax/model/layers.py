@@ -1,0 +1,87 @@
+"""Building blocks of the BitNet b1.58 decoder: BitLinear, rotary embeddings, attention, FFN.
+
+Layout: kernels are `[in, out]` (Flax). Every BitLinear in the block is preceded by exactly
+one RMSNorm (pre-norm or sub-norm), which is the `x~ = RMSNorm(x)` of SPECS §1, so BitLinear
+itself only quantises.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nanochat_jax.model.config import ModelConfig
+from nanochat_jax.ternary import quant
+
+
+class BitLinear(nn.Module):
+    """y = x_q @ W_q with absmean-ternary W and per-token int8 x (STE); plain x @ W when dense.
+
+    The kernel is an fp32 latent `[in, out]`; quantised views are recomputed every call and
+    never stored. No bias (BitNet has none).
+    """
+
+    features: int
+    ternary: bool = True
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
+        w = self.param("kernel", nn.initializers.normal(self.init_std),
+                       (x.shape[-1], self.features), jnp.float32)  # [in, out]
+        if self.ternary:
+            x = quant.quantize_activations_ste(x)
+            w = quant.quantize_weights_ste(w)
+        return jnp.dot(x, w.astype(x.dtype))
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables for rotate-half RoPE.  positions: [T] -> each [T, head_dim/2]."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (GPT-NeoX / HF Llama convention).  x: [B, T, N, H]; cos/sin: [T, H/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with rotary embeddings and BitNet's attn_sub_norm."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D] (already normed)
+        c = self.cfg
+        b, t, _ = x.shape
+        dense = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, name=name)
+        q = dense(c.n_heads * c.head_dim, "q")(x).reshape(b, t, c.n_heads, c.head_dim)
+        k = dense(c.n_kv_heads * c.head_dim, "k")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = dense(c.n_kv_heads * c.head_dim, "v")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        cos, sin = rotary_tables(jnp.arange(t), c.head_dim, c.rope_theta)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, H]
+        out = nn.RMSNorm(epsilon=c.norm_eps, name="attn_sub_norm")(out.reshape(b, t, -1))
+        return dense(c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)(out)
+
+
+class FeedForward(nn.Module):
+    """Gated squared-ReLU FFN: W_down(ffn_sub_norm(relu(x W_1)^2 * (x W_3)))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D] (already normed)
+        c = self.cfg
+        gate = BitLinear(c.d_ff, c.ternary, c.init_std, name="w1")(x)  # [B, T, F]
+        up = BitLinear(c.d_ff, c.ternary, c.init_std, name="w3")(x)  # [B, T, F]
+        h = jnp.square(jax.nn.relu(gate)) * up
+        h = nn.RMSNorm(epsilon=c.norm_eps, name="ffn_sub_norm")(h)
+        return BitLinear(c.d_model, c.ternary, c.init_std / (2 * c.n_layers) ** 0.5,
+                         name="w2")(h)

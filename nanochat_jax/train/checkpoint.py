@@ -1,0 +1,51 @@
+"""Orbax checkpoints: the whole TrainState plus a JSON sidecar (config, data position).
+
+Saves are asynchronous (training continues while the files are written); `max_to_keep`
+retention and the save interval are orbax's own `CheckpointManagerOptions`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nanochat_jax.errors import CheckpointError
+
+
+class Checkpointer:
+    """Save / restore `(state, meta)` pairs under `directory/<step>/`."""
+
+    def __init__(self, directory: str, every: int, max_to_keep: int):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=every,
+            enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+        """Start an async save if `step` is on the interval (or `force`); True if started."""
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+        """Restore the state at `step` into the structure, shapes and shardings of `like`."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"checkpoint at step {step} in {self.manager.directory} does not fit this "
+                f"config's train state ({e}); use a new --workdir or the config it was made "
+                f"with") from e
+        return out.state, out.meta
+
+    def close(self) -> None:
+        """Wait for pending async saves, then release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

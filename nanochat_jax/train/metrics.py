@@ -1,0 +1,69 @@
+"""Metric sinks (JSONL + tensorboardX), memory accounting, model FLOPs and MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from tensorboardX import SummaryWriter
+
+from nanochat_jax.model.config import ModelConfig
+
+
+class MetricWriter:
+    """Writes scalars to `workdir/metrics.jsonl` (one object per step) and `workdir/tb/`."""
+
+    def __init__(self, workdir: str):
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, float(value), step)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the array leaves of a pytree."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+               if hasattr(x, "dtype"))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, PaLM appendix B convention).
+
+    6 x (matmul parameters: block kernels + LM head) + 12 x layers x d_model x seq_len for
+    attention scores and values. The embedding lookup is not a matmul and is not counted.
+    """
+    c = cfg
+    attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    ffn = 3 * c.d_model * c.d_ff
+    matmul_params = c.n_layers * (attn + ffn) + c.d_model * c.vocab_size
+    return 6.0 * matmul_params + 12.0 * c.n_layers * c.d_model * seq_len
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """A measured dense-matmul rate (FLOP/s) on the default device: the MFU denominator when
+    the user sets none. fp32 on CPU, bf16 on accelerators (their training dtype)."""
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best

@@ -1,0 +1,33 @@
+"""The train state: one pytree (step, params, opt_state, rng) that orbax saves whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any  # fp32 latent weights
+    opt_state: Any
+    rng: jax.Array  # uint32 [2] root key; per-step keys are fold_in(rng, step)
+
+
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                     seq_len: int) -> TrainState:
+    """Initialise params and optimizer state on device (one jit-compiled call)."""
+
+    @jax.jit
+    def init(key):
+        init_key, state_key = jax.random.split(key)
+        params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=state_key)
+
+    return init(jax.random.PRNGKey(seed))

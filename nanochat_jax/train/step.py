@@ -1,0 +1,71 @@
+"""Pure train and eval steps, each jit-compiled once.
+
+Batches are `tokens: [B, T+1]` int32; inputs are `tokens[:, :-1]`, targets `tokens[:, 1:]`,
+and PAD targets are masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nanochat_jax.losses import chunked_cross_entropy
+from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.train.state import TrainState
+
+Metrics = dict[str, jax.Array]
+
+
+def _split(tokens: jax.Array, pad_id: int):
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
+    return inputs, targets, targets != pad_id
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation,
+                    lr_fn: Callable, *, pad_id: int, vocab_chunk: int, z_loss: float
+                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
+    """train_step(state, tokens) -> (new state, metrics); the state buffers are donated."""
+
+    def train_step(state: TrainState, tokens: jax.Array):
+        inputs, targets, mask = _split(tokens, pad_id)
+
+        def loss_fn(params):
+            hidden, head = model.apply({"params": params}, inputs,
+                                       method=Transformer.hidden_and_head)
+            out = chunked_cross_entropy(hidden, head, targets, mask,
+                                        chunk_size=vocab_chunk, z_loss=z_loss)
+            return out.loss, out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss/total": loss,
+            "loss/ce": out.ce,
+            "training/entropy": out.entropy,
+            "training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
+            "training/grad_norm": optax.global_norm(grads),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,
+                   vocab_chunk: int) -> Callable[[dict, jax.Array], Metrics]:
+    """eval_step(params, tokens) -> summed CE (nats), token count and byte count of targets.
+
+    Sums (not means) so batches combine exactly; bits/byte = ce_sum / (ln 2 * bytes).
+    """
+
+    def eval_step(params, tokens: jax.Array):
+        inputs, targets, mask = _split(tokens, pad_id)
+        hidden, head = model.apply({"params": params}, inputs, method=Transformer.hidden_and_head)
+        out = chunked_cross_entropy(hidden, head, targets, mask, chunk_size=vocab_chunk)
+        return {"ce_sum": jnp.sum(out.token_ce), "tokens": jnp.sum(mask),
+                "bytes": jnp.sum(jnp.where(mask, token_bytes[targets], 0))}
+
+    return jax.jit(eval_step)

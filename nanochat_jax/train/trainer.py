@@ -1,0 +1,181 @@
+"""The experiment runner loop: data -> jitted train_step -> metrics / eval / checkpoints.
+
+`train(config, workdir)` runs or resumes the job described by a run config (see
+`experiments/configs/base.py`). Re-running with the same workdir resumes from the latest
+checkpoint and reproduces the uninterrupted loss curve: batches are a function of the step
+and the RNG lives in the saved state. SIGINT / SIGTERM (Ctrl-C, pod preemption) stop after
+the current step with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from nanochat_jax.data import corpus
+from nanochat_jax.data.loader import PackedBatches, pack_documents
+from nanochat_jax.data.tokenizer import ByteTokenizer
+from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
+from nanochat_jax.model import config as model_config
+from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.optim.factory import build_optimizer
+from nanochat_jax.train import metrics as metrics_lib
+from nanochat_jax.train.checkpoint import Checkpointer
+from nanochat_jax.train.state import init_train_state
+from nanochat_jax.train.step import make_eval_step, make_train_step
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_resumable(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuse to resume a checkpoint made with a different model or tokenizer."""
+    now = config.model.to_dict()
+    if saved["config"]["model"] != now:
+        raise CheckpointError(
+            f"{workdir} holds a checkpoint of a different model: saved {saved['config']['model']}"
+            f", configured {now}; use a new --workdir or the saved settings")
+    if saved["tokenizer"] != {"name": ByteTokenizer.name, "vocab_size": ByteTokenizer.vocab_size}:
+        raise CheckpointError(f"{workdir} was trained with tokenizer {saved['tokenizer']}")
+
+
+def _eval(eval_step, params, batches: PackedBatches, n_batches: int) -> dict[str, float]:
+    totals = None
+    for i in range(n_batches):
+        out = eval_step(params, jnp.asarray(batches.batch(i)))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    t = jax.device_get(totals)
+    ce = float(t["ce_sum"]) / max(float(t["tokens"]), 1.0)
+    return {"eval/ce": ce, "eval/bpb": float(t["ce_sum"]) / (math.log(2) * max(float(t["bytes"]), 1.0))}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics."""
+    mcfg = model_config.from_config_group(config.model)
+    tc, dc = config.training, config.data
+    tokenizer = ByteTokenizer()
+    if mcfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the "
+                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} ids")
+    if tc.steps <= 0 or tc.log_every <= 0 or tc.eval_every <= 0:
+        raise ConfigError("training.steps, training.log_every and training.eval_every must be > 0")
+    os.makedirs(workdir, exist_ok=True)
+
+    train_docs, val_docs = corpus.load_split(dc.source, tuple(dc.extensions), dc.val_fraction,
+                                             dc.max_bytes)
+    train_data = PackedBatches(pack_documents(train_docs, tokenizer), dc.batch_size,
+                               mcfg.seq_len, tc.seed, shuffle=True, name="train")
+    val_data = PackedBatches(pack_documents(val_docs, tokenizer), dc.batch_size, mcfg.seq_len,
+                             tc.seed, shuffle=False, name="validation")
+    eval_batches = min(tc.eval_batches, val_data.n_rows // dc.batch_size)
+    tokens_per_step = dc.batch_size * mcfg.seq_len
+    print(f"data: {dc.source}: {train_data.n_rows:,} train rows, {val_data.n_rows:,} val rows "
+          f"of {mcfg.seq_len + 1} tokens ({tokenizer.name} tokenizer)")
+
+    model = Transformer(mcfg)
+    tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
+    state = init_train_state(model, tx, tc.seed, mcfg.seq_len)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
+                        config.checkpoint.max_to_keep)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, saved = ckpt.restore(latest, state)
+        _check_resumable(saved, config, workdir)
+        print(f"resumed from {workdir} at step {latest}")
+
+    def meta(step: int) -> dict:
+        return {"config": config.to_dict(), "step": step,
+                "data": {"source": dc.source, "batches_consumed": step},
+                "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size}}
+
+    train_step = make_train_step(model, tx, lr_fn, pad_id=tokenizer.pad_id,
+                                 vocab_chunk=tc.vocab_chunk, z_loss=tc.z_loss)
+    eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
+                               pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    peak = tc.peak_flops or metrics_lib.measure_peak_flops()
+    flops_per_step = metrics_lib.flops_per_token(mcfg, mcfg.seq_len) * tokens_per_step
+    memory = {"memory/params_bytes": metrics_lib.tree_bytes(state.params),
+              "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
+    print(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
+          f"{n_params:,} params; optimizer {config.optimizer.name}; "
+          f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
+
+    writer = metrics_lib.MetricWriter(workdir)
+    start = int(state.step)
+    summary: dict[str, Any] = {"start_step": start, "interrupted": False}
+    if start == 0:
+        writer.write(0, {**_eval(eval_step, state.params, val_data, eval_batches), **memory})
+    pending: list[dict] = []
+    last_time, last_step = time.perf_counter(), start
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    with _StopFlag() as stop:
+        step = start
+        while step < tc.steps and stop.signal is None:
+            state, step_metrics = train_step(state, jnp.asarray(train_data.batch(step)))
+            step += 1
+            pending.append(step_metrics)
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                logged = {k: float(np.mean(v)) for k, v in
+                          jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending)).items()}
+                pending = []
+                if not math.isfinite(logged["loss/total"]):
+                    raise DivergenceError(f"loss is {logged['loss/total']} at step {step}; lower "
+                                          f"optimizer.lr or set optimizer.grad_clip")
+                now = time.perf_counter()
+                tps = (step - last_step) * tokens_per_step / (now - last_time)
+                last_time, last_step = now, step
+                logged.update({"throughput/tokens_per_sec": tps,
+                               "throughput/mfu": tps / tokens_per_step * flops_per_step / peak,
+                               "training/epoch": train_data.epoch(step), **memory})
+                writer.write(step, logged)
+                summary.update(logged)
+                bar.set_postfix(loss=f"{logged['loss/total']:.3f}", tok_s=f"{tps:,.0f}")
+            if step % tc.eval_every == 0 or step == tc.steps:
+                evaluated = _eval(eval_step, state.params, val_data, eval_batches)
+                writer.write(step, evaluated)
+                summary.update(evaluated)
+                bar.write(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
+                          f"bpb {evaluated['eval/bpb']:.4f}")
+            ckpt.save(step, state, meta(step))
+        bar.close()
+        if stop.signal is not None:
+            summary["interrupted"] = True
+            print(f"{stop.signal} received: stopped at step {step}; re-run the same command to "
+                  f"resume")
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, meta(step), force=True)
+        ckpt.close()
+    writer.close()
+    summary["step"] = step
+    return summary
