@@ -19,8 +19,13 @@ class Checkpointer:
     """Save / restore `(state, meta)` pairs under `directory/<step>/`."""
 
     def __init__(self, directory: str, every: int, max_to_keep: int):
+        policies = ocp.checkpoint_managers
+        # Every `every` steps, and when JAX's preemption notice arrives on a pod; unlike
+        # orbax's default there is no extra save at the first step.
+        save_policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
+                                              policies.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=every,
+            max_to_keep=max_to_keep, save_decision_policy=save_policy,
             enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
@@ -32,18 +37,22 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
-    def restore(self, step: int, like: Any) -> tuple[Any, dict]:
+    def restore_meta(self, step: int) -> dict:
+        """The JSON sidecar saved with `step` (cheap: no arrays are read)."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, step: int, like: Any) -> Any:
         """Restore the state at `step` into the structure, shapes and shardings of `like`."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract))).state
         except (ValueError, KeyError) as e:
             raise CheckpointError(
                 f"checkpoint at step {step} in {self.manager.directory} does not fit this "
                 f"config's train state ({e}); use a new --workdir or the config it was made "
                 f"with") from e
-        return out.state, out.meta
 
     def close(self) -> None:
         """Wait for pending async saves, then release the manager."""

@@ -47,7 +47,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
             "loss/ce": out.ce,
             "training/entropy": out.entropy,
             "training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
-            "training/grad_norm": optax.global_norm(grads),
+            "training/grad_norm": optax.tree.norm(grads),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

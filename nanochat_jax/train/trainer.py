@@ -108,8 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, saved = ckpt.restore(latest, state)
-        _check_resumable(saved, config, workdir)
+        _check_resumable(ckpt.restore_meta(latest), config, workdir)
+        state = ckpt.restore(latest, state)
         print(f"resumed from {workdir} at step {latest}")
 
     def meta(step: int) -> dict:

@@ -1,0 +1,105 @@
+"""Train-step time of the ternary model against its dense twin, side by side in one process.
+
+    python -m experiments.bench_step --config=tiny [--rounds=5 --steps=10 --out=FILE]
+
+Both variants are compiled first, then timed in alternating rounds (so machine noise hits
+both alike); the table gives the median step time, tokens/s, MFU against a measured matmul
+peak, and the ternary/dense ratio. Results are also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.run import resolve_config_arg
+from nanochat_jax.model import config as model_config
+from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.optim.factory import build_optimizer
+from nanochat_jax.train import metrics as metrics_lib
+from nanochat_jax.train.state import init_train_state
+from nanochat_jax.train.step import make_train_step
+
+
+def _load_config(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_config", resolve_config_arg(name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _variant(config, ternary: bool):
+    mcfg = model_config.from_config_group({**config.model.to_dict(), "ternary": ternary})
+    model = Transformer(mcfg)
+    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
+    state = init_train_state(model, tx, 0, mcfg.seq_len)
+    step = make_train_step(model, tx, lr_fn, pad_id=-1, vocab_chunk=config.training.vocab_chunk,
+                           z_loss=config.training.z_loss)
+    return mcfg, state, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--out", default=None, help="JSON result file "
+                        "(default runs/bench/step_<config>_<backend>.json)")
+    args = parser.parse_args()
+    config = _load_config(args.config)
+    b, t = config.data.batch_size, config.model.seq_len
+    rng = np.random.default_rng(0)
+    batch = jnp.asarray(rng.integers(0, 256, size=(b, t + 1)), jnp.int32)
+
+    runs = {}
+    for name, ternary in (("dense", False), ("ternary", True)):
+        mcfg, state, step = _variant(config, ternary)
+        state, m = step(state, batch)  # compile
+        jax.block_until_ready(m)
+        runs[name] = {"cfg": mcfg, "state": state, "step": step, "times": []}
+    for _ in range(args.rounds):
+        for run in runs.values():
+            state = run["state"]
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = run["step"](state, batch)
+            jax.block_until_ready(m)
+            run["times"].append((time.perf_counter() - t0) / args.steps)
+            run["state"] = state
+
+    peak = metrics_lib.measure_peak_flops()
+    flops = metrics_lib.flops_per_token(runs["dense"]["cfg"], t) * b * t
+    rows = {}
+    for name, run in runs.items():
+        sec = statistics.median(run["times"])
+        rows[name] = {"step_ms": 1e3 * sec, "tokens_per_sec": b * t / sec,
+                      "mfu": flops / sec / peak, "rounds_ms": [1e3 * x for x in run["times"]]}
+    ratio = rows["ternary"]["step_ms"] / rows["dense"]["step_ms"]
+    device = jax.devices()[0].device_kind
+    print(f"config {args.config}: batch {b} x seq {t}, {device}, peak {peak / 1e9:.1f} GFLOP/s "
+          f"(measured), median of {args.rounds} rounds x {args.steps} steps")
+    print(f"| variant | step ms | tokens/s | MFU |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.3f} |")
+    print(f"ternary / dense step time: {ratio:.3f}")
+
+    out = args.out or os.path.join("runs", "bench", f"step_{args.config}_{jax.default_backend()}"
+                                    ".json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"config": args.config, "device": device, "batch": b, "seq_len": t,
+                   "peak_flops": peak, "ternary_over_dense": ratio, "variants": rows}, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny, fast run config on real text (the Python standard library)."""
+
+import pytest
+
+from experiments.configs import tiny
+
+
+@pytest.fixture
+def small_config():
+    """The tiny config shrunk further so an end-to-end run takes seconds on 2 cores."""
+    c = tiny.get_config()
+    c.model.n_layers = 2
+    c.model.seq_len = 64
+    c.data.max_bytes = 600_000
+    c.data.batch_size = 8
+    c.training.steps = 12
+    c.training.log_every = 1
+    c.training.eval_every = 6
+    c.training.eval_batches = 2
+    c.training.peak_flops = 1e11  # skip the matmul measurement
+    c.optimizer.warmup_steps = 2
+    c.checkpoint.every = 4
+    return c

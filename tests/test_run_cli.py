@@ -1,0 +1,58 @@
+"""The command line: config names and overrides are checked before any compute."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_unknown_config_name_lists_the_choices():
+    out = _run("--config=tinny")
+    assert out.returncode != 0
+    assert "unknown config 'tinny'" in out.stderr and "did you mean 'tiny'" in out.stderr
+    assert "e3_muon" in out.stderr and "base" in out.stderr
+
+
+def test_misspelt_override_names_the_field_and_the_options():
+    out = _run("--config=tiny", "--config.optimizer.lrr=0.1")
+    assert out.returncode != 0
+    assert "config.optimizer has no field 'lrr'" in out.stderr
+    assert "did you mean 'lr'" in out.stderr and "weight_decay" in out.stderr
+
+
+def test_override_of_wrong_type_is_rejected():
+    out = _run("--config=tiny", "--config.training.steps=many")
+    assert out.returncode != 0 and "steps" in out.stderr
+
+
+def test_bad_value_fails_before_training_with_a_clear_message(tmp_path):
+    out = _run("--config=tiny", "--config.optimizer.name=sgdd", f"--workdir={tmp_path}")
+    assert out.returncode != 0
+    assert "unknown optimizer.name 'sgdd'" in out.stderr and "muon" in out.stderr
+
+
+@pytest.mark.slow
+def test_runner_trains_and_writes_its_workdir(tmp_path):
+    out = _run("--config=tiny", "--config.training.steps=3", "--config.training.log_every=1",
+               "--config.data.max_bytes=300000", "--config.training.peak_flops=1e11",
+               "--config.model.ternary=False", f"--workdir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "final: step 3" in out.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss/total" in r] == [1, 2, 3]
+    assert os.listdir(tmp_path / "checkpoints") == ["3"]
+    again = _run("--config=tiny", "--config.training.steps=3", "--config.data.max_bytes=300000",
+                 "--config.training.peak_flops=1e11", "--config.model.ternary=False",
+                 f"--workdir={tmp_path}")
+    assert again.returncode == 0 and "resumed" in again.stdout
+
