@@ -87,7 +87,7 @@ def main() -> None:
     device = jax.devices()[0].device_kind
     print(f"config {args.config}: batch {b} x seq {t}, {device}, peak {peak / 1e9:.1f} GFLOP/s "
           f"(measured), median of {args.rounds} rounds x {args.steps} steps")
-    print(f"| variant | step ms | tokens/s | MFU |\n|---|---|---|---|")
+    print("| variant | step ms | tokens/s | MFU |\n|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.3f} |")
     print(f"ternary / dense step time: {ratio:.3f}")

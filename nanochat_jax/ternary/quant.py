@@ -2,9 +2,9 @@
 
 Implements SPECS §1 (Ma et al. 2024, "The Era of 1-bit LLMs"). Scales are stored as
 *multipliers*: a ternary tensor is `codes * g` with `g = mean|W|`; an int8 row is
-`codes / s_x` with `s_x = 127 / absmax`. The `*_ste` functions are the training-time
-fake-quant with a straight-through estimator: forward sees the quantised value,
-backward is the identity.
+`codes / s_x` with `s_x = 127 / absmax`, computed as `(codes / 127) * absmax`. The `*_ste`
+functions are the training-time fake-quant with a straight-through estimator: forward sees
+the quantised value, backward is the identity.
 """
 
 from __future__ import annotations
@@ -35,26 +35,28 @@ def quantize_weights(w: jax.Array) -> jax.Array:
     return (codes.astype(jnp.float32) * g).astype(w.dtype)
 
 
-def activation_scale(x: jax.Array) -> jax.Array:
-    """s_x = 127 / max(absmax over the last axis, eps): one multiplier per token.  [..., 1]"""
+def activation_absmax(x: jax.Array) -> jax.Array:
+    """max(absmax over the last axis, eps): one range per token.  [..., 1]"""
     absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    return INT8_MAX / jnp.maximum(absmax, ACT_EPS)
+    return jnp.maximum(absmax, ACT_EPS)
 
 
 def int8_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token absmax int8: returns (codes int8 [..., D], s_x [..., 1]) with x ~ codes / s_x.
+    """Per-token absmax int8: returns (codes int8 [..., D], absmax [..., 1]).
 
-    Codes lie in [-127, 127]: the symmetric grid never produces -128.
+    codes = round(x * s_x) with the multiplier s_x = 127 / absmax; they lie in [-127, 127]
+    (the symmetric grid never produces -128). Dequantise as (codes / 127) * absmax, which
+    reproduces each row's max exactly (codes / s_x can be 1 ulp off).
     """
-    s = activation_scale(x)
-    codes = jnp.clip(jnp.round(x.astype(jnp.float32) * s), -128, 127)
-    return codes.astype(jnp.int8), s
+    absmax = activation_absmax(x)
+    codes = jnp.clip(jnp.round(x.astype(jnp.float32) * (INT8_MAX / absmax)), -128, 127)
+    return codes.astype(jnp.int8), absmax
 
 
 def quantize_activations(x: jax.Array) -> jax.Array:
-    """x_q = clip(round(x * s_x), -128, 127) / s_x, in x's dtype."""
-    codes, s = int8_codes(x)
-    return (codes.astype(jnp.float32) / s).astype(x.dtype)
+    """x_q = clip(round(x * s_x), -128, 127) / s_x, in x's dtype; idempotent."""
+    codes, absmax = int8_codes(x)
+    return ((codes.astype(jnp.float32) / INT8_MAX) * absmax).astype(x.dtype)
 
 
 def _straight_through(x: jax.Array, x_q: jax.Array) -> jax.Array:

@@ -74,8 +74,9 @@ def _eval(eval_step, params, batches: PackedBatches, n_batches: int) -> dict[str
         out = eval_step(params, jnp.asarray(batches.batch(i)))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     t = jax.device_get(totals)
-    ce = float(t["ce_sum"]) / max(float(t["tokens"]), 1.0)
-    return {"eval/ce": ce, "eval/bpb": float(t["ce_sum"]) / (math.log(2) * max(float(t["bytes"]), 1.0))}
+    ce_sum, tokens, n_bytes = (float(t[k]) for k in ("ce_sum", "tokens", "bytes"))
+    return {"eval/ce": ce_sum / max(tokens, 1.0),
+            "eval/bpb": ce_sum / (math.log(2) * max(n_bytes, 1.0))}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
     peak = tc.peak_flops or metrics_lib.measure_peak_flops()
-    flops_per_step = metrics_lib.flops_per_token(mcfg, mcfg.seq_len) * tokens_per_step
+    flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
     memory = {"memory/params_bytes": metrics_lib.tree_bytes(state.params),
               "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
     print(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
@@ -145,6 +146,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             step += 1
             pending.append(step_metrics)
             bar.update(1)
+            if step == start + 1:  # keep compilation out of the throughput numbers
+                jax.block_until_ready(step_metrics)
+                last_time, last_step = time.perf_counter(), step
             if step % tc.log_every == 0 or step == tc.steps:
                 logged = {k: float(np.mean(v)) for k, v in
                           jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending)).items()}
@@ -152,15 +156,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if not math.isfinite(logged["loss/total"]):
                     raise DivergenceError(f"loss is {logged['loss/total']} at step {step}; lower "
                                           f"optimizer.lr or set optimizer.grad_clip")
+                logged.update({"training/epoch": train_data.epoch(step), **memory})
                 now = time.perf_counter()
-                tps = (step - last_step) * tokens_per_step / (now - last_time)
+                if step > last_step:  # not the first step (its time is compilation)
+                    tps = (step - last_step) * tokens_per_step / (now - last_time)
+                    logged.update({"throughput/tokens_per_sec": tps,
+                                   "throughput/mfu": tps * flops_per_token / peak})
+                    bar.set_postfix(loss=f"{logged['loss/total']:.3f}", tok_s=f"{tps:,.0f}")
                 last_time, last_step = now, step
-                logged.update({"throughput/tokens_per_sec": tps,
-                               "throughput/mfu": tps / tokens_per_step * flops_per_step / peak,
-                               "training/epoch": train_data.epoch(step), **memory})
                 writer.write(step, logged)
                 summary.update(logged)
-                bar.set_postfix(loss=f"{logged['loss/total']:.3f}", tok_s=f"{tps:,.0f}")
             if step % tc.eval_every == 0 or step == tc.steps:
                 evaluated = _eval(eval_step, state.params, val_data, eval_batches)
                 writer.write(step, evaluated)

@@ -20,10 +20,14 @@ TINY = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, 
 
 
 def _tokens(seed=0, batch=2, t=8, vocab=64):
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, t), 0, vocab)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, t)), jnp.int32)
 
 
-@functools.lru_cache(maxsize=None)
+def _normal(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+@functools.cache
 def _init(cfg, seed=0):
     """(model, params); cached per config (params are immutable), jitted to compile once."""
     model = Transformer(cfg)
@@ -31,8 +35,15 @@ def _init(cfg, seed=0):
     return model, jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)
 
 
-def _apply(model, params, tokens, **kw):
-    return model.apply(params, tokens, **kw)
+@functools.cache
+def _jitted_apply(cfg, method=None):
+    model = Transformer(cfg)
+    return jax.jit(lambda p, t: model.apply(p, t, method=method))
+
+
+def _apply(model, params, tokens, method=None):
+    """model.apply, compiled once per (config, method): cheaper than op-by-op on CPU."""
+    return _jitted_apply(model.cfg, method)(params, tokens)
 
 
 def _shapes(params):
@@ -45,7 +56,7 @@ def _shapes(params):
 
 def _bitlinear(ternary, seed=0):
     layer = BitLinear(24, ternary=ternary, init_std=0.5)
-    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (3, 5, 16))
+    x = _normal((3, 5, 16), seed + 1)
     params = layer.init(jax.random.PRNGKey(seed), x)
     return layer, params, x
 
@@ -60,13 +71,17 @@ def test_bitlinear_ternary_equals_quantized_activations_times_quantized_weights(
 
 
 def test_bitlinear_ternary_equals_integer_matmul_rescaled():
-    """Inference form of SPECS §1: (int8(x) @ tern(W)) * g / s_x with exact int32 accumulation."""
+    """Inference form of SPECS §1: (int8(x) @ tern(W)) * g / s_x with exact int32 accumulation.
+
+    s_x = 127 / absmax per token.
+    """
     layer, params, x = _bitlinear(ternary=True, seed=3)
     w = params["params"]["kernel"]
-    x_codes, s_x = quant.int8_codes(x)
+    x_codes, _ = quant.int8_codes(x)
+    s_x = 127.0 / np.max(np.abs(np.asarray(x)), axis=-1, keepdims=True)
     w_codes, g = quant.ternary_codes(w)
     acc = np.asarray(x_codes, np.int32) @ np.asarray(w_codes, np.int32)  # exact
-    expected = acc * float(g) / np.asarray(s_x)
+    expected = acc * float(g) / s_x
     assert_allclose(np.asarray(layer.apply(params, x)), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -91,7 +106,7 @@ def test_bitlinear_has_no_bias():
 def test_bitlinear_kernel_gradient_is_straight_through():
     """d/dW sum(c * (x_q @ W_q)) = x_q^T c: the STE passes the gradient to the latent W."""
     layer, params, x = _bitlinear(ternary=True, seed=5)
-    c = jax.random.normal(jax.random.PRNGKey(9), (3, 5, 24))
+    c = _normal((3, 5, 24), 9)
     grad = jax.grad(lambda p: jnp.sum(c * layer.apply(p, x)))(params)["params"]["kernel"]
     x_q = np.asarray(quant.quantize_activations(x)).reshape(-1, 16)
     assert_allclose(np.asarray(grad), x_q.T @ np.asarray(c).reshape(-1, 24), rtol=1e-4,
@@ -102,10 +117,13 @@ def test_bitlinear_kernel_gradient_is_straight_through():
 
 
 def test_dense_twin_has_identical_param_tree():
-    _, p_tern = _init(TINY)
-    _, p_dense = _init(dataclasses.replace(TINY, ternary=False))
+    def shapes(cfg):
+        return jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), _tokens())
+
+    p_tern, p_dense = shapes(TINY), shapes(dataclasses.replace(TINY, ternary=False))
     assert _shapes(p_tern) == _shapes(p_dense)
     assert jax.tree.structure(p_tern) == jax.tree.structure(p_dense)
+    assert len(_shapes(p_tern)) == 3 + 11 * TINY.n_layers
 
 
 def test_dense_twin_gives_different_outputs_from_same_params():
@@ -122,7 +140,7 @@ def test_dense_twin_gives_different_outputs_from_same_params():
 @pytest.mark.parametrize("ternary", [True, False])
 def test_attention_is_causal(ternary):
     cfg = dataclasses.replace(TINY, ternary=ternary)
-    model, params = _init(cfg)
+    model, params = Transformer(cfg), _init(TINY)[1]  # the dense twin shares the param tree
     tokens = _tokens(2)
     base = np.asarray(_apply(model, params, tokens))
     for t in (0, 3, 7):
@@ -155,12 +173,13 @@ def test_grouped_query_attention_kv_kernels_have_n_kv_heads_outputs():
     assert attn["o"]["kernel"].shape == (TINY.n_heads * head_dim, 32)
 
 
-@pytest.mark.parametrize("n_kv_heads", [1, 2])
-def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(n_kv_heads):
+def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
     """GQA: query head n reads kv head n // (n_heads / n_kv_heads)."""
+    n_kv_heads = TINY.n_kv_heads
+    assert n_kv_heads < TINY.n_heads
     gqa_cfg = dataclasses.replace(TINY, n_kv_heads=n_kv_heads, ternary=False)
     mha_cfg = dataclasses.replace(TINY, n_kv_heads=TINY.n_heads, ternary=False)
-    gqa, params = _init(gqa_cfg)
+    gqa, params = Transformer(gqa_cfg), _init(TINY)[1]
     group = TINY.n_heads // n_kv_heads
     head_dim = TINY.d_model // TINY.n_heads
 
@@ -178,27 +197,31 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(n_kv_heads):
     assert_allclose(out_gqa, out_mha, rtol=1e-5, atol=1e-5)
 
 
+def _hidden_head_and_logits(module, tokens):
+    return module.hidden_and_head(tokens), module(tokens)
+
+
 def test_tied_embeddings_have_no_lm_head_and_use_embedding_transpose():
     cfg = dataclasses.replace(TINY, tie_embeddings=True)
-    model, params = _init(cfg)
-    assert "lm_head" not in params["params"]
-    tokens = _tokens(4)
-    hidden, head = _apply(model, params, tokens, method=Transformer.hidden_and_head)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), _tokens())
+    assert "lm_head" not in shapes["params"]
+    _, untied = _init(TINY)
+    params = {"params": {k: v for k, v in untied["params"].items() if k != "lm_head"}}
+    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    (hidden, head), logits = _apply(Transformer(cfg), params, _tokens(4),
+                                    method=_hidden_head_and_logits)
     embedding = np.asarray(params["params"]["embed"]["embedding"])
     assert_array_equal(np.asarray(head), embedding.T)
-    logits = np.asarray(_apply(model, params, tokens))
-    assert_allclose(logits, np.asarray(hidden) @ embedding.T, rtol=1e-5, atol=1e-6)
+    assert_allclose(np.asarray(logits), np.asarray(hidden) @ embedding.T, rtol=1e-5, atol=1e-6)
 
 
 def test_untied_logits_use_lm_head():
     model, params = _init(TINY)
-    tokens = _tokens(5)
-    hidden, head = _apply(model, params, tokens, method=Transformer.hidden_and_head)
+    (hidden, head), logits = _apply(model, params, _tokens(5), method=_hidden_head_and_logits)
     lm_head = np.asarray(params["params"]["lm_head"])
     assert lm_head.shape == (32, 64)
     assert_array_equal(np.asarray(head), lm_head)
-    assert_allclose(np.asarray(_apply(model, params, tokens)), np.asarray(hidden) @ lm_head,
-                    rtol=1e-5, atol=1e-6)
+    assert_allclose(np.asarray(logits), np.asarray(hidden) @ lm_head, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- rotary
@@ -212,7 +235,7 @@ def _rotate(x, pos, head_dim=16, theta=500_000.0):
 
 def test_rotary_preserves_per_pair_norms():
     head_dim = 16
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 3, head_dim))
+    x = _normal((2, 6, 3, head_dim), 0)
     cos, sin = rotary_tables(jnp.arange(6) * 37, head_dim, 10_000.0)
     y = apply_rotary(x, cos, sin)
     half = head_dim // 2
@@ -222,14 +245,12 @@ def test_rotary_preserves_per_pair_norms():
 
 
 def test_rotary_at_position_zero_is_identity():
-    x = jax.random.normal(jax.random.PRNGKey(1), (16,))
+    x = _normal((16,), 1)
     assert_allclose(np.asarray(_rotate(x, 0)), np.asarray(x), rtol=0, atol=1e-7)
 
 
 def test_rotary_dot_product_depends_only_on_relative_position():
-    kq, kk = jax.random.split(jax.random.PRNGKey(2))
-    q = jax.random.normal(kq, (16,))
-    k = jax.random.normal(kk, (16,))
+    q, k = _normal((16,), 2), _normal((16,), 3)
     dot = lambda m, n: float(jnp.dot(_rotate(q, m, theta=100.0), _rotate(k, n, theta=100.0)))
     for offset in (0, 1, 3, 7):
         ref = dot(offset, 0)
@@ -276,15 +297,32 @@ def test_model_config_rejects_bad_geometry(fields):
         dataclasses.replace(TINY, **fields)
 
 
-def test_count_params_for_tiny_matches_model_init():
+def test_count_params_for_tiny_preset_matches_model_init():
     cfg = model_config("tiny")
-    _, params = _init(cfg)
+    model = Transformer(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     actual = sum(int(x.size) for x in jax.tree.leaves(params))
     counts = count_params(cfg)
     assert counts["total"] == actual
     embed = params["params"]["embed"]["embedding"].size + params["params"]["lm_head"].size
     assert counts["embedding"] == embed
     assert counts["non_embedding"] == actual - embed
+
+
+def test_count_params_for_tiny_preset_matches_the_architecture():
+    c = model_config("tiny")
+    q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    per_block = (2 * c.d_model  # attn_norm, ffn_norm
+                 + c.d_model * q_out + 2 * c.d_model * kv_out + q_out * c.d_model  # q, k, v, o
+                 + q_out  # attn_sub_norm
+                 + 3 * c.d_model * c.d_ff + c.d_ff)  # w1, w3, w2, ffn_sub_norm
+    embedding = 2 * c.vocab_size * c.d_model  # embed + untied lm_head
+    expected = embedding + c.n_layers * per_block + c.d_model  # + final_norm
+    counts = count_params(c)
+    assert counts == {"total": expected, "embedding": embedding,
+                      "non_embedding": expected - embedding}
+    tied = count_params(dataclasses.replace(c, tie_embeddings=True))
+    assert tied["total"] == expected - c.vocab_size * c.d_model
 
 
 @pytest.fixture(scope="module")

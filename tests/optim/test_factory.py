@@ -1,0 +1,323 @@
+"""Optimizer factory: hybrid Muon routing (SPECS §3), AdamW, and the LR / weight-decay schedules."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from nanochat_jax.errors import ConfigError
+from nanochat_jax.losses import chunked_cross_entropy
+from nanochat_jax.model.config import ModelConfig
+from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.optim.factory import build_optimizer, lr_schedule, muon_labels
+
+CFG = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  d_ff=64)
+HIDDEN_KERNELS = ("attn/q", "attn/k", "attn/v", "attn/o", "ffn/w1", "ffn/w2", "ffn/w3")
+
+BASE = dict(name="adamw", lr=3e-3, adam_lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+            momentum=0.95, ns_steps=5, consistent_rms=None, grad_clip=1.0, schedule="constant",
+            warmup_steps=0, min_lr_ratio=0.1, stage2_at=0.5, stage2_lr_ratio=2 / 3)
+
+
+def _cfg(**overrides):
+    return dict(BASE, **overrides)
+
+
+TOTAL_STEPS = 20
+# The two optimizers the training tests share (each compiles once): bitnet schedule with
+# weight decay, no warmup, stage 2 from step 10.
+TRAIN_CFGS = {
+    "adamw": _cfg(name="adamw", lr=3e-3, schedule="bitnet", weight_decay=0.1),
+    "muon": _cfg(name="muon", lr=0.02, adam_lr=3e-3, schedule="bitnet", weight_decay=0.1),
+}
+
+
+@functools.cache
+def _optimizer(name):
+    """(tx, lr schedule, jitted tx.update) for TRAIN_CFGS[name]."""
+    tx, lr = build_optimizer(TRAIN_CFGS[name], total_steps=TOTAL_STEPS)
+    return tx, lr, jax.jit(tx.update)
+
+
+@functools.cache
+def _model_and_params():
+    model = Transformer(CFG)
+    tokens = jnp.zeros((1, CFG.seq_len), jnp.int32)
+    return model, jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _expected_hidden_paths():
+    return {f"block_{i}/{name}/kernel" for i in range(CFG.n_layers) for name in HIDDEN_KERNELS}
+
+
+def _leaves_with_paths(tree):
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+    return {_path(p): x for p, x in flat}
+
+
+def _find_states(state, cls):
+    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, cls))
+    return [x for x in leaves if isinstance(x, cls)]
+
+
+# --------------------------------------------------------------------------- Muon routing
+
+
+def test_muon_labels_send_exactly_hidden_kernels_to_muon():
+    _, params = _model_and_params()
+    labels = _leaves_with_paths(muon_labels(params))
+    muon = {p for p, label in labels.items() if label == "muon"}
+    adam = {p for p, label in labels.items() if label == "adam"}
+    assert muon == _expected_hidden_paths()
+    assert muon | adam == set(labels)
+    assert {"embed/embedding", "lm_head", "final_norm/scale"} <= adam
+    for p in labels:
+        if p.endswith("/scale"):
+            assert p in adam
+    assert len([p for p in adam if p.endswith("/scale")]) == 1 + 4 * CFG.n_layers
+
+
+def test_muon_labels_keep_tied_embedding_on_adam():
+    model = Transformer(ModelConfig(**{**CFG.__dict__, "tie_embeddings": True}))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 8), jnp.int32))["params"]
+    labels = _leaves_with_paths(muon_labels(params))
+    assert "lm_head" not in labels
+    assert labels["embed/embedding"] == "adam"
+    assert {p for p, label in labels.items() if label == "muon"} == _expected_hidden_paths()
+
+
+def test_muon_momentum_state_lives_exactly_on_hidden_matrices():
+    _, params = _model_and_params()
+    tx, _ = build_optimizer(_cfg(name="muon", lr=0.02), total_steps=20)
+    state = tx.init(params)
+    muon_states = _find_states(state, optax.contrib.MuonState)
+    assert len(muon_states) == 1
+    momentum = _leaves_with_paths(muon_states[0].mu)
+    param_leaves = _leaves_with_paths(params)
+    assert set(momentum) == set(param_leaves)
+    hidden = _expected_hidden_paths()
+    for p, m in momentum.items():
+        if p in hidden:
+            assert isinstance(m, jax.Array), p
+            assert m.shape == param_leaves[p].shape, p
+            assert_array_equal(np.asarray(m), 0.0)
+        else:
+            assert isinstance(m, optax.MaskedNode), p
+
+
+def test_muon_adam_branch_state_lives_exactly_off_hidden_matrices():
+    _, params = _model_and_params()
+    tx, _ = build_optimizer(_cfg(name="muon", lr=0.02), total_steps=20)
+    adam_states = _find_states(tx.init(params), optax.ScaleByAdamState)
+    assert len(adam_states) == 1
+    hidden = _expected_hidden_paths()
+    for moment in (adam_states[0].mu, adam_states[0].nu):
+        for p, m in _leaves_with_paths(moment).items():
+            assert isinstance(m, optax.MaskedNode) == (p in hidden), p
+
+
+def _batch(seed=1, batch=4):
+    rng = np.random.default_rng(seed)
+    tokens, targets = rng.integers(0, CFG.vocab_size, size=(2, batch, CFG.seq_len))
+    return jnp.asarray(tokens, jnp.int32), jnp.asarray(targets, jnp.int32)
+
+
+@jax.jit
+def _value_and_grad(params, tokens, targets):
+    """Model loss (chunked CE of the tiny Transformer) and its gradient w.r.t. params."""
+    model, _ = _model_and_params()
+
+    def loss(p):
+        hidden, head = model.apply({"params": p}, tokens, method=Transformer.hidden_and_head)
+        return chunked_cross_entropy(hidden, head, targets, chunk_size=32).loss
+
+    return jax.value_and_grad(loss)(params)
+
+
+def _newton_schulz(g, steps=5, eps=1e-8):
+    """SPECS §3 reference, in float64: quintic Newton-Schulz on the wide orientation."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = np.asarray(g, np.float64)
+    x = x / (np.linalg.norm(x) + eps)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        m = x @ x.T
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.T if tall else x
+
+
+def test_muon_first_update_is_newton_schulz_of_gradient_and_adam_takes_sign_steps():
+    """SPECS §3 on hidden matrices: W <- W (1 - lr wd) - lr sqrt(max(1, fan_out/fan_in)) NS(G)."""
+    _, params = _model_and_params()
+    cfg = TRAIN_CFGS["muon"]
+    lr, adam_lr, wd = cfg["lr"], cfg["adam_lr"], cfg["weight_decay"]
+    tx, _, update = _optimizer("muon")
+    _, grads = _value_and_grad(params, *_batch())
+    updates, state = update(grads, tx.init(params), params)
+    up, g, w = _leaves_with_paths(updates), _leaves_with_paths(grads), _leaves_with_paths(params)
+    # first Nesterov step: the momentum is a multiple of the gradient, and NS (like the global
+    # norm clip) is scale-free. Flax kernels are [in, out]: fan_in = shape[0]
+    for p in _expected_hidden_paths():
+        fan_in, fan_out = up[p].shape
+        expected = -lr * (np.sqrt(max(1.0, fan_out / fan_in)) * _newton_schulz(g[p])
+                          + wd * np.asarray(w[p]))
+        assert_allclose(np.asarray(up[p]), expected, rtol=1e-3, atol=1e-3 * lr, err_msg=p)
+    # Adam's first step is a sign step of size adam_lr on every other leaf (times
+    # 1 + b1 / (1 + b1) because optax's muon runs its Adam branch with Nesterov, i.e. NAdam)
+    b1 = BASE["b1"]
+    for p in ("embed/embedding", "lm_head", "final_norm/scale", "block_0/attn_norm/scale"):
+        u, gp = np.asarray(up[p]), np.asarray(g[p])
+        big = np.abs(gp) > 1e-4  # where Adam's eps (1e-8) is negligible
+        assert big.sum() >= 8, p
+        assert np.all(np.sign(u[big]) == -np.sign(gp[big])), p
+        step = np.abs(u[big])
+        assert_allclose(step, step.mean(), rtol=1e-3, err_msg=p)
+        assert any(np.isclose(step.mean(), adam_lr * k, rtol=1e-3)
+                   for k in (1.0, 1.0 + b1 / (1.0 + b1))), (p, step.mean())
+    # and the momentum is now non-zero exactly where Muon runs
+    momentum = _leaves_with_paths(_find_states(state, optax.contrib.MuonState)[0].mu)
+    for p in _expected_hidden_paths():
+        assert np.abs(np.asarray(momentum[p])).max() > 0
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "bitnet"])
+def test_warmup_ramps_linearly_from_zero(schedule):
+    lr, wd = lr_schedule(_cfg(schedule=schedule, warmup_steps=10), total_steps=100)
+    values = np.array([float(lr(s)) for s in range(11)])
+    assert values[0] == 0.0
+    assert_allclose(values, np.arange(11) / 10, atol=1e-6)
+    assert float(wd(0)) == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "bitnet"])
+def test_without_warmup_schedules_start_at_one(schedule):
+    lr, _ = lr_schedule(_cfg(schedule=schedule, warmup_steps=0), total_steps=100)
+    assert_allclose(float(lr(0)), 1.0, rtol=1e-6)
+
+
+def test_bitnet_schedule_drops_lr_abruptly_and_stops_weight_decay_at_stage2():
+    total, warmup, ratio = 100, 10, 2 / 3
+    cfg = _cfg(schedule="bitnet", warmup_steps=warmup, stage2_at=0.5, stage2_lr_ratio=ratio)
+    lr, wd = lr_schedule(cfg, total)
+    linear, _ = lr_schedule(_cfg(schedule="linear", warmup_steps=warmup), total)
+    boundary = 50
+    for s in range(total + 1):
+        factor = 1.0 if s < boundary else ratio
+        assert_allclose(float(lr(s)), float(linear(s)) * factor, rtol=1e-6, atol=1e-7)
+        assert float(wd(s)) == (1.0 if s < boundary else 0.0), s
+    before, after = float(lr(boundary - 1)), float(lr(boundary))
+    assert_allclose(after / before, ratio, rtol=0.03)  # abrupt: one step, ~the full ratio
+    assert_allclose(float(lr(total)), 0.1 * ratio, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_decaying_schedules_end_at_min_lr_ratio(schedule):
+    lr, wd = lr_schedule(_cfg(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1), 110)
+    assert_allclose(float(lr(10)), 1.0, rtol=1e-6)
+    assert_allclose(float(lr(110)), 0.1, rtol=1e-5)
+    assert_allclose(float(lr(60)), 0.55, rtol=1e-5)  # halfway: both are at the mean
+    values = [float(lr(s)) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert float(wd(110)) == 1.0
+
+
+def test_cosine_schedule_has_cosine_shape():
+    lr, _ = lr_schedule(_cfg(schedule="cosine", warmup_steps=0, min_lr_ratio=0.1), 100)
+    for s in (10, 25, 75, 90):
+        expected = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * s / 100))
+        assert_allclose(float(lr(s)), expected, rtol=1e-5)
+
+
+def test_constant_schedule_holds_after_warmup():
+    lr, wd = lr_schedule(_cfg(schedule="constant", warmup_steps=5), 100)
+    for s in (5, 50, 100):
+        assert_allclose(float(lr(s)), 1.0, rtol=1e-6)
+        assert float(wd(s)) == 1.0
+
+
+@pytest.mark.parametrize("name,key", [("adamw", "lr"), ("muon", "lr")])
+def test_build_optimizer_returns_the_primary_lr_schedule(name, key):
+    cfg = _cfg(name=name, lr=0.02, schedule="bitnet", warmup_steps=10)
+    _, lr = build_optimizer(cfg, total_steps=100)
+    factor, _ = lr_schedule(cfg, 100)
+    for s in (0, 5, 30, 50, 99):
+        assert_allclose(float(lr(s)), cfg[key] * float(factor(s)), rtol=1e-6, atol=1e-9)
+
+
+def test_unknown_optimizer_name_raises_config_error():
+    with pytest.raises(ConfigError) as err:
+        build_optimizer(_cfg(name="sgd"), total_steps=10)
+    assert "sgd" in str(err.value)
+    assert "adamw" in str(err.value) and "muon" in str(err.value)
+
+
+def test_unknown_schedule_raises_config_error():
+    with pytest.raises(ConfigError) as err:
+        build_optimizer(_cfg(schedule="step"), total_steps=10)
+    assert "step" in str(err.value)
+    for name in ("constant", "linear", "cosine", "bitnet"):
+        assert name in str(err.value)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizer_steps_reduce_the_loss(name):
+    _, params = _model_and_params()
+    tx, _, update = _optimizer(name)
+    batch = _batch()
+    state = tx.init(params)
+    losses = []
+    for _ in range(TOTAL_STEPS + 1):  # the last loss is that of the params after 20 updates
+        loss, grads = _value_and_grad(params, *batch)
+        losses.append(float(loss))
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.5, losses  # ln(64) = 4.16 -> about 3.0 in practice
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_bitnet_stage2_weight_decay_is_really_zero(name):
+    """Zero gradients: before stage 2 decoupled decay shrinks W by (1 - lr wd); after, nothing."""
+    _, params = _model_and_params()
+    tx, lr_of, update = _optimizer(name)
+    wd = TRAIN_CFGS[name]["weight_decay"]
+    boundary = round(TRAIN_CFGS[name]["stage2_at"] * TOTAL_STEPS)
+    assert wd > 0 and 0 < boundary < TOTAL_STEPS
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    hidden = _expected_hidden_paths()
+    for s in range(TOTAL_STEPS):
+        assert float(lr_of(s)) > 0
+        updates, state = update(zeros, state, params)
+        new = optax.apply_updates(params, updates)
+        old_leaves, new_leaves = _leaves_with_paths(params), _leaves_with_paths(new)
+        for p in hidden:
+            old, cur = np.asarray(old_leaves[p]), np.asarray(new_leaves[p])
+            if s < boundary:
+                assert np.linalg.norm(cur) < np.linalg.norm(old), (s, p)
+                assert_allclose(cur, old * (1 - float(lr_of(s)) * wd), rtol=1e-6, atol=1e-9)
+            else:
+                assert_array_equal(cur, old, err_msg=f"step {s} {p}")
+        for p in old_leaves:  # norms are never decayed
+            if p.endswith("scale"):
+                assert_array_equal(np.asarray(new_leaves[p]), np.asarray(old_leaves[p]))
+        params = new
