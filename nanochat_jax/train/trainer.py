@@ -68,6 +68,28 @@ def _check_resumable(saved: dict, config: ml_collections.ConfigDict, workdir: st
         raise CheckpointError(f"{workdir} was trained with tokenizer {saved['tokenizer']}")
 
 
+class _Throughput:
+    """Tokens/s over the steps since the last restart (restarted after pauses: eval, saves)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        self.step, self.time = step, time.perf_counter()
+
+    def rate(self, step: int) -> float | None:
+        if step <= self.step:
+            return None
+        return (step - self.step) * self.tokens_per_step / (time.perf_counter() - self.time)
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+    """Average the per-step metric dicts gathered since the last log (one device fetch)."""
+    stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending))
+    return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
 def _eval(eval_step, params, batches: PackedBatches, n_batches: int) -> dict[str, float]:
     totals = None
     for i in range(n_batches):
@@ -137,50 +159,52 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if start == 0:
         writer.write(0, {**_eval(eval_step, state.params, val_data, eval_batches), **memory})
     pending: list[dict] = []
-    last_time, last_step = time.perf_counter(), start
+    clock = _Throughput(tokens_per_step)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    with _StopFlag() as stop:
-        step = start
-        while step < tc.steps and stop.signal is None:
-            state, step_metrics = train_step(state, jnp.asarray(train_data.batch(step)))
-            step += 1
-            pending.append(step_metrics)
-            bar.update(1)
-            if step == start + 1:  # keep compilation out of the throughput numbers
-                jax.block_until_ready(step_metrics)
-                last_time, last_step = time.perf_counter(), step
-            if step % tc.log_every == 0 or step == tc.steps:
-                logged = {k: float(np.mean(v)) for k, v in
-                          jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending)).items()}
-                pending = []
-                if not math.isfinite(logged["loss/total"]):
-                    raise DivergenceError(f"loss is {logged['loss/total']} at step {step}; lower "
-                                          f"optimizer.lr or set optimizer.grad_clip")
-                logged.update({"training/epoch": train_data.epoch(step), **memory})
-                now = time.perf_counter()
-                if step > last_step:  # not the first step (its time is compilation)
-                    tps = (step - last_step) * tokens_per_step / (now - last_time)
-                    logged.update({"throughput/tokens_per_sec": tps,
-                                   "throughput/mfu": tps * flops_per_token / peak})
-                    bar.set_postfix(loss=f"{logged['loss/total']:.3f}", tok_s=f"{tps:,.0f}")
-                last_time, last_step = now, step
-                writer.write(step, logged)
-                summary.update(logged)
-            if step % tc.eval_every == 0 or step == tc.steps:
-                evaluated = _eval(eval_step, state.params, val_data, eval_batches)
-                writer.write(step, evaluated)
-                summary.update(evaluated)
-                bar.write(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
-                          f"bpb {evaluated['eval/bpb']:.4f}")
-            ckpt.save(step, state, meta(step))
+    step = start
+    try:
+        with _StopFlag() as stop:
+            while step < tc.steps and stop.signal is None:
+                state, step_metrics = train_step(state, jnp.asarray(train_data.batch(step)))
+                step += 1
+                pending.append(step_metrics)
+                bar.update(1)
+                if step == start + 1:  # keep compilation out of the throughput numbers
+                    jax.block_until_ready(step_metrics)
+                    clock.restart(step)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    logged = _mean_metrics(pending)
+                    pending = []
+                    if not math.isfinite(logged["loss/total"]):
+                        raise DivergenceError(f"loss is {logged['loss/total']} at step {step}; "
+                                              f"lower optimizer.lr or set optimizer.grad_clip")
+                    logged.update({"training/epoch": train_data.epoch(step), **memory})
+                    tps = clock.rate(step)
+                    if tps is not None:
+                        logged.update({"throughput/tokens_per_sec": tps,
+                                       "throughput/mfu": tps * flops_per_token / peak})
+                        bar.set_postfix(loss=f"{logged['loss/total']:.3f}", tok_s=f"{tps:,.0f}")
+                    writer.write(step, logged)
+                    summary.update(logged)
+                    clock.restart(step)
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    evaluated = _eval(eval_step, state.params, val_data, eval_batches)
+                    writer.write(step, evaluated)
+                    summary.update(evaluated)
+                    bar.write(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
+                              f"bpb {evaluated['eval/bpb']:.4f}")
+                    clock.restart(step)  # evaluation is not training throughput
+                if ckpt.save(step, state, meta(step)):
+                    clock.restart(step)  # the save waited for the step to finish
+            if stop.signal is not None:
+                summary["interrupted"] = True
+                bar.write(f"{stop.signal} received: stopped at step {step}; re-run the same "
+                          f"command to resume")
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state, meta(step), force=True)
+    finally:
         bar.close()
-        if stop.signal is not None:
-            summary["interrupted"] = True
-            print(f"{stop.signal} received: stopped at step {step}; re-run the same command to "
-                  f"resume")
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state, meta(step), force=True)
         ckpt.close()
-    writer.close()
+        writer.close()
     summary["step"] = step
     return summary
