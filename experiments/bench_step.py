@@ -19,22 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.run import resolve_config_arg
+from experiments.run import load_config
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import make_train_step
-
-
-def _load_config(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_config", resolve_config_arg(name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _variant(config, ternary: bool):
@@ -55,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON result file "
                         "(default runs/bench/step_<config>_<backend>.json)")
     args = parser.parse_args()
-    config = _load_config(args.config)
+    config = load_config(args.config)
     b, t = config.data.batch_size, config.model.seq_len
     rng = np.random.default_rng(0)
     batch = jnp.asarray(rng.integers(0, 256, size=(b, t + 1)), jnp.int32)

@@ -59,12 +59,18 @@ def _rewrite_argv(argv: list[str]) -> tuple[list[str], str]:
     return out, os.path.basename(name.partition(":")[0]).removesuffix(".py")
 
 
-def check_overrides(config_path: str, argv: list[str]) -> None:
-    """Fail on `--config.a.b=...` overrides that name no field, listing the fields there."""
-    spec = importlib.util.spec_from_file_location("_run_config", config_path.partition(":")[0])
+def load_config(name_or_path: str):
+    """The ConfigDict of a config NAME or file path (what `--config` accepts)."""
+    path = resolve_config_arg(name_or_path).partition(":")[0]
+    spec = importlib.util.spec_from_file_location("_run_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return module.get_config()
+
+
+def check_overrides(config_path: str, argv: list[str]) -> None:
+    """Fail on `--config.a.b=...` overrides that name no field, listing the fields there."""
+    config = load_config(config_path)
     for arg in argv:
         if not arg.startswith("--config."):
             continue
