@@ -14,6 +14,9 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.preset = "125m"
     c.model.ternary = True  # False: the same architecture in dense precision (the baseline)
+    # auto: packed-weight kernel (Pallas on GPU/TPU, jnp reference on CPU) with an STE
+    # custom VJP; fake_quant: quantise then float matmul; or pallas / interpret / reference.
+    c.model.ternary_impl = "auto"
     c.model.vocab_size = 384  # byte-level tokenizer (259 ids) padded to a multiple of 128
     c.model.seq_len = 1024
     c.model.d_model = config_dict.placeholder(int)

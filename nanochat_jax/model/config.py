@@ -12,6 +12,8 @@ from typing import Any
 
 from nanochat_jax.errors import ConfigError
 
+TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -25,6 +27,10 @@ class ModelConfig:
     n_kv_heads: int  # grouped-query attention when < n_heads
     d_ff: int  # hidden width of the gated squared-ReLU FFN
     ternary: bool = True
+    # How ternary layers compute: "fake_quant" (quantise, then a float matmul; autodiff STE)
+    # or ternary_dot through the packed-weight kernel with impl "auto" (Pallas on GPU/TPU,
+    # jnp reference on CPU), "pallas", "interpret" or "reference".
+    ternary_impl: str = "auto"
     tie_embeddings: bool = False
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
@@ -41,6 +47,9 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of "
                               f"model.n_kv_heads={self.n_kv_heads}")
+        if self.ternary_impl not in TERNARY_IMPLS:
+            raise ConfigError(f"unknown model.ternary_impl {self.ternary_impl!r}: choose one "
+                              f"of {', '.join(TERNARY_IMPLS)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 

@@ -13,27 +13,37 @@ import jax.numpy as jnp
 
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
+from nanochat_jax.ternary.linear import packed_dot, ternary_dot
 
 
 class BitLinear(nn.Module):
     """y = x_q @ W_q with absmean-ternary W and per-token int8 x (STE); plain x @ W when dense.
 
     The kernel is an fp32 latent `[in, out]`; quantised views are recomputed every call and
-    never stored. No bias (BitNet has none).
+    never stored. `impl` "fake_quant" multiplies dequantised floats; any other value runs
+    `ternary_dot` (packed 2-bit kernel, custom-VJP STE) with that kernel impl. When the
+    variables hold a `packed/kernel` (see model/packed.py) the layer runs from it alone.
+    No bias (BitNet has none).
     """
 
     features: int
     ternary: bool = True
     init_std: float = 0.02
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
+        kernel_impl = "auto" if self.impl == "fake_quant" else self.impl
+        if self.ternary and self.has_variable("packed", "kernel"):
+            return packed_dot(x, self.get_variable("packed", "kernel"), kernel_impl)
         w = self.param("kernel", nn.initializers.normal(self.init_std),
                        (x.shape[-1], self.features), jnp.float32)  # [in, out]
-        if self.ternary:
-            x = quant.quantize_activations_ste(x)
-            w = quant.quantize_weights_ste(w)
-        return jnp.dot(x, w.astype(x.dtype))
+        if not self.ternary:
+            return jnp.dot(x, w.astype(x.dtype))
+        if self.impl == "fake_quant":
+            x_q, w_q = quant.quantize_activations_ste(x), quant.quantize_weights_ste(w)
+            return jnp.dot(x_q, w_q.astype(x.dtype))
+        return ternary_dot(x, w, kernel_impl)
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -60,7 +70,8 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D] (already normed)
         c = self.cfg
         b, t, _ = x.shape
-        dense = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, name=name)
+        dense = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, c.ternary_impl,
+                                                          name=name)
         q = dense(c.n_heads * c.head_dim, "q")(x).reshape(b, t, c.n_heads, c.head_dim)
         k = dense(c.n_kv_heads * c.head_dim, "k")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = dense(c.n_kv_heads * c.head_dim, "v")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
@@ -79,9 +90,9 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D] (already normed)
         c = self.cfg
-        gate = BitLinear(c.d_ff, c.ternary, c.init_std, name="w1")(x)  # [B, T, F]
-        up = BitLinear(c.d_ff, c.ternary, c.init_std, name="w3")(x)  # [B, T, F]
+        gate = BitLinear(c.d_ff, c.ternary, c.init_std, c.ternary_impl, name="w1")(x)  # [B,T,F]
+        up = BitLinear(c.d_ff, c.ternary, c.init_std, c.ternary_impl, name="w3")(x)  # [B,T,F]
         h = jnp.square(jax.nn.relu(gate)) * up
         h = nn.RMSNorm(epsilon=c.norm_eps, name="ffn_sub_norm")(h)
         return BitLinear(c.d_model, c.ternary, c.init_std / (2 * c.n_layers) ** 0.5,
-                         name="w2")(h)
+                         c.ternary_impl, name="w2")(h)

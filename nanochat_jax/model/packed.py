@@ -1,0 +1,55 @@
+"""Inference from packed weights: convert a trained model's ternary kernels once to I2.
+
+`pack_params(params)` moves every BitLinear kernel (the 2-D kernels inside blocks) out of
+`params` into a `packed` collection of `PackedTernary` (2 bits per weight + one scale), so
+`model.apply(pack_params(params), tokens)` runs with no latent weights in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from nanochat_jax.ternary.packing import PackedTernary, pack
+
+
+def _is_bitlinear_kernel(path, leaf) -> bool:
+    names = [str(getattr(k, "key", k)) for k in path]
+    return (leaf.ndim == 2 and names[-1] == "kernel"
+            and any(n.startswith("block_") for n in names))
+
+
+def pack_params(params: dict) -> dict[str, Any]:
+    """{'params': ...} tree (or its inner dict) -> {'params': rest, 'packed': I2 kernels}."""
+    params = params.get("params", params)
+    packed: dict = {}
+    rest: dict = {}
+
+    def place(tree: dict, path: tuple, value) -> None:
+        for key in path[:-1]:
+            tree = tree.setdefault(key, {})
+        tree[path[-1]] = value
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        if _is_bitlinear_kernel(path, leaf):
+            place(packed, keys, jax.jit(pack)(leaf))
+        else:
+            place(rest, keys, leaf)
+    return {"params": rest, "packed": packed}
+
+
+def ternary_weight_bytes(params: dict, dtype_bytes: int = 2) -> int:
+    """Bytes the BitLinear kernels of an unpacked model take at `dtype_bytes` (bf16: 2)."""
+    params = params.get("params", params)
+    return sum(leaf.size * dtype_bytes
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+               if _is_bitlinear_kernel(path, leaf))
+
+
+def packed_bytes(variables: dict) -> int:
+    """Bytes of the packed ternary kernels (codes + scales)."""
+    leaves = jax.tree.leaves(variables["packed"],
+                             is_leaf=lambda x: isinstance(x, PackedTernary))
+    return sum(p.nbytes for p in leaves)

@@ -1,0 +1,53 @@
+"""ternary_dot: kernel forward equals the fake-quant forward; gradients are the STE's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from nanochat_jax.ternary import quant
+from nanochat_jax.ternary.linear import ternary_dot
+
+
+def _fake_quant(x, w):
+    return jnp.dot(quant.quantize_activations_ste(x), quant.quantize_weights_ste(w))
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(2, 3, 72)), jnp.float32)  # leading batch dims
+    w = jnp.asarray(rng.normal(size=(72, 40)) * 0.05, jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(2, 3, 40)), jnp.float32)
+    return x, w, cot
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_forward_equals_fake_quant_forward(impl):
+    x, w, _ = _inputs()
+    y = ternary_dot(x, w, impl)
+    assert y.shape == (2, 3, 40)
+    assert_allclose(np.asarray(y), np.asarray(_fake_quant(x, w)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_gradients_are_the_straight_through_estimator(impl):
+    x, w, cot = _inputs(1)
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * cot)
+    dx, dw = jax.grad(loss(lambda x, w: ternary_dot(x, w, impl)), (0, 1))(x, w)
+    ex, ew = jax.grad(loss(_fake_quant), (0, 1))(x, w)
+    assert_allclose(np.asarray(dx), np.asarray(ex), rtol=1e-5, atol=1e-6)
+    assert_allclose(np.asarray(dw), np.asarray(ew), rtol=1e-5, atol=1e-6)
+    # and they are the STE formulas: dx = g W_q^T, dW = x_q^T g
+    x_q = quant.quantize_activations(x).reshape(-1, 72)
+    assert_allclose(np.asarray(dw), np.asarray(x_q.T @ cot.reshape(-1, 40)), rtol=1e-5,
+                    atol=1e-6)
+    assert_allclose(np.asarray(dx), np.asarray(cot @ quant.quantize_weights(w).T), rtol=1e-5,
+                    atol=1e-6)
+
+
+def test_works_under_jit_and_value_and_grad():
+    x, w, cot = _inputs(2)
+    f = jax.jit(jax.value_and_grad(lambda w: jnp.sum(ternary_dot(x, w, "reference") * cot)))
+    value, grad = f(w)
+    assert np.isfinite(float(value)) and grad.shape == w.shape
