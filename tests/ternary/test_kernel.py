@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,3 +103,17 @@ def test_autotuner_times_once_then_caches_in_memory_and_on_disk(tmp_path, monkey
     assert kernel.choose_blocks(8, 32, 64, jnp.int8, interpret=True, candidates=cands,
                                 cache_path=str(cache)) == best
     assert calls == []  # neither lookup timed anything
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu",
+                    reason="needs a GPU or TPU: the compiled Pallas lowering (CPU runs the "
+                           "same kernel in interpret mode above)")
+@pytest.mark.parametrize("shape", SHAPES + [(1, 4096, 4096), (256, 2048, 5632)])
+def test_compiled_kernel_equals_reference_on_the_accelerator(shape):
+    x, w, _ = _operands(*shape)
+    out = kernel.ternary_matmul(x, w, impl="pallas")  # autotuned tiling
+    assert_array_equal(np.asarray(out), np.asarray(kernel.ternary_matmul_reference(x, w)))
+    xf, wf, codes = _operands(*shape, dtype=jnp.float32)
+    ref = np.asarray(xf) @ codes.astype(np.float32)
+    got = np.asarray(kernel.ternary_matmul(xf, wf, impl="pallas"))
+    assert np.max(np.abs(got - ref)) <= 1e-2 * np.max(np.abs(ref))  # TF32 dots allowed
