@@ -2,9 +2,10 @@
 
     python -m experiments.bench_step --config=tiny [--rounds=5 --steps=10 --out=FILE]
 
-Both variants are compiled first, then timed in alternating rounds (so machine noise hits
-both alike); the table gives the median step time, tokens/s, MFU against a measured matmul
-peak, and the ternary/dense ratio. Results are also written as JSON.
+Three variants (dense; ternary through the config's `model.ternary_impl`, default the packed
+kernel; ternary as fake quantisation) are compiled first, then timed in alternating rounds
+(so machine noise hits all alike); the table gives the median step time, tokens/s, MFU
+against a measured matmul peak, and the step-time ratio to dense. Also written as JSON.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import make_train_step
 
 
-def _variant(config, ternary: bool):
-    mcfg = model_config.from_config_group({**config.model.to_dict(), "ternary": ternary})
+def _variant(config, ternary: bool, impl: str):
+    mcfg = model_config.from_config_group({**config.model.to_dict(), "ternary": ternary,
+                                           "ternary_impl": impl})
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
     state = init_train_state(model, tx, 0, mcfg.seq_len)
@@ -52,8 +54,12 @@ def main() -> None:
     batch = jnp.asarray(rng.integers(0, 256, size=(b, t + 1)), jnp.int32)
 
     runs = {}
-    for name, ternary in (("dense", False), ("ternary", True)):
-        mcfg, state, step = _variant(config, ternary)
+    variants = (("dense", False, "auto"), (f"ternary ({config.model.ternary_impl})", True,
+                config.model.ternary_impl), ("ternary (fake_quant)", True, "fake_quant"))
+    for name, ternary, impl in variants:
+        if name in runs:  # the config's impl is fake_quant already
+            continue
+        mcfg, state, step = _variant(config, ternary, impl)
         state, m = step(state, batch)  # compile
         jax.block_until_ready(m)
         runs[name] = {"cfg": mcfg, "state": state, "step": step, "times": []}
@@ -74,21 +80,23 @@ def main() -> None:
         sec = statistics.median(run["times"])
         rows[name] = {"step_ms": 1e3 * sec, "tokens_per_sec": b * t / sec,
                       "mfu": flops / sec / peak, "rounds_ms": [1e3 * x for x in run["times"]]}
-    ratio = rows["ternary"]["step_ms"] / rows["dense"]["step_ms"]
+    ratios = {name: r["step_ms"] / rows["dense"]["step_ms"] for name, r in rows.items()
+              if name != "dense"}
     device = jax.devices()[0].device_kind
     print(f"config {args.config}: batch {b} x seq {t}, {device}, peak {peak / 1e9:.1f} GFLOP/s "
           f"(measured), median of {args.rounds} rounds x {args.steps} steps")
-    print("| variant | step ms | tokens/s | MFU |\n|---|---|---|---|")
+    print("| variant | step ms | tokens/s | MFU | step time / dense |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.3f} |")
-    print(f"ternary / dense step time: {ratio:.3f}")
+        print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.3f} | "
+              f"{ratios.get(name, 1.0):.3f} |")
 
     out = args.out or os.path.join("runs", "bench", f"step_{args.config}_{jax.default_backend()}"
                                     ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump({"config": args.config, "device": device, "batch": b, "seq_len": t,
-                   "peak_flops": peak, "ternary_over_dense": ratio, "variants": rows}, f, indent=1)
+                   "peak_flops": peak, "step_time_over_dense": ratios, "variants": rows},
+                  f, indent=1)
     print(f"wrote {out}")
 
 
