@@ -11,13 +11,8 @@ from typing import Any
 
 import jax
 
+from nanochat_jax.model.transformer import is_block_kernel
 from nanochat_jax.ternary.packing import PackedTernary, pack
-
-
-def _is_bitlinear_kernel(path, leaf) -> bool:
-    names = [str(getattr(k, "key", k)) for k in path]
-    return (leaf.ndim == 2 and names[-1] == "kernel"
-            and any(n.startswith("block_") for n in names))
 
 
 def pack_params(params: dict) -> dict[str, Any]:
@@ -33,7 +28,7 @@ def pack_params(params: dict) -> dict[str, Any]:
 
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = tuple(str(getattr(k, "key", k)) for k in path)
-        if _is_bitlinear_kernel(path, leaf):
+        if is_block_kernel(path, leaf):
             place(packed, keys, jax.jit(pack)(leaf))
         else:
             place(rest, keys, leaf)
@@ -45,7 +40,7 @@ def ternary_weight_bytes(params: dict, dtype_bytes: int = 2) -> int:
     params = params.get("params", params)
     return sum(leaf.size * dtype_bytes
                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-               if _is_bitlinear_kernel(path, leaf))
+               if is_block_kernel(path, leaf))
 
 
 def packed_bytes(variables: dict) -> int:

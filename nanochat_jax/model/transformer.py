@@ -10,6 +10,13 @@ from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.layers import Attention, FeedForward
 
 
+def is_block_kernel(path, leaf) -> bool:
+    """True for a 2-D kernel inside a transformer block: exactly the BitLinear weights
+    (not the embedding, the LM head, or a norm). `path` is a jax.tree_util key path."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return leaf.ndim == 2 and any(n.startswith("block_") for n in names)
+
+
 class Block(nn.Module):
     """h = x + Attn(attn_norm(x)); out = h + FFN(ffn_norm(h))  (BitNet b1.58 2B4T block)."""
 

@@ -18,6 +18,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from nanochat_jax.errors import ConfigError
+from nanochat_jax.model.transformer import is_block_kernel
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("constant", "linear", "cosine", "bitnet")
@@ -25,27 +26,17 @@ SCHEDULES = ("constant", "linear", "cosine", "bitnet")
 Schedule = Callable[[jax.Array], jax.Array]
 
 
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def is_hidden_matrix(path, leaf) -> bool:
-    """A 2-D kernel inside a transformer block (not the embedding, LM head or a norm)."""
-    names = _path_names(path)
-    return leaf.ndim == 2 and any(n.startswith("block_") for n in names)
-
-
 def muon_labels(params) -> Any:
     """'muon' for hidden matrices, 'adam' for every other leaf (same tree as params)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: "muon" if is_hidden_matrix(p, x) else "adam", params)
+        lambda p, x: "muon" if is_block_kernel(p, x) else "adam", params)
 
 
 def _muon_dimension_numbers(params):
     """Flax `[in, out]` kernels reduce over axis 0; None sends a leaf to the AdamW branch."""
     return jax.tree_util.tree_map_with_path(
         lambda p, x: MuonDimensionNumbers(reduction_axis=0, output_axis=1)
-        if is_hidden_matrix(p, x) else None, params)
+        if is_block_kernel(p, x) else None, params)
 
 
 def _decay_mask(params):
