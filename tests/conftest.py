@@ -1,8 +1,23 @@
-"""Shared fixtures: a tiny, fast run config on real text (the Python standard library)."""
+"""Shared fixtures: a private corpus cache, and a tiny, fast run config on real text."""
+
+import os
 
 import pytest
 
 from experiments.configs import tiny
+
+
+@pytest.fixture(autouse=True, scope="session")
+def corpus_cache(tmp_path_factory):
+    """Corpora built by tests (and by runner subprocesses) go to a temporary cache."""
+    path = str(tmp_path_factory.mktemp("nanochat_cache"))
+    old = os.environ.get("NANOCHAT_CACHE")
+    os.environ["NANOCHAT_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("NANOCHAT_CACHE")
+    else:
+        os.environ["NANOCHAT_CACHE"] = old
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def get_config() -> config_dict.ConfigDict:
     # auto: packed-weight kernel (Pallas on GPU/TPU, jnp reference on CPU) with an STE
     # custom VJP; fake_quant: quantise then float matmul; or pallas / interpret / reference.
     c.model.ternary_impl = "auto"
-    c.model.vocab_size = 384  # byte-level tokenizer (259 ids) padded to a multiple of 128
+    c.model.vocab_size = 32768  # >= data.vocab_size
     c.model.seq_len = 1024
     c.model.d_model = config_dict.placeholder(int)
     c.model.n_layers = config_dict.placeholder(int)
@@ -29,13 +29,19 @@ def get_config() -> config_dict.ConfigDict:
     c.model.norm_eps = 1e-5
     c.model.init_std = 0.02
 
-    # data/: 'python-stdlib', a directory (searched for `extensions`), or a glob.
+    # data/: a corpus built from `source` (see nanochat_jax/data/corpus.py): rust-src,
+    # rust-src-full, librust, python-stdlib, a directory (searched for `extensions`) or a
+    # glob. Built once into `corpus_dir` (None: ~/.cache/nanochat_jax/corpora/<key>).
     c.data = config_dict.ConfigDict()
-    c.data.source = "python-stdlib"
-    c.data.extensions = (".py", ".rs", ".txt", ".md")
+    c.data.source = "rust-src"
+    c.data.extensions = (".rs",)
+    c.data.max_file_bytes = 100_000  # larger files are dropped
     c.data.val_fraction = 0.05  # share of files held out, chosen by a hash of the path
     c.data.max_bytes = 0  # read at most this many bytes of training text (0: all)
-    c.data.batch_size = 32
+    c.data.vocab_size = 32768  # BPE size trained on the corpus; 263 = plain bytes
+    c.data.corpus_dir = config_dict.placeholder(str)
+    c.data.batch_size = 32  # global batch (rows), split over processes
+    c.data.prefetch = 2  # batches prepared ahead by the loader thread
 
     # train/: the loop.
     c.training = config_dict.ConfigDict()

@@ -9,6 +9,7 @@ the current step with a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -21,9 +22,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from nanochat_jax.data import corpus
-from nanochat_jax.data.loader import PackedBatches, pack_documents
-from nanochat_jax.data.tokenizer import ByteTokenizer
+from nanochat_jax.data import corpus as corpus_lib
+from nanochat_jax.data.loader import BatchSource, Prefetcher, to_device
 from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
@@ -57,15 +57,46 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_resumable(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuse to resume a checkpoint made with a different model or tokenizer."""
+def _check_resumable(saved: dict, config: ml_collections.ConfigDict, workdir: str,
+                     data_identity: dict) -> None:
+    """Refuse to resume a checkpoint made with a different model, tokenizer or corpus."""
     now = config.model.to_dict()
     if saved["config"]["model"] != now:
         raise CheckpointError(
             f"{workdir} holds a checkpoint of a different model: saved {saved['config']['model']}"
             f", configured {now}; use a new --workdir or the saved settings")
-    if saved["tokenizer"] != {"name": ByteTokenizer.name, "vocab_size": ByteTokenizer.vocab_size}:
-        raise CheckpointError(f"{workdir} was trained with tokenizer {saved['tokenizer']}")
+    for key in ("tokenizer", "corpus_sha256"):
+        if saved["data"][key] != data_identity[key]:
+            raise CheckpointError(
+                f"{workdir} was trained with {key} {saved['data'][key]}, but this run has "
+                f"{data_identity[key]}: resuming would not continue the same run; use the "
+                f"original data settings or a new --workdir")
+
+
+def open_data(config: ml_collections.ConfigDict, seq_len: int):
+    """Open (building if needed) the corpus; the train and validation batch sources."""
+    dc = config.data
+    spec = corpus_lib.BuildSpec(
+        source=dc.source, extensions=tuple(dc.extensions), max_file_bytes=dc.max_file_bytes,
+        val_fraction=dc.val_fraction, max_bytes=dc.max_bytes, vocab_size=dc.vocab_size)
+    if dc.corpus_dir and os.path.exists(os.path.join(dc.corpus_dir, corpus_lib.MANIFEST)):
+        corpus = corpus_lib.Corpus.open(dc.corpus_dir)
+        built = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in corpus.manifest["spec"].items()}
+        wanted = dataclasses.asdict(spec)
+        diff = {k: (built[k], wanted[k]) for k in wanted if built.get(k) != wanted[k]}
+        if diff:
+            raise ConfigError(f"data.corpus_dir={dc.corpus_dir} was built with other settings "
+                              f"(built, configured): {diff}; set the data.* fields to match "
+                              f"or use another corpus_dir")
+    else:
+        corpus = corpus_lib.ensure(spec, dc.corpus_dir)
+    tok = corpus.tokenizer
+    train = BatchSource(corpus.shards("train"), tok.bos_id, dc.batch_size, seq_len,
+                        config.training.seed, shuffle=True, name="train")
+    val = BatchSource(corpus.shards("val"), tok.bos_id, dc.batch_size, seq_len,
+                      config.training.seed, shuffle=False, name="validation")
+    return corpus, train, val
 
 
 class _Throughput:
@@ -90,10 +121,10 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
-def _eval(eval_step, params, batches: PackedBatches, n_batches: int) -> dict[str, float]:
+def _eval(eval_step, params, batches: BatchSource, n_batches: int) -> dict[str, float]:
     totals = None
     for i in range(n_batches):
-        out = eval_step(params, jnp.asarray(batches.batch(i)))
+        out = eval_step(params, to_device(batches.batch(i), None))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     t = jax.device_get(totals)
     ce_sum, tokens, n_bytes = (float(t[k]) for k in ("ce_sum", "tokens", "bytes"))
@@ -105,24 +136,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics."""
     mcfg = model_config.from_config_group(config.model)
     tc, dc = config.training, config.data
-    tokenizer = ByteTokenizer()
-    if mcfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the "
-                          f"{tokenizer.name} tokenizer's {tokenizer.vocab_size} ids")
     if tc.steps <= 0 or tc.log_every <= 0 or tc.eval_every <= 0:
         raise ConfigError("training.steps, training.log_every and training.eval_every must be > 0")
+    if mcfg.vocab_size < dc.vocab_size:
+        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
+                          f"data.vocab_size={dc.vocab_size}")
     os.makedirs(workdir, exist_ok=True)
 
-    train_docs, val_docs = corpus.load_split(dc.source, tuple(dc.extensions), dc.val_fraction,
-                                             dc.max_bytes)
-    train_data = PackedBatches(pack_documents(train_docs, tokenizer), dc.batch_size,
-                               mcfg.seq_len, tc.seed, shuffle=True, name="train")
-    val_data = PackedBatches(pack_documents(val_docs, tokenizer), dc.batch_size, mcfg.seq_len,
-                             tc.seed, shuffle=False, name="validation")
+    corpus, train_data, val_data = open_data(config, mcfg.seq_len)
+    tokenizer = corpus.tokenizer
+    data_identity = {"tokenizer": tokenizer.identity(),
+                     "corpus_sha256": corpus.manifest["content_sha256"]}
     eval_batches = min(tc.eval_batches, val_data.n_rows // dc.batch_size)
     tokens_per_step = dc.batch_size * mcfg.seq_len
-    print(f"data: {dc.source}: {train_data.n_rows:,} train rows, {val_data.n_rows:,} val rows "
-          f"of {mcfg.seq_len + 1} tokens ({tokenizer.name} tokenizer)")
+    print(f"data: {dc.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
+          f"{val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; {tokenizer.name}")
 
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
@@ -131,14 +159,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
     if latest is not None:
-        _check_resumable(ckpt.restore_meta(latest), config, workdir)
+        _check_resumable(ckpt.restore_meta(latest), config, workdir, data_identity)
         state = ckpt.restore(latest, state)
         print(f"resumed from {workdir} at step {latest}")
 
     def meta(step: int) -> dict:
         return {"config": config.to_dict(), "step": step,
-                "data": {"source": dc.source, "batches_consumed": step},
-                "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size}}
+                "data": {**data_identity, "batches_consumed": step, "seed": tc.seed}}
 
     train_step = make_train_step(model, tx, lr_fn, pad_id=tokenizer.pad_id,
                                  vocab_chunk=tc.vocab_chunk, z_loss=tc.z_loss)
@@ -162,10 +189,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     clock = _Throughput(tokens_per_step)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     step = start
+    batches = Prefetcher(train_data, start, depth=dc.prefetch)
     try:
         with _StopFlag() as stop:
             while step < tc.steps and stop.signal is None:
-                state, step_metrics = train_step(state, jnp.asarray(train_data.batch(step)))
+                batch_step, batch = next(batches)
+                assert batch_step == step, (batch_step, step)
+                state, step_metrics = train_step(state, batch)
                 step += 1
                 pending.append(step_metrics)
                 bar.update(1)
@@ -203,6 +233,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, meta(step), force=True)
     finally:
+        batches.close()
         bar.close()
         ckpt.close()
         writer.close()

@@ -1,79 +1,122 @@
+"""Loader: BOS-aligned rows, batches as a function of the step, per-host slices, prefetch."""
+
+import threading
+
+import jax
 import numpy as np
 import pytest
 
-from nanochat_jax.data import corpus
-from nanochat_jax.data.loader import PackedBatches, pack_documents
-from nanochat_jax.data.tokenizer import ByteTokenizer
+from nanochat_jax.data.loader import BatchSource, Prefetcher, row_starts, to_device
 from nanochat_jax.errors import DataError
 
-
-def test_byte_tokenizer_round_trips_utf8():
-    tok = ByteTokenizer()
-    text = "fn main() { println!(\"héllo ✓\"); }"
-    assert tok.decode(tok.encode(text.encode())) == text
-    assert tok.token_bytes[tok.bos_id] == 0 and tok.token_bytes[ord("a")] == 1
+BOS = 0
 
 
-def test_packing_puts_a_separator_before_every_document():
-    tok = ByteTokenizer()
-    stream = pack_documents([b"ab", b"cde"], tok)
-    np.testing.assert_array_equal(stream, [tok.bos_id, 97, 98, tok.bos_id, 99, 100, 101])
+def _stream(doc_lengths, seed=0):
+    """[BOS doc BOS doc ...] with document tokens drawn from 1..99."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for n in doc_lengths:
+        parts += [np.array([BOS]), rng.integers(1, 100, size=n)]
+    return np.concatenate(parts).astype(np.uint16)
+
+
+def test_rows_start_at_documents_and_cover_every_token():
+    stream = _stream([5, 30, 3, 8, 50, 2, 9, 40, 7])
+    t = 16
+    starts = row_starts(stream, BOS, t)
+    for a, b in zip(starts, starts[1:], strict=False):
+        assert b <= a + t  # consecutive rows overlap or touch: no token is skipped
+        window = stream[a + 1:a + t + 1]
+        if BOS in window:  # a document starts inside the row: the next row starts there
+            assert stream[b] == BOS and b == a + 1 + np.flatnonzero(window == BOS)[-1]
+        else:  # a long document continues mid-document
+            assert b == a + t
+    assert starts[-1] + t + 1 > len(stream) - t - 1  # up to the end
 
 
 def test_batches_are_a_pure_function_of_the_step():
-    stream = np.arange(1000, dtype=np.uint16)
-    a = PackedBatches(stream, batch_size=4, seq_len=9, seed=3)
-    b = PackedBatches(stream, batch_size=4, seq_len=9, seed=3)
-    for step in (5, 0, 31, 5):  # any order, any instance
+    shards = [_stream([20] * 50, seed=1), _stream([33] * 30, seed=2)]
+    a = BatchSource(shards, BOS, batch_size=4, seq_len=16, seed=3)
+    b = BatchSource(shards, BOS, batch_size=4, seq_len=16, seed=3)
+    for step in (5, 0, 31, 5):
         np.testing.assert_array_equal(a.batch(step), b.batch(step))
-    assert not np.array_equal(a.batch(0), PackedBatches(stream, 4, 9, seed=4).batch(0))
+    assert not np.array_equal(a.batch(0), BatchSource(shards, BOS, 4, 16, seed=4).batch(0))
+    assert a.batch(0).shape == (4, 17) and a.batch(0).dtype == np.int32
 
 
-def test_rows_are_contiguous_targets_and_cover_an_epoch_once():
-    stream = np.arange(401, dtype=np.uint16)
-    data = PackedBatches(stream, batch_size=5, seq_len=8, seed=0)  # 50 rows = 10 batches
-    rows = np.concatenate([data.batch(s) for s in range(10)])
-    assert rows.shape == (50, 9)
-    np.testing.assert_array_equal(rows[:, 1:] - rows[:, :-1], 1)  # contiguous windows
-    starts = sorted(rows[:, 0].tolist())
-    assert starts == list(range(0, 400, 8))  # every row exactly once per epoch
+def test_an_epoch_visits_every_row_once_then_reshuffles():
+    data = BatchSource([_stream([15] * 40)], BOS, batch_size=5, seq_len=8, seed=0)
+    steps = data.n_rows // 5
+    first = np.concatenate([data.row_ids(s) for s in range(steps)])
+    assert len(set(first.tolist())) == steps * 5 and first.max() < data.n_rows  # no repeats
+    second = np.concatenate([data.row_ids(s) for s in range(steps, 2 * steps)])
+    assert not np.array_equal(first, second)
 
 
-def test_validation_batches_are_unshuffled():
-    data = PackedBatches(np.arange(100, dtype=np.uint16), 2, 9, seed=0, shuffle=False)
-    np.testing.assert_array_equal(data.batch(0)[:, 0], [0, 9])
+def test_processes_read_disjoint_slices_that_cover_each_global_batch():
+    shards = [_stream([12] * 80)]
+    whole = BatchSource(shards, BOS, batch_size=8, seq_len=8, seed=7, process_index=0,
+                        process_count=1)
+    parts = [BatchSource(shards, BOS, batch_size=8, seq_len=8, seed=7, process_index=p,
+                         process_count=4) for p in range(4)]
+    for step in range(6):
+        ids = [p.row_ids(step) for p in parts]
+        assert all(len(i) == 2 for i in ids)
+        joined = np.concatenate(ids)
+        assert len(set(joined.tolist())) == 8
+        np.testing.assert_array_equal(joined, whole.row_ids(step))
+        np.testing.assert_array_equal(np.concatenate([p.batch(step) for p in parts]),
+                                      whole.batch(step))
 
 
-def test_too_little_data_is_a_clear_error():
+def test_batch_must_divide_over_processes_and_data_must_fill_a_batch():
+    with pytest.raises(DataError, match="divisible"):
+        BatchSource([_stream([10] * 10)], BOS, 6, 4, 0, process_index=0, process_count=4)
     with pytest.raises(DataError, match="fewer than one batch"):
-        PackedBatches(np.arange(20, dtype=np.uint16), batch_size=4, seq_len=8, seed=0)
+        BatchSource([_stream([3])], BOS, 4, 8, 0)
 
 
-def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="rust-src"):
-        corpus.list_files(str(tmp_path), (".rs",))
-    with pytest.raises(DataError, match="neither"):
-        corpus.list_files(str(tmp_path / "nope"), (".rs",))
+def test_validation_source_is_unshuffled():
+    data = BatchSource([_stream([9] * 30)], BOS, 3, 8, seed=0, shuffle=False)
+    np.testing.assert_array_equal(data.row_ids(0), [0, 1, 2])
+    np.testing.assert_array_equal(data.row_ids(1), [3, 4, 5])
 
 
-def test_split_is_stable_disjoint_and_holds_out_about_the_fraction(tmp_path):
-    for i in range(200):
-        (tmp_path / f"f{i}.rs").write_text(f"fn f{i}() {{}}\n")
-    files = corpus.list_files(str(tmp_path), (".rs",))
-    val = {f for f in files if corpus.is_validation(f, 0.2)}
-    assert val == {f for f in files if corpus.is_validation(f, 0.2)}
-    assert 20 <= len(val) <= 60
-    train, held = corpus.load_split(str(tmp_path), (".rs",), 0.2, 0)
-    assert len(train) + len(held) == 200 and not set(train) & set(held)
+def test_prefetcher_yields_the_same_batches_from_any_start_and_fills_ahead():
+    data = BatchSource([_stream([25] * 60)], BOS, 4, 16, seed=5)
+    pf = Prefetcher(data, start=3, depth=3)
+    try:
+        for expect in (3, 4, 5, 6):
+            step, batch = next(pf)
+            assert step == expect
+            np.testing.assert_array_equal(np.asarray(batch), data.batch(expect))
+        for _ in range(200):  # the thread refills the queue while nobody consumes
+            if pf.ready() == 3:
+                break
+            threading.Event().wait(0.01)
+        assert pf.ready() == 3
+    finally:
+        pf.close()
+    assert not pf._thread.is_alive()
 
 
-def test_duplicate_files_are_read_once(tmp_path):
-    for name in ("a.rs", "b.rs"):
-        (tmp_path / name).write_text("fn same() {}\n")
-    docs = corpus.read_documents(corpus.list_files(str(tmp_path), (".rs",)), 0)
-    assert docs == [b"fn same() {}\n"]
+def test_prefetcher_reports_loader_errors_to_the_consumer():
+    class Broken(BatchSource):
+        def batch(self, step):
+            raise DataError("disk gone")
+
+    data = Broken([_stream([25] * 60)], BOS, 4, 16, seed=5)
+    pf = Prefetcher(data, start=0)
+    with pytest.raises(DataError, match="disk gone"):
+        next(pf)
+    pf.close()
 
 
-def test_python_stdlib_source_is_real_text():
-    files = corpus.list_files("python-stdlib", (".py",))
-    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+def test_to_device_places_batches_with_a_sharding():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batch = np.arange(24, dtype=np.int32).reshape(4, 6)
+    out = to_device(batch, sharding)
+    assert out.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(out), batch)
