@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from experiments.configs import tiny
+from experiments.configs import tiny, tiny_rust
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -20,19 +20,33 @@ def corpus_cache(tmp_path_factory):
         os.environ["NANOCHAT_CACHE"] = old
 
 
-@pytest.fixture
-def small_config():
-    """The tiny config shrunk further so an end-to-end run takes seconds on 2 cores."""
-    c = tiny.get_config()
+def _shrink(c):
+    """Shrink a tiny config so an end-to-end run takes seconds on 2 cores."""
     c.model.n_layers = 2
     c.model.seq_len = 64
-    c.data.max_bytes = 600_000
     c.data.batch_size = 8
-    c.training.steps = 12
     c.training.log_every = 1
-    c.training.eval_every = 6
     c.training.eval_batches = 2
     c.training.peak_flops = 1e11  # skip the matmul measurement
     c.optimizer.warmup_steps = 2
     c.checkpoint.every = 4
+    return c
+
+
+@pytest.fixture
+def small_config():
+    """tiny (byte-level, Python stdlib), 12 steps."""
+    c = _shrink(tiny.get_config())
+    c.data.max_bytes = 600_000
+    c.training.steps = 12
+    c.training.eval_every = 6
+    return c
+
+
+@pytest.fixture
+def small_rust_config():
+    """tiny_rust (rust-src) with a 1k BPE on 2 MB of it."""
+    c = _shrink(tiny_rust.get_config())
+    c.model.vocab_size = c.data.vocab_size = 1024
+    c.data.max_bytes = 2_000_000
     return c

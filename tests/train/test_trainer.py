@@ -7,7 +7,6 @@ import signal
 
 import pytest
 
-from experiments.configs import tiny_rust
 from nanochat_jax.data.loader import BatchSource
 from nanochat_jax.errors import CheckpointError, ConfigError
 from nanochat_jax.train.trainer import train
@@ -103,18 +102,12 @@ def test_a_corpus_dir_built_with_other_settings_is_refused(small_config, tmp_pat
 @pytest.mark.skipif(not glob.glob("/usr/src/rustc-*"),
                     reason="needs Debian's rust-src (apt-get install rust-src); .ci/run "
                            "installs it")
-def test_tiny_model_learns_the_real_rust_corpus(tmp_path):
-    c = tiny_rust.get_config()
-    c.model.n_layers = 2
-    c.model.seq_len = 64
-    c.model.vocab_size = c.data.vocab_size = 1024
-    c.data.max_bytes = 2_000_000
-    c.data.batch_size = 8
+def test_tiny_model_learns_the_real_rust_corpus(small_rust_config, tmp_path):
+    c = small_rust_config
     c.training.steps = 150
     c.training.log_every = 10
     c.training.eval_every = 150
     c.training.eval_batches = 4
-    c.training.peak_flops = 1e11
     c.optimizer.warmup_steps = 5
     train(c, str(tmp_path))
     evals = [r["eval/ce"] for r in _rows(tmp_path) if "eval/ce" in r]
