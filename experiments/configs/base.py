@@ -54,11 +54,12 @@ def get_config() -> config_dict.ConfigDict:
     c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
     c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure
 
-    # optim/: name in (adamw, muon); schedule in (constant, linear, cosine, bitnet).
+    # optim/: name in (adamw, lion, muon, muon_8bit, galore2, galore2_muon_8bit);
+    # schedule in (constant, linear, cosine, bitnet).
     c.optimizer = config_dict.ConfigDict()
     c.optimizer.name = "adamw"
-    c.optimizer.lr = 1.5e-3  # AdamW's lr, or Muon's for name=muon
-    c.optimizer.adam_lr = 3e-4  # name=muon: lr of the AdamW branch (embedding, head, norms)
+    c.optimizer.lr = 1.5e-3  # lr of the hidden matrices (all leaves for adamw / lion)
+    c.optimizer.adam_lr = 3e-4  # muon*, galore2*: lr of the AdamW group (embedding, head, norms)
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-8
@@ -67,6 +68,15 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.ns_steps = 5  # Muon Newton-Schulz iterations
     c.optimizer.consistent_rms = config_dict.placeholder(float)  # Muon; 0.2: Moonlight scaling
     c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optimizer.state_block_size = 256  # *_8bit: int8 block size of optimizer states
+    c.optimizer.state_min_size = 4096  # *_8bit: smaller state tensors stay fp32
+    c.optimizer.galore_rank = 128  # galore2*: projection rank (SPECS §5: 128 at 60M)
+    c.optimizer.galore_update_every = 200  # galore2*: projector refresh period T
+    c.optimizer.galore_scale = 0.25  # galore2*: alpha on the back-projected update
+    c.optimizer.galore_svd = "randomized"  # galore2*: randomized (GaLore 2) or full
+    c.optimizer.fire_step = config_dict.placeholder(int)  # FIRE the hidden matrices here
+    c.optimizer.fire_iters = 30  # FIRE Newton-Schulz steps: 10 (SPECS) leaves 768-wide
+    # Gaussian matrices far from isometric (min singular value 0.003); 30 converges
     c.optimizer.schedule = "bitnet"
     c.optimizer.warmup_steps = 375
     c.optimizer.min_lr_ratio = 0.1

@@ -1,14 +1,25 @@
-"""Config -> optax chain: AdamW, or the hybrid Muon chain, with LR / weight-decay schedules.
+"""Config -> optax chain: the optimizer compositions, with LR / weight-decay schedules.
 
-Hybrid Muon (SPECS §3) is `optax.contrib.muon` with `muon_weight_dimension_numbers` that
-returns None for everything but hidden 2-D matrices, so embeddings, the LM head and norms go
-to its AdamW branch. Hyper-parameters are wrapped in `optax.inject_hyperparams`, so schedules
-drive both the learning rate and the weight decay (BitNet's stage-2 decay of 0), and the
-current values are readable from the optimizer state.
+`optimizer.name` picks the composition. Hidden matrices (the BitLinear kernels inside
+blocks) and everything else (embedding, LM head, norms) form two groups:
+
+| name | hidden matrices | other leaves |
+|---|---|---|
+| adamw | AdamW (lr) | AdamW (lr) |
+| lion | Lion (lr), masked decay | Lion (lr) |
+| muon | Muon (lr), `optax.contrib.muon` | its AdamW branch (adam_lr) |
+| muon_8bit | as muon, every state >= state_min_size stored as blockwise int8 | same |
+| galore2 | GaLore 2 (rank-r Adam, lr, scale galore_scale) | AdamW (adam_lr) |
+| galore2_muon_8bit | GaLore 2 with an 8-bit Muon inner (lr) | AdamW (adam_lr) |
+
+Hyper-parameters are wrapped in `optax.inject_hyperparams`, so schedules drive both the
+learning rate and the weight decay (BitNet's stage-2 decay of 0) and the current values are
+readable from the optimizer state.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,10 +31,16 @@ from optax.contrib import MuonDimensionNumbers
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.transformer import is_block_kernel
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "lion", "muon", "muon_8bit", "galore2", "galore2_muon_8bit")
 SCHEDULES = ("constant", "linear", "cosine", "bitnet")
 
 Schedule = Callable[[jax.Array], jax.Array]
+
+
+def matrix_labels(params) -> Any:
+    """'matrix' for hidden matrices, 'other' for every other leaf: the two groups."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: "matrix" if is_block_kernel(p, x) else "other", params)
 
 
 def muon_labels(params) -> Any:
@@ -74,31 +91,79 @@ def lr_schedule(cfg: Mapping[str, Any], total_steps: int) -> tuple[Schedule, Sch
     return lr_two_stage, wd_two_stage
 
 
+def _muon(cfg, lr, adam_lr, wd) -> optax.GradientTransformation:
+    return optax.inject_hyperparams(
+        optax.contrib.muon,
+        static_args=("ns_steps", "muon_weight_dimension_numbers", "consistent_rms"))(
+        learning_rate=lr, beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]),
+        eps=cfg["eps"], weight_decay=wd, adam_learning_rate=adam_lr,
+        adam_b1=cfg["b1"], adam_b2=cfg["b2"], adam_weight_decay=0.0,
+        muon_weight_dimension_numbers=_muon_dimension_numbers,
+        consistent_rms=cfg["consistent_rms"])
+
+
+def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    from nanochat_jax.optim.quantized import quantize_states
+
+    return quantize_states(inner, block_size=int(cfg["state_block_size"]),
+                           min_size=int(cfg["state_min_size"]))
+
+
+def _galore_matrices(learning_rate, weight_decay, *, inner, cfg) -> optax.GradientTransformation:
+    """GaLore 2 on the hidden matrices: project, inner step, back-project, decay, lr."""
+    from nanochat_jax.optim.galore import galore
+
+    return optax.chain(
+        galore(inner, rank=int(cfg["galore_rank"]), update_every=int(cfg["galore_update_every"]),
+               scale=float(cfg["galore_scale"]), svd=cfg["galore_svd"]),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def _galore2(cfg, lr, adam_lr, wd, inner) -> optax.GradientTransformation:
+    matrices = optax.inject_hyperparams(
+        functools.partial(_galore_matrices, inner=inner, cfg=cfg))(
+        learning_rate=lr, weight_decay=wd)
+    other = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=adam_lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=0.0)
+    return optax.partition({"matrix": matrices, "other": other}, matrix_labels)
+
+
 def build_optimizer(cfg: Mapping[str, Any], total_steps: int
                     ) -> tuple[optax.GradientTransformation, Schedule]:
     """The optax chain for `cfg` (the run config's `optimizer` group) and its LR schedule.
 
     The chain is `clip_by_global_norm -> optimizer`; the returned schedule gives the
-    primary learning rate (Muon's for `muon`, AdamW's for `adamw`) for logging.
+    primary learning rate (`lr`, the hidden matrices' rate) for logging.
     """
     name = cfg["name"]
     lr_factor, wd_factor = lr_schedule(cfg, total_steps)
     lr = lambda s: cfg["lr"] * lr_factor(s)
+    adam_lr = lambda s: cfg["adam_lr"] * lr_factor(s)
     wd = lambda s: cfg["weight_decay"] * wd_factor(s)
     if name == "adamw":
         tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
             learning_rate=lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
             weight_decay=wd, mask=_decay_mask)
+    elif name == "lion":
+        tx = optax.inject_hyperparams(optax.lion, static_args=("mask",))(
+            learning_rate=lr, b1=cfg["b1"], b2=cfg["b2"], weight_decay=wd, mask=_decay_mask)
     elif name == "muon":
-        adam_lr = lambda s: cfg["adam_lr"] * lr_factor(s)
-        tx = optax.inject_hyperparams(
-            optax.contrib.muon,
-            static_args=("ns_steps", "muon_weight_dimension_numbers", "consistent_rms"))(
-            learning_rate=lr, beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]),
-            eps=cfg["eps"], weight_decay=wd, adam_learning_rate=adam_lr,
-            adam_b1=cfg["b1"], adam_b2=cfg["b2"], adam_weight_decay=0.0,
-            muon_weight_dimension_numbers=_muon_dimension_numbers,
-            consistent_rms=cfg["consistent_rms"])
+        tx = _muon(cfg, lr, adam_lr, wd)
+    elif name == "muon_8bit":
+        tx = _quantized(cfg, _muon(cfg, lr, adam_lr, wd))
+    elif name == "galore2":
+        inner = optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"])
+        tx = _galore2(cfg, lr, adam_lr, wd, inner)
+    elif name == "galore2_muon_8bit":
+        # every (projected, 2-D) leaf is orthogonalised; optax 0.2.8's default (None)
+        # dimension numbers fail on a plain dict, hence the explicit callable
+        every_matrix = lambda tree: jax.tree.map(
+            lambda _: MuonDimensionNumbers(reduction_axis=0, output_axis=1), tree)
+        inner = _quantized(cfg, optax.contrib.scale_by_muon(
+            beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]), eps=cfg["eps"],
+            weight_dimension_numbers=every_matrix))
+        tx = _galore2(cfg, lr, adam_lr, wd, inner)
     else:
         raise ConfigError(f"unknown optimizer.name {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg["grad_clip"]:

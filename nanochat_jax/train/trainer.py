@@ -10,6 +10,7 @@ the current step with a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -28,6 +29,7 @@ from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
+from nanochat_jax.optim.fire import apply_fire
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train.checkpoint import Checkpointer
 from nanochat_jax.train.state import init_train_state
@@ -167,6 +169,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return {"config": config.to_dict(), "step": step,
                 "data": {**data_identity, "batches_consumed": step, "seed": tc.seed}}
 
+    oc = config.optimizer
+    fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0)
     train_step = make_train_step(model, tx, lr_fn, pad_id=tokenizer.pad_id,
                                  vocab_chunk=tc.vocab_chunk, z_loss=tc.z_loss)
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
@@ -195,6 +199,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             while step < tc.steps and stop.signal is None:
                 batch_step, batch = next(batches)
                 assert batch_step == step, (batch_step, step)
+                if step == oc.fire_step:  # a data boundary: re-initialise once (SPECS §7)
+                    state = fire(state)
+                    bar.write(f"step {step}: FIRE re-initialised the hidden matrices "
+                              f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
                 state, step_metrics = train_step(state, batch)
                 step += 1
                 pending.append(step_metrics)

@@ -5,10 +5,14 @@ import json
 import os
 import signal
 
+import jax
 import pytest
 
 from nanochat_jax.data.loader import BatchSource
 from nanochat_jax.errors import CheckpointError, ConfigError
+from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.optim.fire import abstract_train_state, isometry_error
+from nanochat_jax.train.checkpoint import Checkpointer
 from nanochat_jax.train.trainer import train
 
 TB_TAGS = ("loss/total", "loss/ce", "training/entropy", "training/lr", "training/grad_norm",
@@ -112,3 +116,23 @@ def test_tiny_model_learns_the_real_rust_corpus(small_rust_config, tmp_path):
     train(c, str(tmp_path))
     evals = [r["eval/ce"] for r in _rows(tmp_path) if "eval/ce" in r]
     assert evals[-1] < 0.8 * evals[0], evals  # ln(1024) = 6.9 at init
+
+
+def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path):
+    """optimizer.fire_step reaches FIRE: with a negligible LR afterwards, the saved hidden
+    matrices are still isometries while the embedding is untouched."""
+    c = small_config
+    c.training.steps = 4
+    c.optimizer.fire_step = 3
+    c.optimizer.fire_iters = 60
+    c.optimizer.lr = 1e-12
+    c.optimizer.grad_clip = 0.0
+    train(c, str(tmp_path))
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), 4, 3)
+    state = ckpt.restore(4, abstract_train_state(c))
+    ckpt.close()
+    kernels = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+               if is_block_kernel(p, x)]
+    assert len(kernels) == 2 * 7
+    assert max(float(isometry_error(k)) for k in kernels) < 1e-3
+    assert float(isometry_error(state.params["embed"]["embedding"])) > 0.1

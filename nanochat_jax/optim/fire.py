@@ -1,0 +1,240 @@
+"""FIRE: re-initialise hidden matrices to their nearest scaled isometry (SPECS §7).
+
+"FIRE: Frobenius-Isometry Reinitialization for Balancing the Stability-Plasticity
+Tradeoff" (ICLR 2026). Applied once, at a data-distribution boundary (continual
+pre-training): every selected weight W is replaced by `sqrt(d_out / d_in) * polar(W)`, the
+closest matrix (Frobenius, Procrustes) whose singular values all equal `sqrt(d_out / d_in)`.
+
+Layout: Flax kernels are `[in, out]` (`y = x @ W`), so `d_in = W.shape[0]` and
+`d_out = W.shape[1]`. After convergence every singular value of W' is `c = sqrt(d_out/d_in)`,
+so the Gram matrix on the SHORT side is `c^2 I = (d_out / d_in) I`:
+
+    tall  [in, out], d_in >= d_out:  W'^T W' = (d_out/d_in) I_{d_out}   (SPECS' statement)
+    wide  [in, out], d_in <= d_out:  W' W'^T = (d_out/d_in) I_{d_in}
+
+(the long-side Gram is `c^2` times a rank-min(d_in, d_out) projector, not a multiple of I).
+The scale keeps activations' RMS: for a wide kernel `|x W'|^2 = (d_out/d_in) |x|^2` exactly,
+for a tall one on average over directions. In PyTorch's `[out, in]` layout the same matrix is
+W'^T, which is tall when d_out > d_in, and SPECS' `W^T W = (d_out/d_in) I (tall)` then reads
+`W'_flax W'_flax^T`: the statement holds for any layout as long as "tall" means rows >= cols
+of the matrix written.
+
+What is selected: by default `is_block_kernel`, the 2-D kernels inside transformer blocks
+(q, k, v, o separately; w1, w2, w3). The embedding, the LM head (tied or not) and the norms
+are left as they are: an embedding table is a lookup, not a linear map whose isometry
+matters, and leaving it alone avoids SPECS' tied-embedding pitfall.
+
+Optimizer state policy: the moments of every re-initialised leaf are reset to zero (Adam's
+mu and nu, Muon's momentum); everything else, including the step counts shared by all
+leaves, is kept. With the count kept, Adam's bias correction is ~1 for the reset leaves, so
+k steps after the reset their update is (1 - b1^k) / sqrt(1 - b2^k) times a settled one
+(for a steady gradient): with this project's b2 = 0.95 that is 0.45 at k = 1, 1.0 at k = 10
+and at most ~1.1 (a soft warm restart); with b2 = 0.999 it would be 3.2 at k = 1 and ~6.5 near
+k = 12, so lower the LR for a while if you FIRE an Adam run with a large b2. Muon's update
+is orthogonalised, so its scale does not depend on the momentum's. GaLore's projectors are
+kept (see `reset_moments`).
+
+    python -m nanochat_jax.optim.fire --workdir=RUN --out=NEW [--step=N] [--iters=10]
+
+restores RUN's latest (or step N) checkpoint, applies FIRE, and saves it at the same step
+in NEW/checkpoints; `python -m experiments.run --config=... --workdir=NEW` (the same config,
+more steps) then resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.model.transformer import is_block_kernel
+
+Select = Callable[[Any, jax.Array], bool]
+# Optimizer-state fields that mirror params but are not moments: reset_moments keeps them.
+NOT_MOMENTS = ("projectors",)  # nanochat_jax.optim.galore.GaLoreState
+_HIGHEST = jax.lax.Precision.HIGHEST  # TPU/GPU default f32 matmuls would stall at ~1e-3
+
+
+def nearest_isometry(w: jax.Array, iters: int = 10) -> jax.Array:
+    """`sqrt(d_out / d_in) * U V^T` for `w = U S V^T`: FIRE on one `[in, out]` kernel.
+
+    Cubic Newton-Schulz on `X = W / ||W||_F` in the tall orientation, `X <- 1.5 X -
+    0.5 X (X^T X)`, converges to the polar factor U V^T (FIRE, SPECS §7). The Frobenius
+    normalisation puts every singular value in (0, 1], where the iteration converges;
+    a singular value s/||W||_F grows ~1.5x per step while small, so iters must be about
+    log_1.5(||W||_F / s_min) + 5: ~15-25 for rectangular Gaussian matrices of width 32-64,
+    ~50 for square Gaussian ones. Singular values that are exactly 0 stay 0 (a zero or
+    rank-deficient matrix is not made an isometry). Computed in float32, returned in w's dtype.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"FIRE needs a 2-D [in, out] kernel, got shape {w.shape}; select "
+                         f"only matrices (see is_block_kernel)")
+    d_in, d_out = w.shape
+    x = w.astype(jnp.float32)
+    wide = d_in < d_out
+    if wide:
+        x = x.T  # tall orientation: [m, n], m >= n, so X^T X is the small [n, n] Gram
+    norm = jnp.linalg.norm(x)
+    x = x / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)  # a zero matrix stays zero
+
+    def newton_schulz(_, x):  # x: [m, n]
+        gram = jnp.matmul(x.T, x, precision=_HIGHEST)  # [n, n]
+        return 1.5 * x - 0.5 * jnp.matmul(x, gram, precision=_HIGHEST)
+
+    x = jax.lax.fori_loop(0, iters, newton_schulz, x)
+    if wide:
+        x = x.T
+    return (np.sqrt(d_out / d_in) * x).astype(w.dtype)
+
+
+def isometry_error(w: jax.Array) -> jax.Array:
+    """max |G - (d_out/d_in) I| for the short-side Gram G of an `[in, out]` kernel.
+
+    G = W^T W for tall kernels (d_in >= d_out), W W^T for wide ones; 0 for FIRE's output
+    at convergence (see the module docstring).
+    """
+    d_in, d_out = w.shape
+    w = w.astype(jnp.float32)
+    gram = jnp.matmul(w.T, w, precision=_HIGHEST) if d_in >= d_out else jnp.matmul(
+        w, w.T, precision=_HIGHEST)  # [min, min]
+    return jnp.max(jnp.abs(gram - (d_out / d_in) * jnp.eye(gram.shape[0])))
+
+
+def fire_params(params: Any, select: Select = is_block_kernel, iters: int = 10) -> Any:
+    """params with every leaf where `select(path, leaf)` replaced by its nearest isometry.
+
+    The FIRE re-initialisation (SPECS §7) of a whole model; other leaves are returned as is.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: nearest_isometry(x, iters) if select(path, x) else x, params)
+
+
+def reset_moments(opt_state: Any, params: Any, select: Select = is_block_kernel) -> Any:
+    """opt_state with the state of every selected param (Adam mu/nu, Muon momentum) zeroed.
+
+    FIRE moves the selected weights far from where their moments were gathered, so those
+    moments are reset (SPECS §7's default). A state subtree "mirrors" params when params'
+    tree structure is a prefix of it: Adam's mu and nu, Muon's momentum, and optax.partition
+    / masked states, whose non-participating leaves are `optax.MaskedNode` (no arrays, so
+    nothing to zero there). A selected position holding a subtree (a quantised state's
+    codes and scales) has all its arrays zeroed. State fields named in `NOT_MOMENTS` are
+    kept although they mirror params (GaLore's subspace bases: zeroed, they would stop the
+    leaf's updates until the next refresh). Everything else (counts, hyperparameters,
+    Newton-Schulz coefficients, states of unselected params) is returned unchanged.
+    """
+    leaves_with_path, params_def = jax.tree_util.tree_flatten_with_path(params)
+    chosen = [bool(select(path, leaf)) for path, leaf in leaves_with_path]
+
+    def mirrors(node) -> bool:
+        try:
+            params_def.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def reset(path, node):
+        if not mirrors(node) or any(getattr(k, "name", None) in NOT_MOMENTS for k in path):
+            return node
+        parts = params_def.flatten_up_to(node)
+        parts = [jax.tree.map(jnp.zeros_like, part) if c else part
+                 for part, c in zip(parts, chosen, strict=True)]
+        return params_def.unflatten(parts)
+
+    return jax.tree_util.tree_map_with_path(reset, opt_state, is_leaf=mirrors)
+
+
+def apply_fire(state: Any, iters: int = 10, select: Select = is_block_kernel) -> Any:
+    """The TrainState after FIRE: selected params re-initialised, their moments reset.
+
+    `step` and `rng` are kept, so the LR schedule and the data order continue where they were.
+    """
+    return state.replace(params=fire_params(state.params, select, iters),
+                         opt_state=reset_moments(state.opt_state, state.params, select))
+
+
+def abstract_train_state(config) -> Any:
+    """Shapes and dtypes of the TrainState `config` trains (nothing allocated)."""
+    from nanochat_jax.model import config as model_config
+    from nanochat_jax.model.transformer import Transformer
+    from nanochat_jax.optim.factory import build_optimizer
+    from nanochat_jax.train.state import init_train_state
+
+    mcfg = model_config.from_config_group(config.model)
+    tx, _ = build_optimizer(config.optimizer, config.training.steps)
+    return jax.eval_shape(
+        lambda: init_train_state(Transformer(mcfg), tx, config.training.seed, mcfg.seq_len))
+
+
+def fire_checkpoint(workdir: str, out: str, step: int | None = None, iters: int = 10
+                    ) -> dict[str, Any]:
+    """Apply FIRE to a run's checkpoint and save it, at the same step, as a new run in `out`.
+
+    Returns a summary: the step, the number of re-initialised leaves and the largest
+    isometry error (see `isometry_error`) among them.
+    """
+    from ml_collections import ConfigDict
+
+    from nanochat_jax.errors import CheckpointError
+    from nanochat_jax.train.checkpoint import Checkpointer
+
+    src_dir, dst_dir = os.path.join(workdir, "checkpoints"), os.path.join(out, "checkpoints")
+    if os.path.isdir(dst_dir) and os.listdir(dst_dir):
+        raise CheckpointError(f"{dst_dir} already holds checkpoints; choose a new --out")
+    if not os.path.isdir(src_dir):
+        raise CheckpointError(f"no checkpoints in {workdir}: train a run there first")
+    src = Checkpointer(src_dir, every=1, max_to_keep=None)
+    try:
+        step = src.latest_step() if step is None else step
+        if step is None or step not in src.manager.all_steps():
+            raise CheckpointError(f"no checkpoint at step {step} in {src_dir}; saved steps: "
+                                  f"{list(src.manager.all_steps())}")
+        meta = src.restore_meta(step)
+        config = ConfigDict(meta["config"])
+        state = src.restore(step, abstract_train_state(config))
+    finally:
+        src.close()
+
+    fired = jax.jit(apply_fire, static_argnames=("iters", "select"))(state, iters=iters)
+    errors = [float(isometry_error(x)) for path, x in
+              jax.tree_util.tree_flatten_with_path(fired.params)[0] if is_block_kernel(path, x)]
+    meta = {**meta, "fire": {"iters": iters, "from": os.path.abspath(workdir), "step": step}}
+    dst = Checkpointer(dst_dir, config.checkpoint.every, config.checkpoint.max_to_keep)
+    try:
+        dst.save(step, fired, meta, force=True)
+    finally:
+        dst.close()
+    return {"step": step, "leaves": len(errors), "max_isometry_error": max(errors, default=0.0)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="FIRE a run's checkpoint into a new workdir "
+                                            "(SPECS §7; see the module docstring).")
+    p.add_argument("--workdir", required=True, help="the run whose checkpoint to read")
+    p.add_argument("--out", required=True, help="new workdir to write the FIRE'd checkpoint to")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--iters", type=int, default=10, help="Newton-Schulz iterations")
+    a = p.parse_args(argv)
+    from nanochat_jax.errors import NanochatError
+
+    try:
+        s = fire_checkpoint(a.workdir, a.out, a.step, a.iters)
+    except NanochatError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"FIRE ({a.iters} iterations) on {a.workdir} step {s['step']}: {s['leaves']} "
+          f"matrices re-initialised, max |G - (d_out/d_in) I| = {s['max_isometry_error']:.2e}; "
+          f"their optimizer moments reset")
+    if s["max_isometry_error"] > 1e-3:
+        print(f"note: not yet an isometry after {a.iters} iterations (small singular values "
+              f"grow ~1.5x per iteration); raise --iters (square matrices need ~50)")
+    print(f"wrote {os.path.join(a.out, 'checkpoints', str(s['step']))}; train with "
+          f"--workdir={a.out} to continue from it")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
