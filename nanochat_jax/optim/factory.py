@@ -7,8 +7,8 @@ blocks) and everything else (embedding, LM head, norms) form two groups:
 |---|---|---|
 | adamw | AdamW (lr) | AdamW (lr) |
 | lion | Lion (lr), masked decay | Lion (lr) |
-| muon | Muon (lr), `optax.contrib.muon` | its AdamW branch (adam_lr) |
-| muon_8bit | as muon, every state >= state_min_size stored as blockwise int8 | same |
+| muon | Muon (lr), `optax.contrib.muon` | AdamW (adam_lr) |
+| muon_8bit | as muon, momentum >= state_min_size stored as blockwise int8 | AdamW (fp32) |
 | galore2 | GaLore 2 (rank-r Adam, lr, scale galore_scale) | AdamW (adam_lr) |
 | galore2_muon_8bit | GaLore 2 with an 8-bit Muon inner (lr) | AdamW (adam_lr) |
 
@@ -41,19 +41,6 @@ def matrix_labels(params) -> Any:
     """'matrix' for hidden matrices, 'other' for every other leaf: the two groups."""
     return jax.tree_util.tree_map_with_path(
         lambda p, x: "matrix" if is_block_kernel(p, x) else "other", params)
-
-
-def muon_labels(params) -> Any:
-    """'muon' for hidden matrices, 'adam' for every other leaf (same tree as params)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: "muon" if is_block_kernel(p, x) else "adam", params)
-
-
-def _muon_dimension_numbers(params):
-    """Flax `[in, out]` kernels reduce over axis 0; None sends a leaf to the AdamW branch."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: MuonDimensionNumbers(reduction_axis=0, output_axis=1)
-        if is_block_kernel(p, x) else None, params)
 
 
 def _decay_mask(params):
@@ -91,15 +78,27 @@ def lr_schedule(cfg: Mapping[str, Any], total_steps: int) -> tuple[Schedule, Sch
     return lr_two_stage, wd_two_stage
 
 
-def _muon(cfg, lr, adam_lr, wd) -> optax.GradientTransformation:
-    return optax.inject_hyperparams(
+def _every_matrix(tree):
+    """Muon dimension numbers for every leaf of a tree of `[in, out]` matrices (optax 0.2.8's
+    default, None, fails on a plain dict)."""
+    return jax.tree.map(lambda _: MuonDimensionNumbers(reduction_axis=0, output_axis=1), tree)
+
+
+def _hybrid_muon(cfg, lr, adam_lr, wd, *, quantize: bool) -> optax.GradientTransformation:
+    """Muon (`optax.contrib.muon`) on the hidden matrices, optionally with 8-bit states;
+    AdamW (adam_lr, no decay) on the embedding, head and norms, whose states stay fp32:
+    linear int8 codes zero Adam's small second moments and blow up the update."""
+    matrices = optax.inject_hyperparams(
         optax.contrib.muon,
         static_args=("ns_steps", "muon_weight_dimension_numbers", "consistent_rms"))(
         learning_rate=lr, beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]),
-        eps=cfg["eps"], weight_decay=wd, adam_learning_rate=adam_lr,
-        adam_b1=cfg["b1"], adam_b2=cfg["b2"], adam_weight_decay=0.0,
-        muon_weight_dimension_numbers=_muon_dimension_numbers,
+        eps=cfg["eps"], weight_decay=wd, muon_weight_dimension_numbers=_every_matrix,
         consistent_rms=cfg["consistent_rms"])
+    if quantize:
+        matrices = _quantized(cfg, matrices)
+    other = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=adam_lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=0.0)
+    return optax.partition({"matrix": matrices, "other": other}, matrix_labels)
 
 
 def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -148,21 +147,15 @@ def build_optimizer(cfg: Mapping[str, Any], total_steps: int
     elif name == "lion":
         tx = optax.inject_hyperparams(optax.lion, static_args=("mask",))(
             learning_rate=lr, b1=cfg["b1"], b2=cfg["b2"], weight_decay=wd, mask=_decay_mask)
-    elif name == "muon":
-        tx = _muon(cfg, lr, adam_lr, wd)
-    elif name == "muon_8bit":
-        tx = _quantized(cfg, _muon(cfg, lr, adam_lr, wd))
+    elif name in ("muon", "muon_8bit"):
+        tx = _hybrid_muon(cfg, lr, adam_lr, wd, quantize=name == "muon_8bit")
     elif name == "galore2":
         inner = optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"])
         tx = _galore2(cfg, lr, adam_lr, wd, inner)
     elif name == "galore2_muon_8bit":
-        # every (projected, 2-D) leaf is orthogonalised; optax 0.2.8's default (None)
-        # dimension numbers fail on a plain dict, hence the explicit callable
-        every_matrix = lambda tree: jax.tree.map(
-            lambda _: MuonDimensionNumbers(reduction_axis=0, output_axis=1), tree)
         inner = _quantized(cfg, optax.contrib.scale_by_muon(
             beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]), eps=cfg["eps"],
-            weight_dimension_numbers=every_matrix))
+            weight_dimension_numbers=_every_matrix))
         tx = _galore2(cfg, lr, adam_lr, wd, inner)
     else:
         raise ConfigError(f"unknown optimizer.name {name!r}: choose one of {', '.join(OPTIMIZERS)}")
