@@ -120,7 +120,9 @@ def quantize_states(inner: optax.GradientTransformation, *, block_size: int = 25
     SPECS §4 / "Effective Quantization of Muon Optimizer States" (2025): 8-bit Muon matches
     fp32 Muon in loss with ~1 byte per param of state. Each `update` dequantises, runs
     `inner.update`, and re-quantises; the quantisation error is not fed back (no error
-    feedback, as in bitsandbytes' 8-bit optimizers).
+    feedback, as in bitsandbytes' 8-bit optimizers). Do not use the linear map for Adam's
+    second moment: its small entries decode to 0 and `m / sqrt(v)` explodes (a tiny-model
+    run diverged); wrap only momentum-like states, or pass `dynamic=True`.
     """
     inner = optax.with_extra_args_support(inner)
     quantize_ = lambda tree: quantize_tree(tree, block_size=block_size, min_size=min_size,
