@@ -11,7 +11,6 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from optax.contrib import MuonDimensionNumbers
 
-from experiments.configs import tiny
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer, is_block_kernel
 from nanochat_jax.optim import fire
@@ -127,16 +126,9 @@ def test_reset_moments_zeroes_exactly_the_moments_of_reinitialised_leaves(name):
     assert counts and all(int(c) == 1 for c in counts)
 
 
-def test_command_fires_a_checkpoint_into_a_new_run_that_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path / "cache"))
-    c = tiny.get_config()
-    c.model.n_layers = 2
-    c.model.seq_len = 32
-    c.data.max_bytes = 300_000
-    c.data.batch_size = 4
+def test_command_fires_a_checkpoint_into_a_new_run_that_resumes(small_config, tmp_path, capsys):
+    c = small_config
     c.training.steps = 2
-    c.training.peak_flops = 1e11
-    c.training.eval_batches = 1
     run, out = tmp_path / "run", tmp_path / "fired"
     train(c, str(run))
 
