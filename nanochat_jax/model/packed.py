@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.model.transformer import is_block_kernel, path_names
 from nanochat_jax.ternary.packing import PackedTernary, pack
 
 
@@ -27,7 +27,7 @@ def pack_params(params: dict) -> dict[str, Any]:
         tree[path[-1]] = value
 
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        keys = path_names(path)
         if is_block_kernel(path, leaf):
             place(packed, keys, jax.jit(pack)(leaf))
         else:

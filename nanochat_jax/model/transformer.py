@@ -10,11 +10,15 @@ from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.layers import Attention, FeedForward
 
 
+def path_names(path) -> tuple[str, ...]:
+    """A jax.tree_util key path as plain names: ('block_0', 'attn', 'q', 'kernel')."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def is_block_kernel(path, leaf) -> bool:
     """True for a 2-D kernel inside a transformer block: exactly the BitLinear weights
     (not the embedding, the LM head, or a norm). `path` is a jax.tree_util key path."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    return leaf.ndim == 2 and any(n.startswith("block_") for n in names)
+    return leaf.ndim == 2 and any(n.startswith("block_") for n in path_names(path))
 
 
 class Block(nn.Module):

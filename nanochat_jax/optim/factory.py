@@ -30,6 +30,8 @@ from optax.contrib import MuonDimensionNumbers
 
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.optim.galore import galore
+from nanochat_jax.optim.quantized import quantize_states
 
 OPTIMIZERS = ("adamw", "lion", "muon", "muon_8bit", "galore2", "galore2_muon_8bit")
 SCHEDULES = ("constant", "linear", "cosine", "bitnet")
@@ -102,16 +104,12 @@ def _hybrid_muon(cfg, lr, adam_lr, wd, *, quantize: bool) -> optax.GradientTrans
 
 
 def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    from nanochat_jax.optim.quantized import quantize_states
-
     return quantize_states(inner, block_size=int(cfg["state_block_size"]),
                            min_size=int(cfg["state_min_size"]))
 
 
 def _galore_matrices(learning_rate, weight_decay, *, inner, cfg) -> optax.GradientTransformation:
     """GaLore 2 on the hidden matrices: project, inner step, back-project, decay, lr."""
-    from nanochat_jax.optim.galore import galore
-
     return optax.chain(
         galore(inner, rank=int(cfg["galore_rank"]), update_every=int(cfg["galore_update_every"]),
                scale=float(cfg["galore_scale"]), svd=cfg["galore_svd"]),

@@ -138,13 +138,3 @@ def quantize_states(inner: optax.GradientTransformation, *, block_size: int = 25
         return updates, quantize_(new_state)
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def state_bytes(state) -> int:
-    """Bytes held by all array leaves of an optimizer state (int8 codes count 1 byte each).
-
-    Works on concrete arrays and on `jax.eval_shape` outputs (ShapeDtypeStruct leaves).
-    """
-    leaves = jax.tree.leaves(state)
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves
-               if hasattr(x, "shape") and hasattr(x, "dtype"))

@@ -15,8 +15,8 @@ from nanochat_jax.optim.quantized import (
     dequantize_tree,
     quantize,
     quantize_states,
-    state_bytes,
 )
+from nanochat_jax.train.metrics import tree_bytes
 
 BLOCK = 256
 
@@ -166,11 +166,11 @@ def test_quantized_adam_state_bytes_match_the_formula():
     params = {"w": jnp.zeros((1024, 1024))}
     fp32 = jax.jit(optax.adam(1e-3).init)(params)
     q8 = jax.jit(quantize_states(optax.adam(1e-3)).init)(params)
-    assert state_bytes(fp32) == 2 * 4 * n + 4
-    assert state_bytes(q8) == 2 * (n + 4 * n // BLOCK) + 4
-    assert state_bytes(q8) / n == pytest.approx(2.03125, abs=1e-5)
-    assert state_bytes(jax.eval_shape(quantize_states(optax.adam(1e-3)).init, params)) \
-        == state_bytes(q8)
+    assert tree_bytes(fp32) == 2 * 4 * n + 4
+    assert tree_bytes(q8) == 2 * (n + 4 * n // BLOCK) + 4
+    assert tree_bytes(q8) / n == pytest.approx(2.03125, abs=1e-5)
+    assert tree_bytes(jax.eval_shape(quantize_states(optax.adam(1e-3)).init, params)) \
+        == tree_bytes(q8)
 
 
 def test_update_is_inner_update_on_the_dequantized_state():
