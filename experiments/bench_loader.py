@@ -23,7 +23,7 @@ from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import make_train_step
+from nanochat_jax.train.step import build_objective, make_train_step
 from nanochat_jax.train.trainer import open_data
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     config = load_config(args.config)
-    mcfg = model_config.from_config_group(config.model)
+    mcfg = model_config.from_run_config(config)
     corpus, train_data, _ = open_data(config, mcfg.seq_len)
     tokens = config.data.batch_size * mcfg.seq_len
     n = args.steps
@@ -50,8 +50,7 @@ def main() -> None:
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
     state = init_train_state(model, tx, 0, mcfg.seq_len)
-    step = make_train_step(model, tx, lr_fn, pad_id=corpus.tokenizer.pad_id,
-                           vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss)
+    step = make_train_step(model, tx, lr_fn, build_objective(config, corpus.tokenizer.pad_id))
     fixed = jax.device_put(train_data.batch(0))
     state, m = step(state, fixed)  # compile
     jax.block_until_ready(m)

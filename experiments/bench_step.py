@@ -11,6 +11,7 @@ against a measured matmul peak, and the step-time ratio to dense. Also written a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -26,17 +27,16 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import make_train_step
+from nanochat_jax.train.step import build_objective, make_train_step
 
 
 def _variant(config, ternary: bool, impl: str):
-    mcfg = model_config.from_config_group({**config.model.to_dict(), "ternary": ternary,
-                                           "ternary_impl": impl})
+    mcfg = dataclasses.replace(model_config.from_run_config(config), ternary=ternary,
+                               ternary_impl=impl)
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
     state = init_train_state(model, tx, 0, mcfg.seq_len)
-    step = make_train_step(model, tx, lr_fn, pad_id=-1, vocab_chunk=config.training.vocab_chunk,
-                           z_loss=config.training.z_loss)
+    step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=-1))
     return mcfg, state, step
 
 

@@ -1,16 +1,26 @@
-"""Token cross-entropy computed over vocabulary chunks, with optional z-loss.
+"""The training objective: chunked token cross-entropy, z-loss, MTP and LoopLM losses.
 
 The LM head is applied inside the loss, one `[N, chunk]` slab of logits at a time, with an
 online logsumexp (running max, running sum of exp). The scan body is rematerialised
 (`jax.checkpoint`), so neither forward nor backward ever holds all `[B, T, V]` logits.
+`lm_objective` runs every loop step and MTP depth through one such pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from nanochat_jax.model.hyper import composite_gain
+from nanochat_jax.model.loop import exit_distribution, exit_entropy
+from nanochat_jax.model.mtp import shift_left
+from nanochat_jax.model.transformer import ModelOutput
+
+Schedule = Callable[[jax.Array], jax.Array]
 
 
 class LossOutput(NamedTuple):
@@ -18,6 +28,8 @@ class LossOutput(NamedTuple):
     ce: jax.Array  # scalar: mean CE over unmasked tokens (nats)
     entropy: jax.Array  # scalar: mean entropy of the predicted distribution (no gradient)
     token_ce: jax.Array  # [B, T] per-token CE (zero where masked)
+    token_lse: jax.Array  # [B, T] per-token logsumexp of the logits (for the z-loss)
+    token_entropy: jax.Array  # [B, T] per-token predictive entropy (no gradient)
 
 
 class _Carry(NamedTuple):
@@ -79,7 +91,8 @@ def chunked_cross_entropy(
     mean = lambda x: jnp.sum(x * m) / denom
     ce = mean(token_ce)
     loss = ce + z_loss * mean(jnp.square(lse)) if z_loss else ce
-    return LossOutput(loss, ce, mean(entropy), (token_ce * m).reshape(b, t))
+    return LossOutput(loss, ce, mean(entropy), (token_ce * m).reshape(b, t), lse.reshape(b, t),
+                      entropy.reshape(b, t))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None):
@@ -88,3 +101,84 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     m = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
     return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over the positions where mask is true (0 when there are none)."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _zero(step):
+    return jnp.zeros((), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the train step minimises; the weights are schedules of the step (optax style)."""
+
+    pad_id: int  # PAD targets are masked; also fills MTP targets past the sequence end
+    vocab_chunk: int = 8192
+    z_loss: float = 0.0
+    mtp_weight: Schedule = _zero  # lambda: L += lambda * mean_k L_mtp_k  (SPECS §8)
+    loop_entropy: Schedule = _zero  # beta: L_loop = sum_t p(t) L(t) - beta H(p)  (SPECS §9)
+
+
+def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Objective,
+                 step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    """(scalar loss, metrics, per-token loss [B, T] zero where masked) of one forward pass.
+
+    - Next-token CE of the last loop (`loss/ce`, comparable across every configuration).
+    - Looped (S > 1): the per-token expected CE under the exit distribution minus
+      beta * its entropy replaces the plain CE (`loss/loop_exit`, `loop/mean_exit_step`).
+    - MTP depth k: CE against targets shifted k further, masked past the sequence end and
+      averaged over its own valid tokens; `lambda / M * sum_k` is added (`loss/mtp`).
+    - z-loss on the last loop's logsumexp; mHC composite gains as metrics.
+    """
+    s = out.hidden.shape[0]
+    depth = 0 if out.mtp_hidden is None else out.mtp_hidden.shape[0]
+    rows, tgts, masks = [out.hidden], [targets] * s, [mask] * s
+    if depth:
+        rows.append(out.mtp_hidden)
+        tgts += [shift_left(targets, k, obj.pad_id) for k in range(1, depth + 1)]
+        masks += [shift_left(mask, k, False) for k in range(1, depth + 1)]
+    hidden = jnp.concatenate(rows)  # [R, B, T, D], R = S + M
+    r, b, t, d = hidden.shape
+    ce = chunked_cross_entropy(hidden.reshape(r * b, t, d), out.head,
+                               jnp.stack(tgts).reshape(r * b, t),
+                               jnp.stack(masks).reshape(r * b, t), chunk_size=obj.vocab_chunk)
+    token_ce = ce.token_ce.reshape(r, b, t)
+    last = s - 1
+    mean = lambda x: masked_mean(x, mask)
+    metrics = {"loss/ce": mean(token_ce[last]),
+               "training/entropy": mean(ce.token_entropy.reshape(r, b, t)[last])}
+    token_loss = token_ce[last]
+    if s > 1:
+        p = exit_distribution(out.exit_logits)  # [S, B, T]
+        expected = jnp.sum(p * token_ce[:s], axis=0)
+        entropy = exit_entropy(p)
+        beta = obj.loop_entropy(step)
+        token_loss = expected - beta * entropy
+        metrics.update({"loss/loop_exit": mean(expected),
+                        "loop/mean_exit_step": mean(jnp.tensordot(jnp.arange(1.0, s + 1), p, 1)),
+                        "loop/exit_entropy": mean(entropy),
+                        "loop/entropy_weight": jnp.asarray(beta, jnp.float32)})
+        for i in range(s):
+            metrics[f"loop/ce/step{i + 1}"] = mean(token_ce[i])
+            metrics[f"loop/hidden_rms/step{i + 1}"] = out.loop_rms[i]
+    loss = mean(token_loss)
+    if depth:
+        per_depth = jnp.stack([masked_mean(token_ce[s + k], masks[s + k]) for k in range(depth)])
+        weight = obj.mtp_weight(step)
+        loss = loss + weight * jnp.mean(per_depth)
+        metrics.update({"loss/mtp": jnp.mean(per_depth),
+                        "loss/mtp_weight": jnp.asarray(weight, jnp.float32)})
+        metrics.update({f"loss/mtp/depth{k + 1}": per_depth[k] for k in range(depth)})
+    if obj.z_loss:
+        loss = loss + obj.z_loss * mean(jnp.square(ce.token_lse.reshape(r, b, t)[last]))
+    if out.res_maps is not None:
+        forward_gain, backward_gain = composite_gain(out.res_maps)
+        metrics.update({"mhc/composite_gain": backward_gain,
+                        "mhc/composite_gain_forward": forward_gain})
+    metrics["loss/total"] = loss
+    return loss, metrics, token_loss * mask

@@ -83,6 +83,32 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.stage2_at = 0.5  # bitnet: fraction of steps where LR drops and decay stops
     c.optimizer.stage2_lr_ratio = 2 / 3  # bitnet: 1.5e-3 -> 1e-3 as in the BitNet FAQ
 
+    # model/mtp.py + losses.py: multi-token prediction (SPECS §8). Depth k predicts token
+    # t+k+1; the loss adds weight * mean_k L_k, weight -> weight_final at switch_at x steps.
+    c.mtp = config_dict.ConfigDict()
+    c.mtp.enabled = False
+    c.mtp.kind = "sequential"  # sequential (DeepSeek-V3 modules) or parallel (Gloeckle heads)
+    c.mtp.depth = 1
+    c.mtp.weight = 0.3  # DeepSeek-V3: 0.3 for the first 10T of 14.8T tokens, then 0.1
+    c.mtp.weight_final = 0.1
+    c.mtp.switch_at = 0.68
+
+    # model/loop.py + losses.py: LoopLM (SPECS §9). The block stack runs max_loops times
+    # with shared weights; loss = E_p(t)[CE_t] - entropy * H(p), entropy -> entropy_final.
+    c.loop = config_dict.ConfigDict()
+    c.loop.enabled = False
+    c.loop.max_loops = 4  # Ouro: 4 (8 was unstable)
+    c.loop.entropy = 0.1  # the coefficient beta (Ouro: 0.1, then 0.05)
+    c.loop.entropy_final = 0.05
+    c.loop.switch_at = 0.5
+
+    # model/hyper.py: mHC (SPECS §10), the residual stream widened to `streams` copies.
+    c.mhc = config_dict.ConfigDict()
+    c.mhc.enabled = False
+    c.mhc.streams = 4
+    c.mhc.sinkhorn_iters = 20
+    c.mhc.dynamic = True  # input-dependent maps; False: static learned maps
+
     # train/checkpoint.py
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 500

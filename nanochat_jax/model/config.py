@@ -13,6 +13,7 @@ from typing import Any
 from nanochat_jax.errors import ConfigError
 
 TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
+MTP_KINDS = ("sequential", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,18 @@ class ModelConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Multi-token prediction (SPECS §8): `mtp_depth` extra future tokens, predicted by
+    # DeepSeek-V3 "sequential" modules or Gloeckle et al. "parallel" heads; 0 = off.
+    mtp_depth: int = 0
+    mtp_kind: str = "sequential"
+    # LoopLM (SPECS §9): the block stack applied `loops` times with shared weights and an
+    # exit gate after every loop; 1 = the plain stack.
+    loops: int = 1
+    # mHC (SPECS §10): residual stream widened to `mhc_streams` copies mixed by
+    # Sinkhorn-projected maps; 0 = the plain residual.
+    mhc_streams: int = 0
+    mhc_sinkhorn_iters: int = 20
+    mhc_dynamic: bool = True  # input-dependent maps; False: static (learned constants)
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -50,6 +63,14 @@ class ModelConfig:
         if self.ternary_impl not in TERNARY_IMPLS:
             raise ConfigError(f"unknown model.ternary_impl {self.ternary_impl!r}: choose one "
                               f"of {', '.join(TERNARY_IMPLS)}")
+        for name in ("mtp_depth", "mhc_streams", "mhc_sinkhorn_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.loops < 1:
+            raise ConfigError(f"the loop count must be >= 1, got {self.loops}")
+        if self.mtp_kind not in MTP_KINDS:
+            raise ConfigError(f"unknown MTP kind {self.mtp_kind!r}: choose one of "
+                              f"{', '.join(MTP_KINDS)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
@@ -95,9 +116,18 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def from_config_group(group: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from the run config's `model` group (`preset` + optional overrides)."""
-    fields = dict(group)
+def from_run_config(config: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig of a whole run config: the `model` group plus the architecture parts of
+    the `mtp`, `loop` and `mhc` groups where they are enabled."""
+    fields = dict(config["model"])
+    mtp, loop, mhc = (config.get(name) for name in ("mtp", "loop", "mhc"))
+    if mtp and mtp["enabled"]:
+        fields.update(mtp_depth=mtp["depth"], mtp_kind=mtp["kind"])
+    if loop and loop["enabled"]:
+        fields.update(loops=loop["max_loops"])
+    if mhc and mhc["enabled"]:
+        fields.update(mhc_streams=mhc["streams"], mhc_sinkhorn_iters=mhc["sinkhorn_iters"],
+                      mhc_dynamic=mhc["dynamic"])
     return model_config(fields.pop("preset"), **fields)
 
 

@@ -1,13 +1,23 @@
-"""The BitNet b1.58 decoder: pre-norm blocks, full-precision embedding and LM head."""
+"""The BitNet b1.58 decoder: embedding, a (possibly looped) block stack, MTP modules, LM head.
+
+`forward` returns everything the training objective needs (`ModelOutput`);
+`hidden_and_head` and `__call__` give the next-token prediction for evaluation and inference.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.errors import ConfigError
+from nanochat_jax.model.block import Block
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.layers import Attention, FeedForward
+from nanochat_jax.model.loop import early_exit_step
+from nanochat_jax.model.mtp import MTPModule, shift_left
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -16,28 +26,32 @@ def path_names(path) -> tuple[str, ...]:
 
 
 def is_block_kernel(path, leaf) -> bool:
-    """True for a 2-D kernel inside a transformer block: exactly the BitLinear weights
-    (not the embedding, the LM head, or a norm). `path` is a jax.tree_util key path."""
-    return leaf.ndim == 2 and any(n.startswith("block_") for n in path_names(path))
+    """True exactly for the BitLinear weights: 2-D `kernel`s inside transformer blocks or MTP
+    modules (not the embedding, LM head, exit gate, norms or mHC maps). `path` is a
+    jax.tree_util key path."""
+    names = path_names(path)
+    return (leaf.ndim == 2 and names[-1] == "kernel"
+            and any(n.startswith(("block_", "mtp_")) for n in names))
 
 
-class Block(nn.Module):
-    """h = x + Attn(attn_norm(x)); out = h + FFN(ffn_norm(h))  (BitNet b1.58 2B4T block)."""
+class ModelOutput(NamedTuple):
+    """What one forward pass gives the training objective. S = loops, M = MTP depth."""
 
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D]
-        eps = self.cfg.norm_eps
-        x = x + Attention(self.cfg, name="attn")(nn.RMSNorm(epsilon=eps, name="attn_norm")(x))
-        return x + FeedForward(self.cfg, name="ffn")(nn.RMSNorm(epsilon=eps, name="ffn_norm")(x))
+    hidden: jax.Array  # [S, B, T, D] final-normed hidden state after each loop
+    head: jax.Array  # [D, V] LM head weight (shared by every loop and MTP depth)
+    loop_rms: jax.Array  # [S] RMS of the residual stream after each loop (before norms)
+    exit_logits: jax.Array | None  # [S-1, B, T] exit-gate logits after loops 1..S-1
+    mtp_hidden: jax.Array | None  # [M, B, T, D] normed hidden of depth k (predicts t+k+1)
+    res_maps: jax.Array | None  # [2 L S, B, T, n, n] every mHC H_res in depth order
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. `__call__` gives logits; `hidden_and_head` feeds the chunked loss.
+    """Decoder-only LM.
 
-    Params: `embed/embedding [V, D]`, `block_{i}/...`, `final_norm/scale [D]`, and
-    `lm_head [D, V]` unless `tie_embeddings` (then the head is `embedding.T`).
+    Params: `embed/embedding [V, D]`, `block_{i}/...`, `final_norm/scale [D]`, `lm_head [D, V]`
+    unless `tie_embeddings` (then the head is `embedding.T`); with loops > 1 also
+    `loop_norm` (RMSNorm between loops) and `exit_gate` (Dense D -> 1); with MTP
+    `mtp_{k}/...` for k = 0 .. depth-1.
     """
 
     cfg: ModelConfig
@@ -46,21 +60,72 @@ class Transformer(nn.Module):
         c = self.cfg
         self.embed = nn.Embed(c.vocab_size, c.d_model,
                               embedding_init=nn.initializers.normal(c.init_std))
-        self.blocks = [Block(c, name=f"block_{i}") for i in range(c.n_layers)]
+        self.blocks = [Block(c, i, name=f"block_{i}") for i in range(c.n_layers)]
         self.final_norm = nn.RMSNorm(epsilon=c.norm_eps)
         if not c.tie_embeddings:
             self.lm_head = self.param("lm_head", nn.initializers.normal(c.init_std),
                                       (c.d_model, c.vocab_size), jnp.float32)
+        if c.loops > 1:
+            self.loop_norm = nn.RMSNorm(epsilon=c.norm_eps)
+            self.exit_gate = nn.Dense(1, kernel_init=nn.initializers.normal(c.init_std))
+        plain = dataclasses.replace(c, mhc_streams=0)
+        self.mtp = [MTPModule(plain, name=f"mtp_{k}") for k in range(c.mtp_depth)]
 
-    def hidden_and_head(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens [B, T] int -> (final hidden [B, T, D], head weight [D, V])."""
+    def _head(self) -> jax.Array:
+        return self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
+
+    def forward(self, tokens: jax.Array, loops: int | None = None, with_mtp: bool = True
+                ) -> ModelOutput:
+        """tokens [B, T] int -> ModelOutput; `loops` runs fewer loops than configured;
+        `with_mtp=False` skips the MTP modules (inference)."""
+        c = self.cfg
+        n_loops = c.loops if loops is None else loops
+        if not 1 <= n_loops <= c.loops:
+            raise ConfigError(f"loops must be in 1..{c.loops} for this model, got {n_loops}")
         x = self.embed(tokens)  # [B, T, D]
-        for block in self.blocks:
-            x = block(x)
-        head = self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
-        return self.final_norm(x), head
+        if c.mhc_streams:
+            x = jnp.repeat(x[:, :, None, :], c.mhc_streams, axis=2)  # [B, T, n, D]
+        hidden, gates, rms, maps = [], [], [], []
+        for t in range(n_loops):
+            if t:
+                x = self.loop_norm(x)  # hidden norms grow across loops (SPECS §9)
+            for block in self.blocks:
+                x, res = block(x)
+                maps.append(res)
+            flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, T, D]
+            rms.append(jnp.sqrt(jnp.mean(jnp.square(flat.astype(jnp.float32)))))
+            hidden.append(self.final_norm(flat))
+            if t < n_loops - 1:
+                gates.append(self.exit_gate(hidden[-1])[..., 0])  # [B, T]
+        mtp_hidden = []
+        h = flat  # the trunk's last residual state h_0
+        for k, module in enumerate(self.mtp if with_mtp else [], start=1):
+            if c.mtp_kind == "sequential":
+                h, normed = module(h, self.embed(shift_left(tokens, k)))
+            else:
+                _, normed = module(flat)
+            mtp_hidden.append(normed)
+        stack = lambda xs: jnp.stack(xs) if xs else None
+        return ModelOutput(hidden=jnp.stack(hidden), head=self._head(), loop_rms=jnp.stack(rms),
+                           exit_logits=stack(gates), mtp_hidden=stack(mtp_hidden),
+                           res_maps=jnp.concatenate(maps) if c.mhc_streams else None)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def hidden_and_head(self, tokens: jax.Array, loops: int | None = None,
+                        exit_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:
+        """tokens [B, T] int -> (final hidden [B, T, D], head weight [D, V]).
+
+        Looped models use the last of `loops` loops, or with `exit_threshold` q each token's
+        first loop whose exit CDF reaches q (SPECS §9 adaptive exit).
+        """
+        out = self.forward(tokens, loops, with_mtp=self.is_initializing())  # init: every param
+        if exit_threshold is None or out.exit_logits is None:
+            return out.hidden[-1], out.head
+        step = early_exit_step(out.exit_logits, exit_threshold)  # [B, T]
+        chosen = jnp.take_along_axis(out.hidden, step[None, :, :, None], axis=0)[0]
+        return chosen, out.head
+
+    def __call__(self, tokens: jax.Array, loops: int | None = None,
+                 exit_threshold: float | None = None) -> jax.Array:
         """tokens [B, T] -> logits [B, T, V] (materialises all logits: use for small inputs)."""
-        h, head = self.hidden_and_head(tokens)
+        h, head = self.hidden_and_head(tokens, loops, exit_threshold)
         return jnp.dot(h, head.astype(h.dtype))

@@ -165,7 +165,7 @@ def abstract_train_state(config) -> Any:
     from nanochat_jax.optim.factory import build_optimizer
     from nanochat_jax.train.state import init_train_state
 
-    mcfg = model_config.from_config_group(config.model)
+    mcfg = model_config.from_run_config(config)
     tx, _ = build_optimizer(config.optimizer, config.training.steps)
     return jax.eval_shape(
         lambda: init_train_state(Transformer(mcfg), tx, config.training.seed, mcfg.seq_len))

@@ -46,7 +46,7 @@ def _partition_groups(state) -> dict[str, int]:
 
 def state_memory(config) -> dict:
     """{'params', 'params_bytes', 'opt_state_bytes', 'bytes_per_param', 'groups'} for a config."""
-    mcfg = model_config.from_config_group(config.model)
+    mcfg = model_config.from_run_config(config)
     model = Transformer(mcfg)
     tx, _ = build_optimizer(config.optimizer, config.training.steps)
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nanochat_jax.losses import chunked_cross_entropy
+from nanochat_jax.losses import Objective, chunked_cross_entropy, lm_objective
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.state import TrainState
 
@@ -24,31 +24,43 @@ def _split(tokens: jax.Array, pad_id: int):
     return inputs, targets, targets != pad_id
 
 
+def build_objective(config, pad_id: int) -> Objective:
+    """The Objective of a run config: z-loss, and the MTP weight and LoopLM entropy weight
+    as two-stage schedules (value, then value_final from `switch_at` x steps on)."""
+    steps = config.training.steps
+
+    def two_stage(value: float, final: float, switch_at: float) -> Callable:
+        return optax.join_schedules(
+            [optax.constant_schedule(value), optax.constant_schedule(final)],
+            [int(switch_at * steps)])
+
+    mtp, loop = config.get("mtp"), config.get("loop")
+    return Objective(
+        pad_id=pad_id, vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss,
+        **({"mtp_weight": two_stage(mtp.weight, mtp.weight_final, mtp.switch_at)}
+           if mtp and mtp.enabled else {}),
+        **({"loop_entropy": two_stage(loop.entropy, loop.entropy_final, loop.switch_at)}
+           if loop and loop.enabled else {}))
+
+
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
-                    lr_fn: Callable, *, pad_id: int, vocab_chunk: int, z_loss: float
+                    lr_fn: Callable, objective: Objective
                     ) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, tokens) -> (new state, metrics); the state buffers are donated."""
 
     def train_step(state: TrainState, tokens: jax.Array):
-        inputs, targets, mask = _split(tokens, pad_id)
+        inputs, targets, mask = _split(tokens, objective.pad_id)
 
         def loss_fn(params):
-            hidden, head = model.apply({"params": params}, inputs,
-                                       method=Transformer.hidden_and_head)
-            out = chunked_cross_entropy(hidden, head, targets, mask,
-                                        chunk_size=vocab_chunk, z_loss=z_loss)
-            return out.loss, out
+            out = model.apply({"params": params}, inputs, method=Transformer.forward)
+            loss, metrics, _ = lm_objective(out, targets, mask, objective, state.step)
+            return loss, metrics
 
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss/total": loss,
-            "loss/ce": out.ce,
-            "training/entropy": out.entropy,
-            "training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
-            "training/grad_norm": optax.tree.norm(grads),
-        }
+        metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
+                        "training/grad_norm": optax.tree.norm(grads)})
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(train_step, donate_argnums=0)

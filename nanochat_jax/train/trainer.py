@@ -33,7 +33,7 @@ from nanochat_jax.optim.fire import apply_fire
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train.checkpoint import Checkpointer
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import make_eval_step, make_train_step
+from nanochat_jax.train.step import build_objective, make_eval_step, make_train_step
 
 
 class _StopFlag:
@@ -136,7 +136,7 @@ def _eval(eval_step, params, batches: BatchSource, n_batches: int) -> dict[str, 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics."""
-    mcfg = model_config.from_config_group(config.model)
+    mcfg = model_config.from_run_config(config)
     tc, dc = config.training, config.data
     if tc.steps <= 0 or tc.log_every <= 0 or tc.eval_every <= 0:
         raise ConfigError("training.steps, training.log_every and training.eval_every must be > 0")
@@ -171,8 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     oc = config.optimizer
     fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0)
-    train_step = make_train_step(model, tx, lr_fn, pad_id=tokenizer.pad_id,
-                                 vocab_chunk=tc.vocab_chunk, z_loss=tc.z_loss)
+    train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id))
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
                                pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))

@@ -1,0 +1,43 @@
+"""Multi-token prediction modules (SPECS §8): depth k predicts token t + k + 1.
+
+"sequential" (DeepSeek-V3 §2.2): h'_k = Proj_k [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))],
+h_k = Block_k(h'_k), starting from h_0 = the trunk's last hidden state.
+"parallel" (Gloeckle et al. 2024): h_k = Block_k(h_0), one independent head per depth.
+Both feed the shared LM head through their own RMSNorm; nothing is detached.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nanochat_jax.model.block import Block
+from nanochat_jax.model.config import ModelConfig
+from nanochat_jax.model.layers import BitLinear
+
+
+def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
+    """x [B, T, ...] -> y with y[:, i] = x[:, i + k], and `fill` where i + k >= T (no wrap)."""
+    if k == 0:
+        return x
+    pad = [(0, 0), (0, k)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x[:, k:], pad, constant_values=fill)
+
+
+class MTPModule(nn.Module):
+    """One MTP depth. Returns (h_k [B, T, D] for the next depth, normed h_k for the head)."""
+
+    cfg: ModelConfig  # with mhc_streams = 0: MTP blocks use the plain residual
+
+    @nn.compact
+    def __call__(self, h_prev: jax.Array, next_embed: jax.Array | None = None):
+        c = self.cfg
+        h = h_prev  # [B, T, D]
+        if c.mtp_kind == "sequential":
+            h = jnp.concatenate([nn.RMSNorm(epsilon=c.norm_eps, name="hidden_norm")(h_prev),
+                                 nn.RMSNorm(epsilon=c.norm_eps, name="embed_norm")(next_embed)],
+                                axis=-1)  # [B, T, 2D]
+            h = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, name="proj")(h)
+        h, _ = Block(c, name="block")(h)
+        return h, nn.RMSNorm(epsilon=c.norm_eps, name="out_norm")(h)
