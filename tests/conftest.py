@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from experiments.configs import tiny, tiny_rust
+from experiments.configs import e3_full, tiny, tiny_rust
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,10 +43,21 @@ def small_config():
     return c
 
 
-@pytest.fixture
-def small_rust_config():
-    """tiny_rust (rust-src) with a 1k BPE on 2 MB of it."""
-    c = _shrink(tiny_rust.get_config())
+def _small_rust(c):
+    """A rust-src config with a 1k BPE on 2 MB of it."""
+    c = _shrink(c)
     c.model.vocab_size = c.data.vocab_size = 1024
     c.data.max_bytes = 2_000_000
     return c
+
+
+@pytest.fixture
+def small_rust_config():
+    """tiny_rust (rust-src) with a 1k BPE on 2 MB of it."""
+    return _small_rust(tiny_rust.get_config())
+
+
+@pytest.fixture
+def small_e3_full_config():
+    """e3_full (every architecture feature, GaLore 2 + 8-bit Muon), small, on the 1k BPE."""
+    return _small_rust(e3_full.get_config())

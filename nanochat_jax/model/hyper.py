@@ -20,11 +20,12 @@ import jax.numpy as jnp
 def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
     """exp(logits) [..., n, n] -> doubly stochastic [..., n, n] by alternating column and
     row normalisation in log space (rows last, so row sums are exact)."""
-    log_m = logits.astype(jnp.float32)
-    for _ in range(iters):
+    def normalise(_, log_m):
         log_m = log_m - jax.nn.logsumexp(log_m, axis=-2, keepdims=True)  # columns
-        log_m = log_m - jax.nn.logsumexp(log_m, axis=-1, keepdims=True)  # rows
-    return jnp.exp(log_m)
+        return log_m - jax.nn.logsumexp(log_m, axis=-1, keepdims=True)  # rows
+
+    # fori_loop with static bounds lowers to a scan: one traced body, reverse-differentiable
+    return jnp.exp(jax.lax.fori_loop(0, iters, normalise, logits.astype(jnp.float32)))
 
 
 def composite_gain(res_maps: jax.Array) -> tuple[jax.Array, jax.Array]:

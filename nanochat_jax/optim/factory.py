@@ -29,7 +29,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.model.transformer import is_block_kernel, path_names
 from nanochat_jax.optim.galore import galore
 from nanochat_jax.optim.quantized import quantize_states
 
@@ -46,8 +46,10 @@ def matrix_labels(params) -> Any:
 
 
 def _decay_mask(params):
-    """AdamW decays matrices (embedding and head included), never norms or other 1-D leaves."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """AdamW decays weight matrices (embedding and head included), never norms, 1-D leaves or
+    the mHC bias maps `b_res` (decaying them would pull H_res from identity to uniform)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x.ndim >= 2 and path_names(p)[-1] != "b_res", params)
 
 
 def lr_schedule(cfg: Mapping[str, Any], total_steps: int) -> tuple[Schedule, Schedule]:

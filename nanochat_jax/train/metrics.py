@@ -44,14 +44,21 @@ def tree_bytes(tree: Any) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward, PaLM appendix B convention).
 
-    6 x (matmul parameters: block kernels + LM head) + 12 x layers x d_model x seq_len for
-    attention scores and values. The embedding lookup is not a matmul and is not counted.
+    6 x matmul parameters used per token + 12 x d_model x seq_len per attention layer run.
+    Matmul parameters: the block kernels once per loop (plus the mHC map projections), the
+    LM head once per loop and per MTP depth (each is scored), and per MTP depth one block
+    (plus its 2D -> D projection when sequential). The embedding lookup is not counted.
     """
     c = cfg
     attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    ffn = 3 * c.d_model * c.d_ff
-    matmul_params = c.n_layers * (attn + ffn) + c.d_model * c.vocab_size
-    return 6.0 * matmul_params + 12.0 * c.n_layers * c.d_model * seq_len
+    block = attn + 3 * c.d_model * c.d_ff
+    n = c.mhc_streams
+    hyper = 2 * (n * c.d_model) * (2 * n + n * n) if n and c.mhc_dynamic else 0
+    proj = 2 * c.d_model * c.d_model if c.mtp_kind == "sequential" else 0
+    matmul_params = (c.loops * c.n_layers * (block + hyper) + c.mtp_depth * (block + proj)
+                     + (c.loops + c.mtp_depth) * c.d_model * c.vocab_size)
+    attention_layers = c.loops * c.n_layers + c.mtp_depth
+    return 6.0 * matmul_params + 12.0 * attention_layers * c.d_model * seq_len
 
 
 def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:

@@ -1,0 +1,34 @@
+"""Model FLOPs per token (the MFU numerator) and byte counting."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from nanochat_jax.model.config import model_config
+from nanochat_jax.train.metrics import flops_per_token, tree_bytes
+
+
+def test_flops_per_token_of_the_plain_model_is_the_palm_count():
+    c = model_config("125m")
+    matmul = c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.d_ff) + c.d_model * c.vocab_size
+    assert flops_per_token(c, 1024) == 6 * matmul + 12 * c.n_layers * c.d_model * 1024
+
+
+def test_flops_per_token_counts_every_loop_mtp_depth_and_hyper_map():
+    c = model_config("tiny")
+    base = flops_per_token(c, 128)
+    head = 6 * c.d_model * c.vocab_size
+    looped = flops_per_token(dataclasses.replace(c, loops=3), 128)
+    assert looped == 3 * (base - head) + 3 * head  # blocks and the scored head, three times
+    per_block = (base - head) / c.n_layers
+    parallel = flops_per_token(dataclasses.replace(c, mtp_depth=2, mtp_kind="parallel"), 128)
+    assert parallel == base + 2 * (per_block + head)
+    sequential = flops_per_token(dataclasses.replace(c, mtp_depth=1), 128)
+    assert sequential == base + per_block + head + 6 * 2 * c.d_model ** 2
+    assert flops_per_token(dataclasses.replace(c, mhc_streams=4), 128) > base
+    assert flops_per_token(dataclasses.replace(c, mhc_streams=4, mhc_dynamic=False), 128) == base
+
+
+def test_tree_bytes_counts_every_leaf():
+    tree = {"a": jnp.zeros((3, 4), jnp.float32), "b": [jnp.zeros((5,), jnp.int8)]}
+    assert tree_bytes(tree) == 3 * 4 * 4 + 5
