@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax import collider
 from nanochat_jax.model.hyper import composite_gain
 from nanochat_jax.model.loop import exit_distribution, exit_entropy
 from nanochat_jax.model.mtp import shift_left
@@ -122,10 +123,12 @@ class Objective:
     z_loss: float = 0.0
     mtp_weight: Schedule = _zero  # lambda: L += lambda * mean_k L_mtp_k  (SPECS §8)
     loop_entropy: Schedule = _zero  # beta: L_loop = sum_t p(t) L(t) - beta H(p)  (SPECS §9)
+    keep_ratio: float | None = None  # Collider (SPECS §11): train on this share of positions
 
 
 def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Objective,
-                 step: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+                 step: jax.Array, reference_loss: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """(scalar loss, metrics, per-token loss [B, T] zero where masked) of one forward pass.
 
     - Next-token CE of the last loop (`loss/ce`, comparable across every configuration).
@@ -134,6 +137,9 @@ def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Obj
     - MTP depth k: CE against targets shifted k further, masked past the sequence end and
       averaged over its own valid tokens; `lambda / M * sum_k` is added (`loss/mtp`).
     - z-loss on the last loop's logsumexp; mHC composite gains as metrics.
+    - Collider (`obj.keep_ratio`): every term is averaged over the kept positions only: the
+      top positions by per-token loss, or by excess loss over `reference_loss` [B, T].
+      `loss/ce` stays the mean over every valid token.
     """
     s = out.hidden.shape[0]
     depth = 0 if out.mtp_hidden is None else out.mtp_hidden.shape[0]
@@ -166,16 +172,29 @@ def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Obj
         for i in range(s):
             metrics[f"loop/ce/step{i + 1}"] = mean(token_ce[i])
             metrics[f"loop/hidden_rms/step{i + 1}"] = out.loop_rms[i]
-    loss = mean(token_loss)
+    weight = mask  # the positions that are trained on
+    if obj.keep_ratio is not None:
+        scores = token_loss if reference_loss is None else token_loss - reference_loss
+        kept = (out.carrier.kept if out.carrier is not None
+                else collider.kept_count(obj.keep_ratio, mask.size))
+        keep = collider.keep_mask(scores, mask, kept)  # [B, T] 0/1, no gradient
+        weight = mask & (keep > 0)
+        metrics["collider/keep_ratio"] = jnp.sum(weight) / jnp.maximum(jnp.sum(mask), 1)
+    loss = masked_mean(token_loss, weight)
+    if obj.keep_ratio is not None and out.carrier is not None:
+        # 0 in value; makes the carrier's cotangent the keep mask in every BitLinear
+        loss = loss + jnp.sum(out.carrier.value * keep)
     if depth:
-        per_depth = jnp.stack([masked_mean(token_ce[s + k], masks[s + k]) for k in range(depth)])
+        per_depth = jnp.stack([masked_mean(token_ce[s + k], masks[s + k] & weight)
+                               for k in range(depth)])
         weight = obj.mtp_weight(step)
         loss = loss + weight * jnp.mean(per_depth)
         metrics.update({"loss/mtp": jnp.mean(per_depth),
                         "loss/mtp_weight": jnp.asarray(weight, jnp.float32)})
         metrics.update({f"loss/mtp/depth{k + 1}": per_depth[k] for k in range(depth)})
     if obj.z_loss:
-        loss = loss + obj.z_loss * mean(jnp.square(ce.token_lse.reshape(r, b, t)[last]))
+        loss = loss + obj.z_loss * masked_mean(jnp.square(ce.token_lse.reshape(r, b, t)[last]),
+                                               weight)
     if out.res_maps is not None:
         forward_gain, backward_gain = composite_gain(out.res_maps)
         metrics.update({"mhc/composite_gain": backward_gain,

@@ -109,6 +109,15 @@ def get_config() -> config_dict.ConfigDict:
     c.mhc.sinkhorn_iters = 20
     c.mhc.dynamic = True  # input-dependent maps; False: static learned maps
 
+    # collider.py: Collider token filtering (SPECS §11). Keeps the top keep_ratio of each
+    # batch's positions by `score` (loss, or excess_loss over the model in `reference`, a
+    # run's workdir with the same tokenizer) and runs the BitLinears' backward on those only.
+    c.collider = config_dict.ConfigDict()
+    c.collider.enabled = False
+    c.collider.keep_ratio = 0.7  # Rho-1 keeps ~60-70%; Collider reports -35% backprop at 0.6
+    c.collider.score = "loss"  # loss | excess_loss
+    c.collider.reference = config_dict.placeholder(str)
+
     # train/checkpoint.py
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 500

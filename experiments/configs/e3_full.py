@@ -1,6 +1,7 @@
 """E3 with every technique on, at the tiny size (minutes on 2 CPU cores): the ternary tiny
-Rust model with sequential MTP, LoopLM (4 loops) and dynamic mHC (4 streams), trained by
-GaLore 2 with an 8-bit Muon inner step on the hidden matrices and AdamW on the rest.
+Rust model with sequential MTP, LoopLM (4 loops) and dynamic mHC (4 streams), Collider
+token filtering (keep 70% by loss), trained by GaLore 2 with an 8-bit Muon inner step on
+the hidden matrices and AdamW on the rest.
 
 Larger runs: `--config.model.preset=125m --config.model.seq_len=1024 ...` (see BUILD.md).
 """
@@ -18,6 +19,7 @@ def get_config():
     c.mtp.enabled = True
     c.loop.enabled = True
     c.mhc.enabled = True
+    c.collider.enabled = True
     c.training.steps = 300
     c.training.eval_every = 50
     c.checkpoint.every = 100

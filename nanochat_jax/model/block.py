@@ -6,8 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.collider import Carrier
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.hyper import HyperMaps, hyper_residual
+from nanochat_jax.model.hyper import HyperMaps, hyper_read, hyper_write
 from nanochat_jax.model.layers import Attention, FeedForward
 
 
@@ -16,25 +17,31 @@ class Block(nn.Module):
 
     With `cfg.mhc_streams = n > 0` the stream is x: [B, T, n, D] and each residual add is
     an mHC connection (model/hyper.py); the call then also returns this block's two H_res
-    maps [2, B, T, n, n] (attention's, FFN's), else None.
+    maps [2, B, T, n, n] (attention's, FFN's), else None. A Collider carrier, when given,
+    is threaded through every BitLinear (nanochat_jax/collider.py).
     """
 
     cfg: ModelConfig
     index: int = 0  # depth of the block: the mHC maps of sub-layer j first read stream j mod n
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, carrier: Carrier | None = None):
+        """x -> (x, H_res maps or None, Collider carrier passed on)."""
         c = self.cfg
         norm = lambda name: nn.RMSNorm(epsilon=c.norm_eps, name=name)
-        attn = lambda h: Attention(c, name="attn")(norm("attn_norm")(h))
-        ffn = lambda h: FeedForward(c, name="ffn")(norm("ffn_norm")(h))
+        sublayers = (("attn", lambda h, cr: Attention(c, name="attn")(norm("attn_norm")(h), cr)),
+                     ("ffn", lambda h, cr: FeedForward(c, name="ffn")(norm("ffn_norm")(h), cr)))
         if not c.mhc_streams:  # x: [B, T, D]
-            x = x + attn(x)
-            return x + ffn(x), None
+            for _, sublayer in sublayers:
+                y, carrier = sublayer(x, carrier)
+                x = x + y
+            return x, None, carrier
         res_maps = []
-        for j, (name, sublayer) in enumerate((("attn", attn), ("ffn", ffn))):
-            maps = HyperMaps(c.mhc_streams, 2 * self.index + j, c.mhc_sinkhorn_iters,
-                             c.mhc_dynamic, norm_eps=c.norm_eps, name=f"hyper_{name}")(x)
-            x = hyper_residual(x, sublayer, *maps)
-            res_maps.append(maps[2])
-        return x, jnp.stack(res_maps)
+        for j, (name, sublayer) in enumerate(sublayers):
+            h_pre, h_post, h_res = HyperMaps(
+                c.mhc_streams, 2 * self.index + j, c.mhc_sinkhorn_iters, c.mhc_dynamic,
+                norm_eps=c.norm_eps, name=f"hyper_{name}")(x)
+            y, carrier = sublayer(hyper_read(x, h_pre), carrier)
+            x = hyper_write(x, y, h_post, h_res)
+            res_maps.append(h_res)
+        return x, jnp.stack(res_maps), carrier

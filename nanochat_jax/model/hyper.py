@@ -42,13 +42,22 @@ def composite_gain(res_maps: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.mean(jnp.max(jnp.sum(a, -1), -1)), jnp.mean(jnp.max(jnp.sum(a, -2), -1))
 
 
-def hyper_residual(x: jax.Array, sublayer, h_pre: jax.Array, h_post: jax.Array,
-                   h_res: jax.Array) -> jax.Array:
-    """x [B, T, n, D] -> H_res x + H_post^T sublayer(H_pre x), maps per token:
-    h_pre, h_post [B, T, n]; h_res [B, T, n, n]."""
-    y = sublayer(jnp.einsum("btn,btnd->btd", h_pre.astype(x.dtype), x))  # [B, T, D]
+def hyper_read(x: jax.Array, h_pre: jax.Array) -> jax.Array:
+    """The sub-layer input H_pre x: x [B, T, n, D], h_pre [B, T, n] -> [B, T, D]."""
+    return jnp.einsum("btn,btnd->btd", h_pre.astype(x.dtype), x)
+
+
+def hyper_write(x: jax.Array, y: jax.Array, h_post: jax.Array, h_res: jax.Array) -> jax.Array:
+    """The next stream H_res x + H_post^T y: y [B, T, D], h_post [B, T, n], h_res
+    [B, T, n, n] -> [B, T, n, D]."""
     mixed = jnp.einsum("btij,btjd->btid", h_res.astype(x.dtype), x)
     return mixed + h_post.astype(x.dtype)[..., None] * y[:, :, None, :]
+
+
+def hyper_residual(x: jax.Array, sublayer, h_pre: jax.Array, h_post: jax.Array,
+                   h_res: jax.Array) -> jax.Array:
+    """x [B, T, n, D] -> H_res x + H_post^T sublayer(H_pre x), maps per token."""
+    return hyper_write(x, sublayer(hyper_read(x, h_pre)), h_post, h_res)
 
 
 class HyperMaps(nn.Module):

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax import collider
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
 from nanochat_jax.ternary.linear import packed_dot, ternary_dot
@@ -32,18 +33,29 @@ class BitLinear(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., in] -> [..., out]
+    def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
+        """x [..., in] -> y [..., out]; with a Collider carrier -> (y, carrier), the
+        backward then running on the kept rows only (nanochat_jax/collider.py)."""
         kernel_impl = "auto" if self.impl == "fake_quant" else self.impl
         if self.ternary and self.has_variable("packed", "kernel"):
             return packed_dot(x, self.get_variable("packed", "kernel"), kernel_impl)
         w = self.param("kernel", nn.initializers.normal(self.init_std),
                        (x.shape[-1], self.features), jnp.float32)  # [in, out]
+        if carrier is not None:
+            mode = "dense" if not self.ternary else (
+                "fake_quant" if self.impl == "fake_quant" else "kernel")
+            return collider.linear(x, w, carrier, mode, kernel_impl)
         if not self.ternary:
             return jnp.dot(x, w.astype(x.dtype))
         if self.impl == "fake_quant":
             x_q, w_q = quant.quantize_activations_ste(x), quant.quantize_weights_ste(w)
             return jnp.dot(x_q, w_q.astype(x.dtype))
         return ternary_dot(x, w, kernel_impl)
+
+
+def linear_with(layer: BitLinear, x: jax.Array, carrier: collider.Carrier | None):
+    """(y, carrier) of a BitLinear call, with or without a Collider carrier."""
+    return (layer(x), None) if carrier is None else layer(x, carrier)
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -67,19 +79,25 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D] (already normed)
+    def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
+        """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
         c = self.cfg
         b, t, _ = x.shape
-        dense = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, c.ternary_impl,
-                                                          name=name)
-        q = dense(c.n_heads * c.head_dim, "q")(x).reshape(b, t, c.n_heads, c.head_dim)
-        k = dense(c.n_kv_heads * c.head_dim, "k")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = dense(c.n_kv_heads * c.head_dim, "v")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+
+        def dense(h, n, name, std=c.init_std):
+            return linear_with(BitLinear(n, c.ternary, std, c.ternary_impl, name=name), h,
+                               carrier)
+
+        q, carrier = dense(x, c.n_heads * c.head_dim, "q")
+        k, carrier = dense(x, c.n_kv_heads * c.head_dim, "k")
+        v, carrier = dense(x, c.n_kv_heads * c.head_dim, "v")
+        q = q.reshape(b, t, c.n_heads, c.head_dim)
+        k, v = (a.reshape(b, t, c.n_kv_heads, c.head_dim) for a in (k, v))
         cos, sin = rotary_tables(jnp.arange(t), c.head_dim, c.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, H]
         out = nn.RMSNorm(epsilon=c.norm_eps, name="attn_sub_norm")(out.reshape(b, t, -1))
-        return dense(c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)(out)
+        return dense(out, c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)
 
 
 class FeedForward(nn.Module):
@@ -88,11 +106,14 @@ class FeedForward(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, T, D] (already normed)
+    def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
+        """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
         c = self.cfg
-        gate = BitLinear(c.d_ff, c.ternary, c.init_std, c.ternary_impl, name="w1")(x)  # [B,T,F]
-        up = BitLinear(c.d_ff, c.ternary, c.init_std, c.ternary_impl, name="w3")(x)  # [B,T,F]
+        lin = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, c.ternary_impl,
+                                                        name=name)
+        gate, carrier = linear_with(lin(c.d_ff, "w1"), x, carrier)  # [B, T, F]
+        up, carrier = linear_with(lin(c.d_ff, "w3"), x, carrier)  # [B, T, F]
         h = jnp.square(jax.nn.relu(gate)) * up
         h = nn.RMSNorm(epsilon=c.norm_eps, name="ffn_sub_norm")(h)
-        return BitLinear(c.d_model, c.ternary, c.init_std / (2 * c.n_layers) ** 0.5,
-                         c.ternary_impl, name="w2")(h)
+        return linear_with(lin(c.d_model, "w2", c.init_std / (2 * c.n_layers) ** 0.5), h,
+                           carrier)

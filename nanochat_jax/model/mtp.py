@@ -12,9 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.collider import Carrier
 from nanochat_jax.model.block import Block
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.layers import BitLinear
+from nanochat_jax.model.layers import BitLinear, linear_with
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -26,18 +27,21 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
 
 
 class MTPModule(nn.Module):
-    """One MTP depth. Returns (h_k [B, T, D] for the next depth, normed h_k for the head)."""
+    """One MTP depth: h_k [B, T, D] for the next depth and normed h_k for the head."""
 
     cfg: ModelConfig  # with mhc_streams = 0: MTP blocks use the plain residual
 
     @nn.compact
-    def __call__(self, h_prev: jax.Array, next_embed: jax.Array | None = None):
+    def __call__(self, h_prev: jax.Array, next_embed: jax.Array | None = None,
+                 carrier: Carrier | None = None):
+        """-> (h_k, RMSNorm(h_k), Collider carrier passed on)."""
         c = self.cfg
         h = h_prev  # [B, T, D]
         if c.mtp_kind == "sequential":
             h = jnp.concatenate([nn.RMSNorm(epsilon=c.norm_eps, name="hidden_norm")(h_prev),
                                  nn.RMSNorm(epsilon=c.norm_eps, name="embed_norm")(next_embed)],
                                 axis=-1)  # [B, T, 2D]
-            h = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, name="proj")(h)
-        h, _ = Block(c, name="block")(h)
-        return h, nn.RMSNorm(epsilon=c.norm_eps, name="out_norm")(h)
+            proj = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, name="proj")
+            h, carrier = linear_with(proj, h, carrier)
+        h, _, carrier = Block(c, name="block")(h, carrier)
+        return h, nn.RMSNorm(epsilon=c.norm_eps, name="out_norm")(h), carrier

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.block import Block
 from nanochat_jax.model.config import ModelConfig
@@ -43,6 +44,7 @@ class ModelOutput(NamedTuple):
     exit_logits: jax.Array | None  # [S-1, B, T] exit-gate logits after loops 1..S-1
     mtp_hidden: jax.Array | None  # [M, B, T, D] normed hidden of depth k (predicts t+k+1)
     res_maps: jax.Array | None  # [2 L S, B, T, n, n] every mHC H_res in depth order
+    carrier: Carrier | None  # the Collider carrier after the last BitLinear
 
 
 class Transformer(nn.Module):
@@ -74,10 +76,11 @@ class Transformer(nn.Module):
     def _head(self) -> jax.Array:
         return self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
 
-    def forward(self, tokens: jax.Array, loops: int | None = None, with_mtp: bool = True
-                ) -> ModelOutput:
+    def forward(self, tokens: jax.Array, loops: int | None = None, with_mtp: bool = True,
+                carrier: Carrier | None = None) -> ModelOutput:
         """tokens [B, T] int -> ModelOutput; `loops` runs fewer loops than configured;
-        `with_mtp=False` skips the MTP modules (inference)."""
+        `with_mtp=False` skips the MTP modules (inference); `carrier` turns on Collider's
+        filtered backward (nanochat_jax/collider.py)."""
         c = self.cfg
         n_loops = c.loops if loops is None else loops
         if not 1 <= n_loops <= c.loops:
@@ -90,7 +93,7 @@ class Transformer(nn.Module):
             if t:
                 x = self.loop_norm(x)  # hidden norms grow across loops (SPECS §9)
             for block in self.blocks:
-                x, res = block(x)
+                x, res, carrier = block(x, carrier)
                 maps.append(res)
             flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, T, D]
             rms.append(jnp.sqrt(jnp.mean(jnp.square(flat.astype(jnp.float32)))))
@@ -101,14 +104,15 @@ class Transformer(nn.Module):
         h = flat  # the trunk's last residual state h_0
         for k, module in enumerate(self.mtp if with_mtp else [], start=1):
             if c.mtp_kind == "sequential":
-                h, normed = module(h, self.embed(shift_left(tokens, k)))
+                h, normed, carrier = module(h, self.embed(shift_left(tokens, k)), carrier)
             else:
-                _, normed = module(flat)
+                _, normed, carrier = module(flat, carrier=carrier)
             mtp_hidden.append(normed)
         stack = lambda xs: jnp.stack(xs) if xs else None
         return ModelOutput(hidden=jnp.stack(hidden), head=self._head(), loop_rms=jnp.stack(rms),
                            exit_logits=stack(gates), mtp_hidden=stack(mtp_hidden),
-                           res_maps=jnp.concatenate(maps) if c.mhc_streams else None)
+                           res_maps=jnp.concatenate(maps) if c.mhc_streams else None,
+                           carrier=carrier)
 
     def hidden_and_head(self, tokens: jax.Array, loops: int | None = None,
                         exit_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:

@@ -158,19 +158,6 @@ def apply_fire(state: Any, iters: int = 10, select: Select = is_block_kernel) ->
                          opt_state=reset_moments(state.opt_state, state.params, select))
 
 
-def abstract_train_state(config) -> Any:
-    """Shapes and dtypes of the TrainState `config` trains (nothing allocated)."""
-    from nanochat_jax.model import config as model_config
-    from nanochat_jax.model.transformer import Transformer
-    from nanochat_jax.optim.factory import build_optimizer
-    from nanochat_jax.train.state import init_train_state
-
-    mcfg = model_config.from_run_config(config)
-    tx, _ = build_optimizer(config.optimizer, config.training.steps)
-    return jax.eval_shape(
-        lambda: init_train_state(Transformer(mcfg), tx, config.training.seed, mcfg.seq_len))
-
-
 def fire_checkpoint(workdir: str, out: str, step: int | None = None, iters: int = 10
                     ) -> dict[str, Any]:
     """Apply FIRE to a run's checkpoint and save it, at the same step, as a new run in `out`.
@@ -178,27 +165,14 @@ def fire_checkpoint(workdir: str, out: str, step: int | None = None, iters: int 
     Returns a summary: the step, the number of re-initialised leaves and the largest
     isometry error (see `isometry_error`) among them.
     """
-    from ml_collections import ConfigDict
-
     from nanochat_jax.errors import CheckpointError
-    from nanochat_jax.train.checkpoint import Checkpointer
+    from nanochat_jax.train.checkpoint import Checkpointer, load_run
 
-    src_dir, dst_dir = os.path.join(workdir, "checkpoints"), os.path.join(out, "checkpoints")
+    dst_dir = os.path.join(out, "checkpoints")
     if os.path.isdir(dst_dir) and os.listdir(dst_dir):
         raise CheckpointError(f"{dst_dir} already holds checkpoints; choose a new --out")
-    if not os.path.isdir(src_dir):
-        raise CheckpointError(f"no checkpoints in {workdir}: train a run there first")
-    src = Checkpointer(src_dir, every=1, max_to_keep=None)
-    try:
-        step = src.latest_step() if step is None else step
-        if step is None or step not in src.manager.all_steps():
-            raise CheckpointError(f"no checkpoint at step {step} in {src_dir}; saved steps: "
-                                  f"{list(src.manager.all_steps())}")
-        meta = src.restore_meta(step)
-        config = ConfigDict(meta["config"])
-        state = src.restore(step, abstract_train_state(config))
-    finally:
-        src.close()
+    config, state, meta = load_run(workdir, step)
+    step = meta["step"]
 
     fired = jax.jit(apply_fire, static_argnames=("iters", "select"))(state, iters=iters)
     errors = [float(isometry_error(x)) for path, x in

@@ -58,3 +58,26 @@ class Checkpointer:
         """Wait for pending async saves, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, dict]:
+    """(run config, TrainState, meta) of a run's checkpoint at `step` (default: latest),
+    rebuilt from the config saved with it."""
+    from ml_collections import ConfigDict
+
+    from nanochat_jax.train.state import abstract_train_state
+
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoints in {workdir}: train a run there first")
+    ckpt = Checkpointer(directory, every=1, max_to_keep=None)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in ckpt.manager.all_steps():
+            raise CheckpointError(f"no checkpoint at step {step} in {directory}; saved steps: "
+                                  f"{list(ckpt.manager.all_steps())}")
+        meta = ckpt.restore_meta(step)
+        config = ConfigDict(meta["config"])
+        return config, ckpt.restore(step, abstract_train_state(config)), meta
+    finally:
+        ckpt.close()

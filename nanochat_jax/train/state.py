@@ -31,3 +31,15 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: i
                           opt_state=tx.init(params), rng=state_key)
 
     return init(jax.random.PRNGKey(seed))
+
+
+def abstract_train_state(config) -> TrainState:
+    """Shapes and dtypes of the TrainState a run config trains (nothing allocated)."""
+    from nanochat_jax.model import config as model_config
+    from nanochat_jax.model.transformer import Transformer
+    from nanochat_jax.optim.factory import build_optimizer
+
+    mcfg = model_config.from_run_config(config)
+    tx, _ = build_optimizer(config.optimizer, config.training.steps)
+    return jax.eval_shape(
+        lambda: init_train_state(Transformer(mcfg), tx, config.training.seed, mcfg.seq_len))

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nanochat_jax.collider import Carrier
+from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import Objective, chunked_cross_entropy, lm_objective
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.state import TrainState
@@ -34,26 +36,50 @@ def build_objective(config, pad_id: int) -> Objective:
             [optax.constant_schedule(value), optax.constant_schedule(final)],
             [int(switch_at * steps)])
 
-    mtp, loop = config.get("mtp"), config.get("loop")
+    mtp, loop, filtering = config.get("mtp"), config.get("loop"), config.get("collider")
+    keep_ratio = None
+    if filtering and filtering.enabled:
+        if not 0.0 < filtering.keep_ratio <= 1.0:
+            raise ConfigError(f"collider.keep_ratio must be in (0, 1], got "
+                              f"{filtering.keep_ratio}")
+        keep_ratio = filtering.keep_ratio
     return Objective(
         pad_id=pad_id, vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss,
+        keep_ratio=keep_ratio,
         **({"mtp_weight": two_stage(mtp.weight, mtp.weight_final, mtp.switch_at)}
            if mtp and mtp.enabled else {}),
         **({"loop_entropy": two_stage(loop.entropy, loop.entropy_final, loop.switch_at)}
            if loop and loop.enabled else {}))
 
 
-def make_train_step(model: Transformer, tx: optax.GradientTransformation,
-                    lr_fn: Callable, objective: Objective
-                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, Metrics]]:
-    """train_step(state, tokens) -> (new state, metrics); the state buffers are donated."""
+def reference_token_loss(reference: Transformer, params, inputs: jax.Array,
+                         targets: jax.Array, vocab_chunk: int) -> jax.Array:
+    """Per-token CE [B, T] of a frozen reference model (Collider's excess-loss score)."""
+    hidden, head = reference.apply({"params": params}, inputs,
+                                   method=Transformer.hidden_and_head)
+    out = chunked_cross_entropy(hidden, head, targets, chunk_size=vocab_chunk)
+    return jax.lax.stop_gradient(out.token_ce)
 
-    def train_step(state: TrainState, tokens: jax.Array):
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation,
+                    lr_fn: Callable, objective: Objective, reference: Transformer | None = None
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+    """train_step(state, tokens[, reference_params]) -> (new state, metrics); the state
+    buffers are donated. With Collider on, the backward of every BitLinear runs on the kept
+    positions only; `reference` (with its params as the third argument) makes the score the
+    excess loss over that model."""
+
+    def train_step(state: TrainState, tokens: jax.Array, reference_params=None):
         inputs, targets, mask = _split(tokens, objective.pad_id)
+        carrier = (None if objective.keep_ratio is None
+                   else Carrier.start(inputs.shape, objective.keep_ratio))
+        ref_loss = (None if reference is None else reference_token_loss(
+            reference, reference_params, inputs, targets, objective.vocab_chunk))
 
         def loss_fn(params):
-            out = model.apply({"params": params}, inputs, method=Transformer.forward)
-            loss, metrics, _ = lm_objective(out, targets, mask, objective, state.step)
+            out = model.apply({"params": params}, inputs, carrier=carrier,
+                              method=Transformer.forward)
+            loss, metrics, _ = lm_objective(out, targets, mask, objective, state.step, ref_loss)
             return loss, metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

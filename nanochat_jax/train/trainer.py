@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from nanochat_jax.collider import SCORES
 from nanochat_jax.data import corpus as corpus_lib
 from nanochat_jax.data.loader import BatchSource, Prefetcher, to_device
 from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
@@ -31,7 +32,7 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import apply_fire
 from nanochat_jax.train import metrics as metrics_lib
-from nanochat_jax.train.checkpoint import Checkpointer
+from nanochat_jax.train.checkpoint import Checkpointer, load_run
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import build_objective, make_eval_step, make_train_step
 
@@ -73,6 +74,16 @@ def _check_resumable(saved: dict, config: ml_collections.ConfigDict, workdir: st
                 f"{workdir} was trained with {key} {saved['data'][key]}, but this run has "
                 f"{data_identity[key]}: resuming would not continue the same run; use the "
                 f"original data settings or a new --workdir")
+
+
+def _load_reference(workdir: str, data_identity: dict):
+    """(model, params) of the reference run for Collider's excess-loss score."""
+    ref_config, ref_state, ref_meta = load_run(workdir)
+    if ref_meta["data"]["tokenizer"] != data_identity["tokenizer"]:
+        raise ConfigError(f"the reference run in {workdir} used tokenizer "
+                          f"{ref_meta['data']['tokenizer']}, this run {data_identity['tokenizer']}"
+                          f": excess loss needs the same tokens")
+    return Transformer(model_config.from_run_config(ref_config)), ref_state.params
 
 
 def open_data(config: ml_collections.ConfigDict, seq_len: int):
@@ -143,6 +154,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if mcfg.vocab_size < dc.vocab_size:
         raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
                           f"data.vocab_size={dc.vocab_size}")
+    filtering = config.get("collider")
+    if filtering and filtering.enabled and filtering.score not in SCORES:
+        raise ConfigError(f"unknown collider.score {filtering.score!r}: choose one of "
+                          f"{', '.join(SCORES)}")
+    if filtering and filtering.enabled and filtering.score == "excess_loss" and (
+            not filtering.reference):
+        raise ConfigError("collider.score=excess_loss needs collider.reference=WORKDIR, the "
+                          "workdir of a trained run with the same tokenizer")
     os.makedirs(workdir, exist_ok=True)
 
     corpus, train_data, val_data = open_data(config, mcfg.seq_len)
@@ -171,7 +190,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     oc = config.optimizer
     fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0)
-    train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id))
+    reference, reference_params = None, None
+    if filtering and filtering.enabled and filtering.score == "excess_loss":
+        reference, reference_params = _load_reference(filtering.reference, data_identity)
+        print(f"collider: excess loss over the reference model in {filtering.reference}")
+    train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id),
+                                 reference)
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
                                pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
@@ -202,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     state = fire(state)
                     bar.write(f"step {step}: FIRE re-initialised the hidden matrices "
                               f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, batch, reference_params)
                 step += 1
                 pending.append(step_metrics)
                 bar.update(1)

@@ -16,6 +16,7 @@ from nanochat_jax.model.transformer import Transformer, is_block_kernel
 from nanochat_jax.optim import fire
 from nanochat_jax.optim.fire import fire_params, isometry_error, nearest_isometry, reset_moments
 from nanochat_jax.train.checkpoint import Checkpointer
+from nanochat_jax.train.state import abstract_train_state
 from nanochat_jax.train.trainer import train
 
 CFG = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -138,7 +139,7 @@ def test_command_fires_a_checkpoint_into_a_new_run_that_resumes(small_config, tm
     try:
         assert ckpt.latest_step() == 2
         meta = ckpt.restore_meta(2)
-        state = ckpt.restore(2, fire.abstract_train_state(c))
+        state = ckpt.restore(2, abstract_train_state(c))
     finally:
         ckpt.close()
     assert meta["fire"]["iters"] == 60 and meta["config"]["model"] == c.model.to_dict()

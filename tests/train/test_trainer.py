@@ -12,8 +12,9 @@ import pytest
 from nanochat_jax.data.loader import BatchSource
 from nanochat_jax.errors import CheckpointError, ConfigError
 from nanochat_jax.model.transformer import is_block_kernel
-from nanochat_jax.optim.fire import abstract_train_state, isometry_error
+from nanochat_jax.optim.fire import isometry_error
 from nanochat_jax.train.checkpoint import Checkpointer
+from nanochat_jax.train.state import abstract_train_state
 from nanochat_jax.train.trainer import train
 
 TB_TAGS = ("loss/total", "loss/ce", "training/entropy", "training/lr", "training/grad_norm",
@@ -158,8 +159,8 @@ def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path
 
 @pytest.mark.slow
 def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_config, tmp_path):
-    """MTP + LoopLM + mHC + GaLore 2 / 8-bit Muon: the loss falls; the feature tags are in
-    TensorBoard."""
+    """MTP + LoopLM + mHC + Collider + GaLore 2 / 8-bit Muon: the loss falls; the feature
+    tags are in TensorBoard."""
     c = small_e3_full_config
     c.training.steps = 40
     c.training.eval_every = 20
@@ -169,6 +170,35 @@ def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_con
     assert evals[-1] < 0.9 * evals[0], evals  # 6.94 -> 6.01 when written (ln 1024 = 6.93)
     tags = _tensorboard_tags(tmp_path / "tb")
     assert {"loss/mtp", "loss/mtp/depth1", "loss/loop_exit", "loop/mean_exit_step",
-            "mhc/composite_gain", "eval/ce"} <= tags, sorted(tags)
+            "mhc/composite_gain", "collider/keep_ratio", "eval/ce"} <= tags, sorted(tags)
     exits = [r["loop/mean_exit_step"] for r in _rows(tmp_path) if "loop/mean_exit_step" in r]
     assert all(1.0 <= e <= c.loop.max_loops for e in exits)
+
+
+@pytest.mark.slow
+def test_collider_with_a_reference_model_trains_on_excess_loss(small_config, tmp_path):
+    """Rho-1 scoring: a short run is the reference for a filtered run on the same data."""
+    c = small_config
+    c.training.steps = 6
+    train(c, str(tmp_path / "reference"))
+    c.collider.enabled = True
+    c.collider.keep_ratio = 0.5
+    c.collider.score = "excess_loss"
+    c.collider.reference = str(tmp_path / "reference")
+    c.training.steps = 12
+    train(c, str(tmp_path / "filtered"))
+    rows = _rows(tmp_path / "filtered")
+    assert all(r["collider/keep_ratio"] == 0.5 for r in rows if "collider/keep_ratio" in r)
+    evals = [r["eval/ce"] for r in rows if "eval/ce" in r]
+    assert evals[-1] < evals[0]
+
+
+def test_collider_config_errors_come_before_any_work(small_config, tmp_path):
+    c = small_config
+    c.collider.enabled = True
+    c.collider.score = "perplexity"
+    with pytest.raises(ConfigError, match="unknown collider.score 'perplexity'"):
+        train(c, str(tmp_path / "a"))
+    c.collider.score = "excess_loss"
+    with pytest.raises(ConfigError, match="needs collider.reference"):
+        train(c, str(tmp_path / "b"))

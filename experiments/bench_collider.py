@@ -1,0 +1,143 @@
+"""Collider's backward savings: forward, backward and whole-step time at several keep ratios.
+
+    python -m experiments.bench_collider [--keep=1.0,0.7,0.5,0.3] [--d_model=512 ...]
+        [--rounds=5 --steps=3 --out=FILE]
+
+One process, one batch, a model whose block matmuls dominate (default d_model 512, 4
+layers, d_ff 1536, vocab 1024, 8 x 256 tokens). Variants: no filtering, then Collider at
+each keep ratio. For each: forward = the jitted loss, forward+backward = the jitted
+`value_and_grad`, backward = their difference, step = the whole train step (optimizer
+included). Timed in alternating rounds (noise hits all alike); medians and ratios to the
+unfiltered run are printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.configs import base
+from nanochat_jax.collider import Carrier
+from nanochat_jax.losses import lm_objective
+from nanochat_jax.model.config import model_config
+from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.optim.factory import build_optimizer
+from nanochat_jax.train.state import init_train_state
+from nanochat_jax.train.step import build_objective, make_train_step
+
+
+def _timed(fn, *args, steps: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", default="1.0,0.7,0.5,0.3")
+    parser.add_argument("--d_model", type=int, default=512)
+    parser.add_argument("--n_layers", type=int, default=4)
+    parser.add_argument("--n_heads", type=int, default=8)
+    parser.add_argument("--d_ff", type=int, default=1536)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--ternary", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="calls per timed round")
+    parser.add_argument("--out", default=os.path.join("runs", "bench", "collider.json"))
+    args = parser.parse_args()
+    keeps = [float(k) for k in args.keep.split(",")]
+
+    mcfg = model_config("tiny", vocab_size=args.vocab, seq_len=args.seq_len,
+                        d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                        n_kv_heads=args.n_heads, d_ff=args.d_ff, ternary=bool(args.ternary))
+    model = Transformer(mcfg)
+    config = base.get_config()
+    config.training.steps = 1000
+    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
+    state0 = init_train_state(model, tx, 0, mcfg.seq_len)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, args.vocab, (args.batch, args.seq_len + 1)), jnp.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = targets != 0
+
+    variants = {"unfiltered": None, **{f"keep {k:g}": k for k in keeps}}
+    states = {name: jax.tree.map(jnp.copy, state0) for name in variants}
+    fns = {}
+    for name, keep in variants.items():
+        c = config.copy_and_resolve_references()
+        c.collider.enabled = keep is not None
+        if keep is not None:
+            c.collider.keep_ratio = keep
+        obj = build_objective(c, pad_id=0)
+
+        def loss_fn(params, obj=obj):
+            carrier = (None if obj.keep_ratio is None
+                       else Carrier.start(inputs.shape, obj.keep_ratio))
+            out = model.apply({"params": params}, inputs, carrier=carrier,
+                              method=Transformer.forward)
+            return lm_objective(out, targets, mask, obj, jnp.asarray(0))[0]
+
+        fns[name] = {"forward": jax.jit(loss_fn),
+                     "forward_backward": jax.jit(jax.value_and_grad(loss_fn)),
+                     "step": make_train_step(model, tx, lr_fn, obj),
+                     "times": {"forward": [], "forward_backward": [], "step": []}}
+        print(f"{name}: compiling")
+        fns[name]["forward_backward"](state0.params)
+        states[name], _ = fns[name]["step"](states[name], tokens)
+
+    for r in range(args.rounds):
+        for name, f in fns.items():
+            f["times"]["forward"].append(_timed(f["forward"], state0.params, steps=args.steps))
+            f["times"]["forward_backward"].append(
+                _timed(f["forward_backward"], state0.params, steps=args.steps))
+            state = states[name]
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, m = f["step"](state, tokens)
+            jax.block_until_ready(m)
+            f["times"]["step"].append((time.perf_counter() - t0) / args.steps)
+            states[name] = state
+        print(f"round {r + 1}/{args.rounds} done")
+
+    rows = {}
+    for name, f in fns.items():
+        med = {k: 1e3 * statistics.median(v) for k, v in f["times"].items()}
+        bwd = [1e3 * (fb - fw) for fb, fw in zip(f["times"]["forward_backward"],
+                                                 f["times"]["forward"], strict=True)]
+        rows[name] = {"forward_ms": med["forward"], "backward_ms": statistics.median(bwd),
+                      "step_ms": med["step"], "rounds": f["times"]}
+    ref = rows["unfiltered"]
+    device = jax.devices()[0].device_kind
+    print(f"\n{device}; model d_model {args.d_model}, {args.n_layers} layers, d_ff {args.d_ff}, "
+          f"vocab {args.vocab}, {'ternary' if args.ternary else 'dense'}; batch {args.batch} x "
+          f"{args.seq_len}; median of {args.rounds} rounds x {args.steps} calls")
+    print("| variant | forward ms | backward ms | step ms | backward / unfiltered | "
+          "step / unfiltered |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        r["backward_ratio"] = r["backward_ms"] / ref["backward_ms"]
+        r["step_ratio"] = r["step_ms"] / ref["step_ms"]
+        print(f"| {name} | {r['forward_ms']:.0f} | {r['backward_ms']:.0f} | {r['step_ms']:.0f} | "
+              f"{r['backward_ratio']:.3f} | {r['step_ratio']:.3f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"device": device, "model": dataclasses.asdict(mcfg), "batch": args.batch,
+                   "variants": rows}, fh, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
