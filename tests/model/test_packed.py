@@ -1,5 +1,7 @@
 """Inference from packed weights: no latent kernels, same outputs, <= 1/7 of bf16 memory."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,8 @@ CFG = ModelConfig(vocab_size=64, seq_len=16, d_model=64, n_layers=2, n_heads=4,
                   n_kv_heads=2, d_ff=96)
 
 
-def _model_and_vars(impl="auto"):
-    import dataclasses
-
-    model = Transformer(dataclasses.replace(CFG, ternary_impl=impl))
+def _model_and_vars(impl="auto", **features):
+    model = Transformer(dataclasses.replace(CFG, ternary_impl=impl, **features))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 16)), jnp.int32)
     return model, model.init(jax.random.PRNGKey(0), tokens), tokens
 
@@ -27,6 +27,17 @@ def test_packed_forward_equals_the_latent_weight_forward(impl):
     model, variables, tokens = _model_and_vars(impl)
     np.testing.assert_allclose(np.asarray(model.apply(pack_params(variables), tokens)),
                                np.asarray(model.apply(variables, tokens)), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_weights_run_every_architecture_feature():
+    """MTP modules, the looped stack with its gate, and mHC maps: packed == latent."""
+    model, variables, tokens = _model_and_vars("reference", mtp_depth=1, loops=2, mhc_streams=2)
+    packed = pack_params(variables)
+    assert "mtp_0" in packed["packed"] and "exit_gate" in packed["params"]
+    for q in (None, 0.5):
+        np.testing.assert_allclose(
+            np.asarray(model.apply(packed, tokens, exit_threshold=q)),
+            np.asarray(model.apply(variables, tokens, exit_threshold=q)), rtol=1e-6, atol=1e-6)
 
 
 def test_packed_forward_equals_fake_quant_forward_within_float_tolerance():
