@@ -19,3 +19,7 @@ class CheckpointError(NanochatError):
 
 class DivergenceError(NanochatError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class EvalError(NanochatError):
+    """An evaluation cannot run: no Rust compiler, or a malformed problem file."""

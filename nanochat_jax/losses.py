@@ -124,6 +124,7 @@ class Objective:
     mtp_weight: Schedule = _zero  # lambda: L += lambda * mean_k L_mtp_k  (SPECS §8)
     loop_entropy: Schedule = _zero  # beta: L_loop = sum_t p(t) L(t) - beta H(p)  (SPECS §9)
     keep_ratio: float | None = None  # Collider (SPECS §11): train on this share of positions
+    sparse_backward: bool = True  # Collider's filtered BitLinear backward; False: exact (Rho-1)
 
 
 def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Objective,

@@ -105,7 +105,8 @@ def _grads(model, params, tokens, obj):
     mask = targets != PAD
 
     def loss_fn(p):
-        carrier = None if obj.keep_ratio is None else Carrier.start(inputs.shape, obj.keep_ratio)
+        carrier = (Carrier.start(inputs.shape, obj.keep_ratio)
+                   if obj.keep_ratio is not None and obj.sparse_backward else None)
         out = model.apply({"params": p}, inputs, carrier=carrier, method=Transformer.forward)
         return lm_objective(out, targets, mask, obj, jnp.asarray(0))[0]
 
@@ -171,6 +172,33 @@ def test_keep_ratio_is_logged_and_the_step_never_recompiles():
             losses.append(float(metrics["loss/total"]))
     assert step._cache_size() == 1
     assert losses[-1] < losses[0]  # training on half the positions still lowers the loss
+
+
+def test_without_the_sparse_backward_the_gradient_is_the_exact_filtered_loss_gradient():
+    """collider.sparse_backward=False: the loss is filtered, the backward is plain autodiff
+    (attention's gradient through dropped positions kept): Rho-1 without the savings."""
+    config = base.get_config()
+    config.collider.enabled = True
+    config.collider.keep_ratio = 0.5
+    config.collider.sparse_backward = False
+    obj = build_objective(config, PAD)
+    model, params = _model()
+    tokens = _tokens()
+    _, grads = _grads(model, params, tokens, obj)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    out = model.apply({"params": params}, inputs, method=Transformer.forward)
+    _, _, token_loss = lm_objective(out, targets, targets != PAD, Objective(PAD),
+                                    jnp.asarray(0))
+    keep = keep_mask(token_loss, targets != PAD, 8)
+
+    def filtered_loss(p):
+        out = model.apply({"params": p}, inputs, method=Transformer.forward)
+        per_token = lm_objective(out, targets, targets != PAD, Objective(PAD), 0)[2]
+        return jnp.sum(per_token * keep) / jnp.sum(keep)
+
+    want = jax.jit(jax.grad(filtered_loss))(params)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
 def test_keep_ratio_outside_zero_one_is_refused():

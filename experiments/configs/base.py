@@ -117,6 +117,9 @@ def get_config() -> config_dict.ConfigDict:
     c.collider.keep_ratio = 0.7  # Rho-1 keeps ~60-70%; Collider reports -35% backprop at 0.6
     c.collider.score = "loss"  # loss | excess_loss
     c.collider.reference = config_dict.placeholder(str)
+    # False: filter the loss only and run the exact backward (Rho-1, no savings) - the
+    # ablation that separates the selection's effect from Collider's backward approximation
+    c.collider.sparse_backward = True
 
     # train/checkpoint.py
     c.checkpoint = config_dict.ConfigDict()

@@ -37,15 +37,15 @@ def build_objective(config, pad_id: int) -> Objective:
             [int(switch_at * steps)])
 
     mtp, loop, filtering = config.get("mtp"), config.get("loop"), config.get("collider")
-    keep_ratio = None
+    keep_ratio, sparse_backward = None, True
     if filtering and filtering.enabled:
         if not 0.0 < filtering.keep_ratio <= 1.0:
             raise ConfigError(f"collider.keep_ratio must be in (0, 1], got "
                               f"{filtering.keep_ratio}")
-        keep_ratio = filtering.keep_ratio
+        keep_ratio, sparse_backward = filtering.keep_ratio, filtering.sparse_backward
     return Objective(
         pad_id=pad_id, vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss,
-        keep_ratio=keep_ratio,
+        keep_ratio=keep_ratio, sparse_backward=sparse_backward,
         **({"mtp_weight": two_stage(mtp.weight, mtp.weight_final, mtp.switch_at)}
            if mtp and mtp.enabled else {}),
         **({"loop_entropy": two_stage(loop.entropy, loop.entropy_final, loop.switch_at)}
@@ -71,8 +71,8 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
     def train_step(state: TrainState, tokens: jax.Array, reference_params=None):
         inputs, targets, mask = _split(tokens, objective.pad_id)
-        carrier = (None if objective.keep_ratio is None
-                   else Carrier.start(inputs.shape, objective.keep_ratio))
+        carrier = (Carrier.start(inputs.shape, objective.keep_ratio)
+                   if objective.keep_ratio is not None and objective.sparse_backward else None)
         ref_loss = (None if reference is None else reference_token_loss(
             reference, reference_params, inputs, targets, objective.vocab_chunk))
 
