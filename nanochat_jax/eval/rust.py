@@ -6,10 +6,11 @@ builds and runs every problem's canonical solution against its tests (default: t
 set) and exits non-zero if one fails.
 
 Every rustc and test process gets a fresh temporary directory as its working directory, a
-minimal environment, no stdin, caps on address space, CPU time and file size (setrlimit), and
-a wall-clock timeout that kills its whole process group. That contains the runaway loops and
-allocations of generated code; it is not a security boundary (the code can still read files
-and use the network): run untrusted generations inside a container.
+minimal environment, no stdin, caps on address space, CPU time and file size (`ulimit` in
+`sh`, so nothing runs in the forked child before exec), and a wall-clock timeout that kills
+its whole process group. That contains the runaway loops and allocations of generated code;
+it is not a security boundary (the code can still read files and use the network): run
+untrusted generations inside a container.
 
 Problem files are JSON lines, one problem a line, in our format (`task_id`, `prompt`, `tests`,
 optional `canonical_solution` and `stop`), MultiPL-E's (`name`, `prompt`, `tests`,
@@ -26,14 +27,12 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from nanochat_jax.errors import EvalError
@@ -188,9 +187,9 @@ def _run(argv: list[str], tmp: str, env: dict[str, str], timeout: float, memory_
     """Run argv in tmp under the limits; its output goes to tmp/log (a file: no pipe to fill)."""
     log = os.path.join(tmp, log)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_limiter(memory_mb, timeout))
+        proc = subprocess.Popen(_limited(argv, memory_mb, timeout), cwd=tmp, env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -201,18 +200,14 @@ def _run(argv: list[str], tmp: str, env: dict[str, str], timeout: float, memory_
     return _Exit(returncode, _read_clipped(log))
 
 
-def _limiter(memory_mb: int, timeout: float) -> Callable[[], None]:
-    """The child's setup before exec: caps on address space, CPU time and file size."""
-    address_space = memory_mb * 2**20  # bytes
+def _limited(argv: list[str], memory_mb: int, timeout: float) -> list[str]:
+    """argv run under caps on address space, CPU time and file size, set by `sh`'s ulimit
+    before exec: no Python runs in the forked child (a `preexec_fn` can deadlock in a
+    multithreaded parent such as a JAX process)."""
     cpu = 2 * math.ceil(timeout) + 1  # seconds: a backstop to the wall clock; threads add up
-    file_size = FILE_LIMIT_MB * 2**20  # bytes
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
-
-    return limit
+    limits = (f"ulimit -v {memory_mb * 1024} && ulimit -t {cpu} && "  # KiB, seconds
+              f"ulimit -f {FILE_LIMIT_MB * 2048} && exec \"$0\" \"$@\"")  # 512-byte blocks
+    return ["/bin/sh", "-c", limits, *argv]
 
 
 def _read_clipped(path: str) -> str:
