@@ -164,6 +164,7 @@ def test_gradients_are_finite_for_feature_combinations(features):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains_the_model_with_every_feature(optimizer):
+    """MTP + LoopLM + mHC + Collider (keep 0.7): three steps on one batch lower its loss."""
     config = base.get_config()
     config.optimizer.name = optimizer
     config.optimizer.galore_rank = 8
@@ -171,7 +172,7 @@ def test_every_optimizer_trains_the_model_with_every_feature(optimizer):
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule = "constant"
     config.training.steps = 4
-    for group in ("mtp", "loop", "mhc"):
+    for group in ("mtp", "loop", "mhc", "collider"):
         config[group].enabled = True
     cfg = dataclasses.replace(PLAIN, mtp_depth=1, loops=2, mhc_streams=2)
     model = Transformer(cfg)
@@ -184,5 +185,5 @@ def test_every_optimizer_trains_the_model_with_every_feature(optimizer):
         losses.append(float(metrics["loss/total"]))
     assert np.isfinite(losses).all()
     assert losses[-1] < losses[0]  # the same batch: three steps must lower its loss
-    for tag in ("loss/mtp", "loop/mean_exit_step", "mhc/composite_gain"):
+    for tag in ("loss/mtp", "loop/mean_exit_step", "mhc/composite_gain", "collider/keep_ratio"):
         assert np.isfinite(float(metrics[tag]))
