@@ -134,7 +134,8 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
-def _eval(eval_step, params, batches: BatchSource, n_batches: int) -> dict[str, float]:
+def evaluate(eval_step, params, batches: BatchSource, n_batches: int) -> dict[str, float]:
+    """`eval/ce` (nats/token) and `eval/bpb` over the first n_batches of a batch source."""
     totals = None
     for i in range(n_batches):
         out = eval_step(params, to_device(batches.batch(i), None))
@@ -211,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = int(state.step)
     summary: dict[str, Any] = {"start_step": start, "interrupted": False}
     if start == 0:
-        writer.write(0, {**_eval(eval_step, state.params, val_data, eval_batches), **memory})
+        writer.write(0, {**evaluate(eval_step, state.params, val_data, eval_batches), **memory})
     pending: list[dict] = []
     clock = _Throughput(tokens_per_step)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -249,7 +250,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     summary.update(logged)
                     clock.restart(step)
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    evaluated = _eval(eval_step, state.params, val_data, eval_batches)
+                    evaluated = evaluate(eval_step, state.params, val_data, eval_batches)
                     writer.write(step, evaluated)
                     summary.update(evaluated)
                     bar.write(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
