@@ -118,6 +118,7 @@ FEATURES = [dict(), dict(ternary=False), dict(ternary_impl="fake_quant"),
             dict(mhc_streams=2), dict(mtp_depth=1, loops=2, mhc_streams=2)]
 
 
+@pytest.mark.slow  # compiles many model variants
 @pytest.mark.parametrize("features", FEATURES, ids=lambda f: "-".join(map(str, f.values()))
                          or "plain")
 def test_keep_ratio_one_reproduces_the_exact_gradients(features):

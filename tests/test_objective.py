@@ -150,6 +150,7 @@ COMBOS = [dict(ternary=t, mtp_depth=d, mtp_kind=kind, loops=loops, mhc_streams=n
               ((0, True), (2, True), (2, False)))]
 
 
+@pytest.mark.slow  # compiles many model variants
 @pytest.mark.parametrize("features", COMBOS[::3] + COMBOS[1::6],
                          ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
 def test_gradients_are_finite_for_feature_combinations(features):
@@ -187,6 +188,7 @@ def _all_features():
     return config, params, jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
+@pytest.mark.slow  # compiles many model variants
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_trains_the_model_with_every_feature(optimizer):
     """Three updates of each optimizer on the all-features parameter tree (Collider's
