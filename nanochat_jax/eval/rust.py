@@ -73,6 +73,15 @@ def find_rustc() -> str:
     return path
 
 
+def rustc_available() -> bool:
+    """Whether `find_rustc` finds a compiler (for callers that degrade without one)."""
+    try:
+        find_rustc()
+    except EvalError:
+        return False
+    return True
+
+
 def extract_code(text: str) -> str:
     """The Rust code in a model generation: its first ```rust, ```rs or bare ``` block, else all.
 

@@ -22,19 +22,17 @@ from nanochat_jax.eval.grpo import (
     run_epoch,
     truncate,
 )
-from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, Problem, RustResult, find_rustc, load_problems
-
-
-def _has_rustc() -> bool:
-    try:
-        find_rustc()
-    except EvalError:
-        return False
-    return True
-
+from nanochat_jax.eval.rust import (
+    BUILTIN_PROBLEMS,
+    Problem,
+    RustResult,
+    load_problems,
+    rustc_available,
+)
 
 needs_rustc = pytest.mark.skipif(
-    not _has_rustc(), reason="needs rustc (set $RUSTC or install rustup / apt-get install rustc)")
+    not rustc_available(),
+    reason="needs rustc (set $RUSTC or install rustup / apt-get install rustc)")
 
 BUILTIN = {p.task_id: p for p in load_problems(BUILTIN_PROBLEMS)}
 SUM = BUILTIN["builtin/sum_even"]  # -> i64

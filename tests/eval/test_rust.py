@@ -10,23 +10,15 @@ from nanochat_jax.eval.rust import (
     BUILTIN_PROBLEMS,
     check_compiles,
     extract_code,
-    find_rustc,
     load_problems,
     main,
     run_tests,
+    rustc_available,
 )
 
-
-def _has_rustc() -> bool:
-    try:
-        find_rustc()
-    except EvalError:
-        return False
-    return True
-
-
 needs_rustc = pytest.mark.skipif(
-    not _has_rustc(), reason="needs rustc (set $RUSTC or install rustup / apt-get install rustc)")
+    not rustc_available(),
+    reason="needs rustc (set $RUSTC or install rustup / apt-get install rustc)")
 
 ADD = "pub fn add(a: i64, b: i64) -> i64 {\n    a + b\n}\n"
 ADD_TESTS = ("#[cfg(test)]\nmod tests {\n    use super::*;\n\n    #[test]\n"
