@@ -60,14 +60,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_resumable(saved: dict, config: ml_collections.ConfigDict, workdir: str,
+def _check_resumable(saved: dict, mcfg: model_config.ModelConfig, workdir: str,
                      data_identity: dict) -> None:
-    """Refuse to resume a checkpoint made with a different model, tokenizer or corpus."""
-    now = config.model.to_dict()
-    if saved["config"]["model"] != now:
+    """Refuse to resume a checkpoint made with a different model (the whole architecture:
+    the `model` group and the mtp / loop / mhc settings), tokenizer or corpus."""
+    before = dataclasses.asdict(model_config.from_run_config(
+        ml_collections.ConfigDict(saved["config"])))
+    now = dataclasses.asdict(mcfg)
+    diff = {k: (before[k], now[k]) for k in now if before.get(k) != now[k]}
+    if diff:
         raise CheckpointError(
-            f"{workdir} holds a checkpoint of a different model: saved {saved['config']['model']}"
-            f", configured {now}; use a new --workdir or the saved settings")
+            f"{workdir} holds a checkpoint of a different model (saved, configured): {diff}; "
+            f"use a new --workdir or the saved settings")
     for key in ("tokenizer", "corpus_sha256"):
         if saved["data"][key] != data_identity[key]:
             raise CheckpointError(
@@ -181,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
     if latest is not None:
-        _check_resumable(ckpt.restore_meta(latest), config, workdir, data_identity)
+        _check_resumable(ckpt.restore_meta(latest), mcfg, workdir, data_identity)
         state = ckpt.restore(latest, state)
         print(f"resumed from {workdir} at step {latest}")
 

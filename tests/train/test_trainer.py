@@ -102,6 +102,11 @@ def test_resuming_with_a_different_model_is_refused(small_config, tmp_path):
     small_config.model.d_ff = 256
     with pytest.raises(CheckpointError, match="different model"):
         train(small_config, str(tmp_path))
+    small_config.model.d_ff = None
+    small_config.loop.enabled = True  # the architecture changed through another group:
+    small_config.loop.max_loops = 2  # refused from the sidecar, before any array is read
+    with pytest.raises(CheckpointError, match="'loops': \\(1, 2\\)"):
+        train(small_config, str(tmp_path))
 
 
 def test_resuming_on_different_data_is_refused(small_config, tmp_path):
