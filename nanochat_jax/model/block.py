@@ -25,17 +25,26 @@ class Block(nn.Module):
     index: int = 0  # depth of the block: the mHC maps of sub-layer j first read stream j mod n
 
     @nn.compact
-    def __call__(self, x: jax.Array, carrier: Carrier | None = None):
-        """x -> (x, H_res maps or None, Collider carrier passed on)."""
+    def __call__(self, x: jax.Array, carrier: Carrier | None = None,
+                 kv: tuple[jax.Array, jax.Array] | None = None,
+                 positions: jax.Array | None = None):
+        """x -> (x, H_res maps or None, Collider carrier passed on, attention's updated KV
+        cache or None); `kv` and `positions` as in layers.Attention."""
         c = self.cfg
         norm = lambda name: nn.RMSNorm(epsilon=c.norm_eps, name=name)
-        sublayers = (("attn", lambda h, cr: Attention(c, name="attn")(norm("attn_norm")(h), cr)),
+
+        def attn(h, cr):
+            nonlocal kv
+            out, cr, kv = Attention(c, name="attn")(norm("attn_norm")(h), cr, kv, positions)
+            return out, cr
+
+        sublayers = (("attn", attn),
                      ("ffn", lambda h, cr: FeedForward(c, name="ffn")(norm("ffn_norm")(h), cr)))
         if not c.mhc_streams:  # x: [B, T, D]
             for _, sublayer in sublayers:
                 y, carrier = sublayer(x, carrier)
                 x = x + y
-            return x, None, carrier
+            return x, None, carrier, kv
         res_maps = []
         for j, (name, sublayer) in enumerate(sublayers):
             h_pre, h_post, h_res = HyperMaps(
@@ -44,4 +53,4 @@ class Block(nn.Module):
             y, carrier = sublayer(hyper_read(x, h_pre), carrier)
             x = hyper_write(x, y, h_post, h_res)
             res_maps.append(h_res)
-        return x, jnp.stack(res_maps), carrier
+        return x, jnp.stack(res_maps), carrier, kv

@@ -59,28 +59,48 @@ def linear_with(layer: BitLinear, x: jax.Array, carrier: collider.Carrier | None
 
 
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables for rotate-half RoPE.  positions: [T] -> each [T, head_dim/2]."""
+    """cos, sin tables for rotate-half RoPE.  positions: [T] or [B, T] -> each [..., head_dim/2]."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (GPT-NeoX / HF Llama convention).  x: [B, T, N, H]; cos/sin: [T, H/2]."""
+    """Rotate-half RoPE (GPT-NeoX / HF Llama convention).
+
+    x: [B, T, N, H]; cos/sin: [T, H/2] (every row at the same positions) or [B, T, H/2].
+    """
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (a[None, :, None, :] if a.ndim == 2 else a[:, :, None, :] for a in (cos, sin))
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
 
+def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B, S, ...] with row b's slots start[b] .. start[b] + T - 1 set to new [B, T, ...].
+
+    The caller keeps start + T <= S (dynamic_update_slice would clamp, not fail).
+    """
+    put = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
+    return jax.vmap(put)(cache, new, start)
+
+
 class Attention(nn.Module):
-    """Causal grouped-query attention with rotary embeddings and BitNet's attn_sub_norm."""
+    """Causal grouped-query attention with rotary embeddings and BitNet's attn_sub_norm.
+
+    Without `kv` it attends within x (training, full-sequence evaluation). With `kv` =
+    (k_cache, v_cache), each [B, S, Hkv, Dh], the new keys and values are written at their
+    `positions` [B, T] (consecutive per row, rows may differ) and every query attends to the
+    slots at or before its own position: the KV-cache path of prefill and decode.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
-        """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
+    def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None,
+                 kv: tuple[jax.Array, jax.Array] | None = None,
+                 positions: jax.Array | None = None):
+        """x [B, T, D] (already normed) -> (out [B, T, D], carrier, updated kv or None)."""
         c = self.cfg
         b, t, _ = x.shape
 
@@ -93,11 +113,20 @@ class Attention(nn.Module):
         v, carrier = dense(x, c.n_kv_heads * c.head_dim, "v")
         q = q.reshape(b, t, c.n_heads, c.head_dim)
         k, v = (a.reshape(b, t, c.n_kv_heads, c.head_dim) for a in (k, v))
-        cos, sin = rotary_tables(jnp.arange(t), c.head_dim, c.rope_theta)
+        cos, sin = rotary_tables(jnp.arange(t) if kv is None else positions, c.head_dim,
+                                 c.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, H]
+        if kv is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, H]
+        else:
+            kv = (write_rows(kv[0], k, positions[:, 0]), write_rows(kv[1], v, positions[:, 0]))
+            k, v = kv  # [B, S, Hkv, Dh]
+            visible = jnp.arange(k.shape[1]) <= positions[:, :, None]  # [B, T, S]
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                               mask=visible[:, None])
         out = nn.RMSNorm(epsilon=c.norm_eps, name="attn_sub_norm")(out.reshape(b, t, -1))
-        return dense(out, c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)
+        out, carrier = dense(out, c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)
+        return out, carrier, kv
 
 
 class FeedForward(nn.Module):

@@ -33,8 +33,9 @@ class MTPModule(nn.Module):
 
     @nn.compact
     def __call__(self, h_prev: jax.Array, next_embed: jax.Array | None = None,
-                 carrier: Carrier | None = None):
-        """-> (h_k, RMSNorm(h_k), Collider carrier passed on)."""
+                 carrier: Carrier | None = None, kv: tuple[jax.Array, jax.Array] | None = None,
+                 positions: jax.Array | None = None):
+        """-> (h_k, RMSNorm(h_k), Collider carrier passed on, the block's KV cache or None)."""
         c = self.cfg
         h = h_prev  # [B, T, D]
         if c.mtp_kind == "sequential":
@@ -43,5 +44,5 @@ class MTPModule(nn.Module):
                                 axis=-1)  # [B, T, 2D]
             proj = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, name="proj")
             h, carrier = linear_with(proj, h, carrier)
-        h, _, carrier = Block(c, name="block")(h, carrier)
-        return h, nn.RMSNorm(epsilon=c.norm_eps, name="out_norm")(h), carrier
+        h, _, carrier, kv = Block(c, name="block")(h, carrier, kv, positions)
+        return h, nn.RMSNorm(epsilon=c.norm_eps, name="out_norm")(h), carrier, kv

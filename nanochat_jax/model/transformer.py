@@ -17,7 +17,8 @@ from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.block import Block
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.loop import early_exit_step
+from nanochat_jax.model.kv_cache import KVCache, copy_slots
+from nanochat_jax.model.loop import early_exit_step, exit_distribution
 from nanochat_jax.model.mtp import MTPModule, shift_left
 
 
@@ -45,6 +46,15 @@ class ModelOutput(NamedTuple):
     mtp_hidden: jax.Array | None  # [M, B, T, D] normed hidden of depth k (predicts t+k+1)
     res_maps: jax.Array | None  # [2 L S, B, T, n, n] every mHC H_res in depth order
     carrier: Carrier | None  # the Collider carrier after the last BitLinear
+
+
+class Decoded(NamedTuple):
+    """What one cached step gives the inference engine (W = tokens fed per row)."""
+
+    hidden: jax.Array  # [B, W, D] final-normed hidden for the LM head (the exit loop's)
+    trunk: jax.Array  # [B, W, D] residual state after the last loop run (the MTP input h_0)
+    exit_step: jax.Array  # [B, W] int32 loop each token exited after (0-based)
+    cache: KVCache
 
 
 class Transformer(nn.Module):
@@ -76,6 +86,13 @@ class Transformer(nn.Module):
     def _head(self) -> jax.Array:
         return self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
 
+    def _embed_stream(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] -> the residual stream [B, T, D] ([B, T, n, D] with mHC)."""
+        x = self.embed(tokens)  # [B, T, D]
+        if self.cfg.mhc_streams:
+            x = jnp.repeat(x[:, :, None, :], self.cfg.mhc_streams, axis=2)  # [B, T, n, D]
+        return x
+
     def forward(self, tokens: jax.Array, loops: int | None = None, with_mtp: bool = True,
                 carrier: Carrier | None = None) -> ModelOutput:
         """tokens [B, T] int -> ModelOutput; `loops` runs fewer loops than configured;
@@ -85,15 +102,13 @@ class Transformer(nn.Module):
         n_loops = c.loops if loops is None else loops
         if not 1 <= n_loops <= c.loops:
             raise ConfigError(f"loops must be in 1..{c.loops} for this model, got {n_loops}")
-        x = self.embed(tokens)  # [B, T, D]
-        if c.mhc_streams:
-            x = jnp.repeat(x[:, :, None, :], c.mhc_streams, axis=2)  # [B, T, n, D]
+        x = self._embed_stream(tokens)
         hidden, gates, rms, maps = [], [], [], []
         for t in range(n_loops):
             if t:
                 x = self.loop_norm(x)  # hidden norms grow across loops (SPECS §9)
             for block in self.blocks:
-                x, res, carrier = block(x, carrier)
+                x, res, carrier, _ = block(x, carrier)
                 maps.append(res)
             flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, T, D]
             rms.append(jnp.sqrt(jnp.mean(jnp.square(flat.astype(jnp.float32)))))
@@ -104,9 +119,9 @@ class Transformer(nn.Module):
         h = flat  # the trunk's last residual state h_0
         for k, module in enumerate(self.mtp if with_mtp else [], start=1):
             if c.mtp_kind == "sequential":
-                h, normed, carrier = module(h, self.embed(shift_left(tokens, k)), carrier)
+                h, normed, carrier, _ = module(h, self.embed(shift_left(tokens, k)), carrier)
             else:
-                _, normed, carrier = module(flat, carrier=carrier)
+                _, normed, carrier, _ = module(flat, carrier=carrier)
             mtp_hidden.append(normed)
         stack = lambda xs: jnp.stack(xs) if xs else None
         return ModelOutput(hidden=jnp.stack(hidden), head=self._head(), loop_rms=jnp.stack(rms),
@@ -133,3 +148,84 @@ class Transformer(nn.Module):
         """tokens [B, T] -> logits [B, T, V] (materialises all logits: use for small inputs)."""
         h, head = self.hidden_and_head(tokens, loops, exit_threshold)
         return jnp.dot(h, head.astype(h.dtype))
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+               exit_threshold: float | None = None) -> Decoded:
+        """Prefill or decode with the KV cache: tokens [B, W] at positions [B, W] (consecutive
+        per row) -> Decoded; the hidden states equal `hidden_and_head`'s at those positions.
+
+        With `exit_threshold` q (looped models, SPECS §9) each token takes the hidden state of
+        its first loop whose exit CDF reaches q, and a loop is skipped outright (`nn.cond`)
+        once every token fed has exited; a skipped loop's cache slots get the previous loop's
+        keys and values, so later tokens that do run that loop attend to those instead.
+        """
+        c = self.cfg
+        x = self._embed_stream(tokens)
+        k, v = cache.k, cache.v  # [R, L, B, S, Hkv, Dh]
+        hidden, gates = [], []
+
+        def run_loop(mdl, x, k_t, v_t, t):
+            if t:
+                x = mdl.loop_norm(x)
+            ks, vs = [], []
+            for i, block in enumerate(mdl.blocks):
+                x, _, _, (k_i, v_i) = block(x, None, (k_t[i], v_t[i]), positions)
+                ks.append(k_i)
+                vs.append(v_i)
+            return x, jnp.stack(ks), jnp.stack(vs)
+
+        for t in range(c.loops):
+            if t and exit_threshold is not None:
+                cdf = jnp.cumsum(exit_distribution(jnp.stack(gates)), axis=0)[:t]  # [t, B, W]
+                all_exited = jnp.all(jnp.any(cdf >= exit_threshold, axis=0))
+                skip = lambda mdl, x, k_t, v_t, k_prev, v_prev: (
+                    x, copy_slots(k_prev, k_t, positions), copy_slots(v_prev, v_t, positions))
+                run = lambda mdl, x, k_t, v_t, k_prev, v_prev, t=t: run_loop(mdl, x, k_t, v_t, t)
+                x, k_t, v_t = nn.cond(all_exited, skip, run, self, x, k[t], v[t], k[t - 1],
+                                      v[t - 1])
+            else:
+                x, k_t, v_t = run_loop(self, x, k[t], v[t], t)
+            k, v = k.at[t].set(k_t), v.at[t].set(v_t)
+            flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, W, D]
+            hidden.append(self.final_norm(flat))
+            if t < c.loops - 1:
+                gates.append(self.exit_gate(hidden[-1])[..., 0])  # [B, W]
+        exit_step = jnp.full(tokens.shape, c.loops - 1, jnp.int32)
+        chosen = hidden[-1]
+        if exit_threshold is not None and gates:
+            exit_step = early_exit_step(jnp.stack(gates), exit_threshold)
+            chosen = jnp.take_along_axis(jnp.stack(hidden), exit_step[None, :, :, None], 0)[0]
+        return Decoded(chosen, flat, exit_step, cache.replace(k=k, v=v))
+
+    def draft(self, trunk: jax.Array, fed: jax.Array, greedy: jax.Array, last: jax.Array,
+              positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Greedy drafts of the next `mtp_depth` tokens with the MTP modules (SPECS §8).
+
+        trunk [B, W, D]: `decode`'s trunk for the tokens `fed` [B, W] at `positions`;
+        greedy [B, W]: the main head's argmax there; last [B]: each row's last valid window
+        index (the text after it is unknown). Depth d at window index j reads the token at
+        stream index j + d - 1 of: fed[j + 1] before `last`, greedy[last] at `last`, then the
+        drafts of the lower depths. -> (drafts [B, M], cache with the MTP slots written):
+        the token after greedy[last], and so on.
+        """
+        c = self.cfg
+        window = jnp.arange(fed.shape[1])[None, :]  # [1, W]
+        last = last[:, None]  # [B, 1]
+        pick = lambda a, idx: jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), 1)
+        bonus = pick(greedy, last)  # [B, 1]
+        h, drafts = trunk, []
+        mtp_k, mtp_v = cache.mtp_k, cache.mtp_v
+        for d, module in enumerate(self.mtp, start=1):
+            m = window + d - 1  # stream index each window slot reads
+            later = pick(jnp.stack(drafts, 1), m - last - 1) if drafts else bonus
+            nxt = jnp.where(m < last, pick(fed, m + 1), jnp.where(m == last, bonus, later))
+            kv = (mtp_k[d - 1], mtp_v[d - 1])
+            if c.mtp_kind == "sequential":
+                h, normed, _, kv = module(h, self.embed(nxt), None, kv, positions)
+            else:
+                _, normed, _, kv = module(trunk, None, None, kv, positions)
+            mtp_k, mtp_v = mtp_k.at[d - 1].set(kv[0]), mtp_v.at[d - 1].set(kv[1])
+            at_last = jnp.take_along_axis(normed, last[:, :, None], axis=1)[:, 0]  # [B, D]
+            logits = jnp.dot(at_last, self._head().astype(at_last.dtype))  # [B, V]
+            drafts.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return jnp.stack(drafts, 1), cache.replace(mtp_k=mtp_k, mtp_v=mtp_v)

@@ -90,12 +90,18 @@ def _load_reference(workdir: str, data_identity: dict):
     return Transformer(model_config.from_run_config(ref_config)), ref_state.params
 
 
+def corpus_spec(config: ml_collections.ConfigDict) -> corpus_lib.BuildSpec:
+    """The corpus a run's `data` group asks for."""
+    dc = config.data
+    return corpus_lib.BuildSpec(
+        source=dc.source, extensions=tuple(dc.extensions), max_file_bytes=dc.max_file_bytes,
+        val_fraction=dc.val_fraction, max_bytes=dc.max_bytes, vocab_size=dc.vocab_size)
+
+
 def open_data(config: ml_collections.ConfigDict, seq_len: int):
     """Open (building if needed) the corpus; the train and validation batch sources."""
     dc = config.data
-    spec = corpus_lib.BuildSpec(
-        source=dc.source, extensions=tuple(dc.extensions), max_file_bytes=dc.max_file_bytes,
-        val_fraction=dc.val_fraction, max_bytes=dc.max_bytes, vocab_size=dc.vocab_size)
+    spec = corpus_spec(config)
     if dc.corpus_dir and os.path.exists(os.path.join(dc.corpus_dir, corpus_lib.MANIFEST)):
         corpus = corpus_lib.Corpus.open(dc.corpus_dir)
         built = {k: tuple(v) if isinstance(v, list) else v
@@ -171,6 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     corpus, train_data, val_data = open_data(config, mcfg.seq_len)
     tokenizer = corpus.tokenizer
+    tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
     data_identity = {"tokenizer": tokenizer.identity(),
                      "corpus_sha256": corpus.manifest["content_sha256"]}
     eval_batches = min(tc.eval_batches, val_data.n_rows // dc.batch_size)

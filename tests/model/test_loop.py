@@ -85,10 +85,10 @@ def test_each_loop_reapplies_the_same_blocks():
     def twice(module, tokens):  # the plain stack, loop norm, the plain stack again
         x = module.embed(tokens)
         for block in module.blocks:
-            x, _, _ = block(x)
+            x, _, _, _ = block(x)
         x = looped_norm(x)
         for block in module.blocks:
-            x, _, _ = block(x)
+            x, _, _, _ = block(x)
         return module.final_norm(x)
 
     norm = nn.RMSNorm(epsilon=PLAIN.norm_eps)

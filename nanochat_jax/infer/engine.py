@@ -1,0 +1,268 @@
+"""Generation with a preallocated KV cache: prefill, then a jit-compiled decode step.
+
+    engine = Engine(Transformer(cfg), variables)       # {'params'} or pack_params(...)
+    result = engine.generate([[1, 5, 9], [1, 7]], Generation(max_new_tokens=64))
+    for tokens in engine.stream([1, 5, 9], Generation(temperature=0.7)): ...
+
+Prompts of different lengths share one batch: they are right-padded and every row keeps its
+own position (model/kv_cache.py). Shapes are bucketed (prompt length and cache length to
+multiples of `BUCKET`), so a new prompt recompiles only when it crosses a bucket and decoding
+never recompiles per token. `generate` runs the whole decode loop on the device
+(`lax.while_loop`, stopping when every row has hit a stop token or the token budget);
+`stream` runs the same compiled step from Python and yields tokens as they come.
+
+Self-speculative decoding (greedy, models with MTP, SPECS §8): the MTP modules draft the
+next M tokens, one forward pass of the main model over [pending, drafts] verifies them, and
+the longest prefix that matches the main model's own argmax is accepted plus its next token,
+so the output is plain greedy decoding's, token for token, in fewer main-model passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.errors import ConfigError
+from nanochat_jax.infer.sampling import sample
+from nanochat_jax.model.kv_cache import KVCache
+from nanochat_jax.model.transformer import Transformer
+
+BUCKET = 64  # prompt and cache lengths are rounded up to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """How to generate. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off;
+    generation of a row stops after `max_new_tokens` or at the first of `stop_tokens`
+    (not included in the output). `exit_threshold`: LoopLM adaptive exit q (None: every
+    loop); `speculative`: MTP self-speculative greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    exit_threshold: float | None = None
+    speculative: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                              f"{self.temperature}, {self.top_k}, {self.top_p}")
+        if self.exit_threshold is not None and not 0 <= self.exit_threshold <= 1:
+            raise ConfigError(f"exit_threshold must be in [0, 1], got {self.exit_threshold}")
+        if self.speculative and (self.temperature > 0 or self.exit_threshold is not None):
+            raise ConfigError("speculative decoding is greedy with every loop: set temperature "
+                              "0 and no exit_threshold")
+
+
+@dataclasses.dataclass
+class Result:
+    """Generated tokens per row (prompt excluded, stop token dropped) and decode counters."""
+
+    tokens: list[list[int]]
+    main_passes: int  # decode-step forward passes of the main model after the prefill
+    drafted: int = 0  # speculative: draft tokens proposed, summed over rows
+    accepted: int = 0  # speculative: draft tokens accepted
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Engine:
+    """Generation from a Transformer and its variables (latent `{'params'}` or the packed
+    ternary weights of `model.packed.pack_params`)."""
+
+    def __init__(self, model: Transformer, variables: dict, cache_dtype=jnp.float32):
+        self.model, self.variables, self.cache_dtype = model, variables, cache_dtype
+        self.cfg = model.cfg
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("gen", "length"))
+        self._step = jax.jit(self._step_fn, static_argnames=("gen",), donate_argnums=(1,))
+        self._verify = jax.jit(self._verify_fn, donate_argnums=(1,))
+        self._loop = jax.jit(self._loop_fn, static_argnames=("gen",))
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], gen: Generation = Generation(),
+                 key: jax.Array | None = None) -> Result:
+        """Complete every prompt (lists of token ids) in one batch; the loop runs on device."""
+        tokens, lengths, length = self._batch(prompts, gen)
+        key = jax.random.key(0) if key is None else key
+        cache, first, drafts = self._prefill(self.variables, tokens, lengths, key,
+                                             gen=gen, length=length)
+        out, count, passes, drafted, accepted = self._loop(self.variables, cache, first,
+                                                           drafts, lengths, key, gen=gen)
+        out, count = np.asarray(out), np.asarray(count)
+        rows = [_until_stop(out[b, :min(int(count[b]), gen.max_new_tokens)], gen.stop_tokens)
+                for b in range(len(prompts))]
+        return Result(rows, int(passes), int(drafted), int(accepted))
+
+    def stream(self, prompt: Sequence[int], gen: Generation = Generation(),
+               key: jax.Array | None = None) -> Iterator[list[int]]:
+        """Yield the new tokens of one prompt as each decode step makes them (one token, or
+        several when speculative drafts are accepted); stops like `generate`."""
+        tokens, lengths, length = self._batch([prompt], gen)
+        key = jax.random.key(0) if key is None else key
+        cache, token, drafts = self._prefill(self.variables, tokens, lengths, key,
+                                             gen=gen, length=length)
+        position, produced = lengths, 0
+        new = [int(token[0])]
+        while True:
+            new = new[:gen.max_new_tokens - produced]
+            kept = _until_stop(np.asarray(new), gen.stop_tokens)
+            if kept:
+                yield kept
+            produced += len(new)
+            if len(kept) < len(new) or produced >= gen.max_new_tokens:
+                return
+            if gen.speculative:
+                cache, emitted, n_new, drafts = self._verify(self.variables, cache, token,
+                                                             drafts, position)
+                n = int(n_new[0])
+                new = [int(t) for t in np.asarray(emitted[0, :n])]
+                token, position = emitted[:, n - 1], position + n
+            else:
+                step_key = jax.random.fold_in(key, produced)
+                cache, token = self._step(self.variables, cache, token, position, step_key,
+                                          gen=gen)
+                new, position = [int(token[0])], position + 1
+
+    # ---- shapes ----------------------------------------------------------------------------
+
+    def _batch(self, prompts: Sequence[Sequence[int]], gen: Generation):
+        """Right-padded prompts [B, P] (P bucketed), lengths [B], and the cache length."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token (start with BOS)")
+        if gen.speculative and not self.cfg.mtp_depth:
+            raise ConfigError("speculative decoding drafts with the MTP modules: this model "
+                              "has mtp_depth 0")
+        if gen.exit_threshold is not None and self.cfg.loops == 1:
+            raise ConfigError("exit_threshold needs a looped model (loops > 1)")
+        vocab = self.cfg.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}) for this model")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        padded = _round_up(int(lengths.max()), BUCKET)
+        tokens = np.zeros((len(prompts), padded), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = p
+        # the last verify pass may write M + 1 slots past the last kept token
+        extra = self.cfg.mtp_depth + 1 if gen.speculative else 0
+        length = _round_up(int(lengths.max()) + gen.max_new_tokens + extra, BUCKET)
+        return jnp.asarray(tokens), jnp.asarray(lengths), max(length, padded)
+
+    # ---- compiled pieces -------------------------------------------------------------------
+
+    def _logits(self, variables, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] through the LM head."""
+        head = self.model.apply(variables, method=lambda m: m._head())
+        return jnp.dot(hidden, head.astype(hidden.dtype))
+
+    def _prefill_fn(self, variables, tokens, lengths, key, *, gen: Generation, length: int):
+        """-> (cache, first generated token [B], MTP drafts [B, M] or None)."""
+        b, p = tokens.shape
+        cache = KVCache.zeros(self.cfg, b, length, self.cache_dtype)
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        out = self.model.apply(variables, tokens, positions, cache, gen.exit_threshold,
+                               method=Transformer.decode)
+        last = lengths - 1
+        at_last = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+        first = sample(key, self._logits(variables, at_last), temperature=gen.temperature,
+                       top_k=gen.top_k, top_p=gen.top_p)
+        if not gen.speculative:
+            return out.cache, first, None
+        greedy = jnp.argmax(self._logits(variables, out.hidden), -1).astype(jnp.int32)
+        greedy = greedy.at[jnp.arange(b), last].set(first)
+        drafts, cache = self.model.apply(variables, out.trunk, tokens, greedy, last,
+                                         positions, out.cache, method=Transformer.draft)
+        return cache, first, drafts
+
+    def _step_fn(self, variables, cache, token, position, key, *, gen: Generation):
+        """One decode step: token [B] at position [B] -> (cache, next token [B])."""
+        out = self.model.apply(variables, token[:, None], position[:, None], cache,
+                               gen.exit_threshold, method=Transformer.decode)
+        logits = self._logits(variables, out.hidden[:, 0])
+        nxt = sample(key, logits, temperature=gen.temperature, top_k=gen.top_k,
+                     top_p=gen.top_p)
+        return out.cache, nxt
+
+    def _verify_fn(self, variables, cache, token, drafts, position):
+        """One speculative step: feed [token, drafts] [B, M+1] at position.. ; accept the
+        drafts that match the main model's argmax. -> (cache, emitted [B, M+1] (the first
+        n_new are new tokens), n_new [B] in 1..M+1, next drafts [B, M])."""
+        fed = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, M+1]
+        positions = position[:, None] + jnp.arange(fed.shape[1], dtype=jnp.int32)
+        out = self.model.apply(variables, fed, positions, cache, method=Transformer.decode)
+        greedy = jnp.argmax(self._logits(variables, out.hidden), -1).astype(jnp.int32)
+        matches = (drafts == greedy[:, :-1]).astype(jnp.int32)  # [B, M]
+        accepted = jnp.sum(jnp.cumprod(matches, axis=1), axis=1)  # [B] leading matches
+        new_drafts, cache = self.model.apply(variables, out.trunk, fed, greedy, accepted,
+                                             positions, out.cache, method=Transformer.draft)
+        return cache, greedy, accepted + 1, new_drafts
+
+    def _loop_fn(self, variables, cache, first, drafts, lengths, key, *, gen: Generation):
+        """The decode loop on device. -> (tokens [B, N + M + 1], count [B], main passes,
+        drafts proposed and accepted, summed over the rows still generating)."""
+        b, budget = first.shape[0], gen.max_new_tokens
+        width = self.cfg.mtp_depth + 1 if gen.speculative else 1
+        out = jnp.zeros((b, budget + width), jnp.int32).at[:, 0].set(first)
+        stop = jnp.asarray(gen.stop_tokens or (-1,), jnp.int32)
+        done = jnp.isin(first, stop) | (budget <= 1)
+        zero = jnp.int32(0)
+        state = (cache, first, drafts, lengths, out, jnp.ones(b, jnp.int32), done, zero, zero,
+                 zero)
+
+        def cond(state):
+            return ~jnp.all(state[6])
+
+        def body(state):
+            cache, token, drafts, position, out, count, done, passes, drafted, accepted = state
+            if gen.speculative:
+                cache, emitted, n_new, drafts = self._verify_fn(variables, cache, token,
+                                                                drafts, position)
+                token = jnp.take_along_axis(emitted, n_new[:, None] - 1, axis=1)[:, 0]
+            else:
+                cache, token = self._step_fn(variables, cache, token, position,
+                                             jax.random.fold_in(key, passes + 1), gen=gen)
+                emitted, n_new = token[:, None], jnp.ones(b, jnp.int32)
+            live = ~done
+            out = jnp.where(live[:, None], _write_at(out, emitted, count), out)
+            fresh = jnp.arange(width)[None, :] < n_new[:, None]
+            hit = jnp.any(jnp.isin(emitted, stop) & fresh, axis=1)
+            drafted += jnp.sum(live) * (width - 1)
+            accepted += jnp.sum(jnp.where(live, n_new - 1, 0))
+            count = jnp.where(live, count + n_new, count)
+            position = jnp.where(live, position + n_new, position)
+            done = done | hit | (count >= budget)
+            return (cache, token, drafts, position, out, count, done, passes + 1, drafted,
+                    accepted)
+
+        _, _, _, _, out, count, _, passes, drafted, accepted = jax.lax.while_loop(
+            cond, body, state)
+        return out, count, passes, drafted, accepted
+
+
+def _write_at(out: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """out [B, N] with row b's slots start[b] .. start[b] + W - 1 set to new [B, W]."""
+    put = lambda o, n, s: jax.lax.dynamic_update_slice_in_dim(o, n, s, axis=0)
+    return jax.vmap(put)(out, new, start)
+
+
+def _until_stop(tokens: np.ndarray, stop: tuple[int, ...]) -> list[int]:
+    """The tokens before the first stop token."""
+    tokens = [int(t) for t in tokens]
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[:i]
+    return tokens
