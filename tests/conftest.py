@@ -43,6 +43,20 @@ def small_config():
     return c
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A checkpoint to load: small_config with MTP (depth 1) trained 6 steps.
+    -> (workdir, config, the run's summary)."""
+    c = _shrink(tiny.get_config())
+    c.data.max_bytes = 600_000
+    c.training.steps = c.training.eval_every = 6
+    c.mtp.enabled = True
+    workdir = str(tmp_path_factory.mktemp("trained_run"))
+    from nanochat_jax.train.trainer import train
+
+    return workdir, c, train(c, workdir)
+
+
 def _small_rust(c):
     """A rust-src config with a 1k BPE on 2 MB of it."""
     c = _shrink(c)

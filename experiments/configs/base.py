@@ -50,6 +50,12 @@ def get_config() -> config_dict.ConfigDict:
     c.training.log_every = 10
     c.training.eval_every = 250
     c.training.eval_batches = 8
+    # Rust code eval during training (eval/code.py): every `code_eval_every` steps (0: off),
+    # greedy completions of a problem set (None: the builtin one) cut at the end of the
+    # function body, compiled and tested with rustc -> eval/compile_rate, eval/pass_rate.
+    c.training.code_eval_every = 0
+    c.training.code_eval_problems = config_dict.placeholder(str)
+    c.training.code_eval_max_new_tokens = 128
     c.training.z_loss = 0.0  # coefficient of mean(logsumexp^2); 1e-4 is PaLM's
     c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
     c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure

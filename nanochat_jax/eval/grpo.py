@@ -1,5 +1,7 @@
 """Training-free GRPO for Rust: a frozen model improves through lessons prepended to its prompts.
 
+    python -m nanochat_jax.eval.grpo --checkpoint=WORKDIR --library=lessons.json [--epochs=3]
+
 Training-Free Group Relative Policy Optimization (Tencent Youtu, 2025; SPECS §12) replaces
 gradient steps with an experience library, a short numbered list of lessons ("[1]. ...")
 prepended to every prompt. Each epoch, for each problem: roll out a group of G completions
@@ -28,13 +30,16 @@ Our choices (SPECS §12, "for us"):
   compares the library with no library; lessons differ only in the epochs they were present
   for. The epoch's new lessons are added after the deletions.
 
-`generate(prompts, n, temperature)` returns n completions per prompt: the sampler of the
-inference engine (`nanochat_jax/infer`, being written). A completion continues the prompt (the
-rest of a function body), so it is cut at the problem's stop strings, not extracted from a fence.
+`generate(prompts, n, temperature)` returns n completions per prompt: the command uses
+`eval.code.Sampler` over the inference engine. A completion continues the prompt (the rest of
+a function body), so it is cut at the problem's stop strings and the brace closing the body
+(`Problem.cut`), not extracted from a fence. The command saves the library after every epoch
+and resumes from `--library` when the file exists.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import functools
@@ -358,15 +363,10 @@ class EpochStats:
     library_size: int
 
 
-def truncate(completion: str, stop: Sequence[str]) -> str:
-    """`completion` up to the earliest occurrence of any stop string (all of it if none occurs)."""
-    cut = min((i for s in stop if (i := completion.find(s)) >= 0), default=len(completion))
-    return completion[:cut]
-
-
 def default_verify(problem: Problem, completion: str) -> RustResult:
-    """Run the problem's tests on its prompt followed by the completion cut at a stop string."""
-    return run_tests(problem.program(truncate(completion, problem.stop)), problem.tests)
+    """Run the problem's tests on its prompt followed by the completion, cut at a stop string
+    or the end of the function body (`Problem.cut`)."""
+    return run_tests(problem.program(problem.cut(completion)), problem.tests)
 
 
 def run_epoch(problems: Sequence[Problem], generate: Generate, library: ExperienceLibrary, *,
@@ -472,3 +472,52 @@ def _progress(epoch: int, n: int, total: int, problem: Problem, group: list[Roll
     line += (f", compiles {sum(r.result.compiles for r in group)}/{g}, "
              f"passes {sum(r.result.passed for r in group)}/{g}")
     return line + (f"; lesson: {lesson}" if lesson else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run training-free GRPO epochs with a trained run as the policy."""
+    from nanochat_jax.eval.code import Sampler
+    from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems
+    from nanochat_jax.infer.engine import Engine
+    from nanochat_jax.infer.load import load
+
+    parser = argparse.ArgumentParser(description="Training-free GRPO on Rust problems")
+    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
+    parser.add_argument("--step", type=int, default=None, help="default: the latest")
+    parser.add_argument("--library", required=True,
+                        help="experience library JSON: resumed if it exists, saved every epoch")
+    parser.add_argument("--problems", default=str(BUILTIN_PROBLEMS),
+                        help="JSONL problem file (ours, MultiPL-E or HumanEval-Rust format)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--group_size", type=int, default=5)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max_new_tokens", type=int, default=192)
+    parser.add_argument("--no_ab_test", action="store_true",
+                        help="skip the library-free rollouts (and so the harmful-lesson deletion)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        loaded = load(args.checkpoint, args.step)
+        problems = load_problems(args.problems)
+        library = (ExperienceLibrary.load(args.library) if os.path.exists(args.library)
+                   else ExperienceLibrary())
+        sampler = Sampler(Engine(loaded.model, loaded.variables), loaded.tokenizer,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed)
+        first = library.epoch + 1 if os.path.exists(args.library) else 0
+        print(f"{len(problems)} problems, group size {args.group_size}, library of "
+              f"{len(library.items)} lessons; epochs {first}..{first + args.epochs - 1}")
+        for epoch in range(first, first + args.epochs):
+            stats = run_epoch(problems, sampler, library, group_size=args.group_size,
+                              temperature=args.temperature, epoch=epoch,
+                              ab_test=not args.no_ab_test)
+            library.save(args.library)
+            print(json.dumps(dataclasses.asdict(stats)), flush=True)
+    except EvalError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"library: {len(library.items)} lessons in {args.library}")
+    for line in library.render().splitlines():
+        print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

@@ -271,6 +271,42 @@ class Problem:
         """The prompt and a completion as one source file (a newline between, if missing)."""
         return self.prompt + ("" if self.prompt.endswith("\n") else "\n") + completion
 
+    def cut(self, completion: str) -> str:
+        """What of a raw model continuation belongs to the answer: up to the first stop
+        string, then up to the brace that closes the prompt's open function body (a base
+        model runs on into the next item of a file; MultiPL-E's "\n}" stop does the same)."""
+        return close_body(self.prompt, truncate(completion, self.stop))
+
+
+def truncate(completion: str, stop: tuple[str, ...] | list[str]) -> str:
+    """`completion` up to the earliest occurrence of any stop string (all of it if none occurs)."""
+    cut = min((i for s in stop if (i := completion.find(s)) >= 0), default=len(completion))
+    return completion[:cut]
+
+
+# comments, string literals, char literals, braces
+_RUST_TOKENS = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])\'|[{}]',
+                          re.DOTALL)
+
+
+def brace_depth(code: str) -> int:
+    """Open `{` minus closed `}` in Rust source, outside comments, strings and char literals
+    (raw strings and lifetimes are rare enough in prompts to be ignored)."""
+    return sum({"{": 1, "}": -1}.get(m.group(), 0) for m in _RUST_TOKENS.finditer(code))
+
+
+def close_body(prompt: str, completion: str) -> str:
+    """`completion` up to and including the `}` that brings the prompt's open braces back to 0
+    (all of it when that never happens, or when the prompt has no open brace)."""
+    depth = brace_depth(prompt)
+    if depth <= 0:
+        return completion
+    for m in _RUST_TOKENS.finditer(completion):
+        depth += {"{": 1, "}": -1}.get(m.group(), 0)
+        if depth == 0:
+            return completion[:m.end()] + "\n"
+    return completion
+
 
 def load_problems(path: str | os.PathLike) -> list[Problem]:
     """Read a JSONL problem file in our, MultiPL-E's or HumanEval-Rust's format (per row)."""

@@ -156,6 +156,28 @@ def evaluate(eval_step, params, batches: BatchSource, n_batches: int) -> dict[st
             "eval/bpb": ce_sum / (math.log(2) * max(n_bytes, 1.0))}
 
 
+def _code_evaluator(config: ml_collections.ConfigDict, model: Transformer, tokenizer):
+    """params -> the code metrics of greedy completions (eval/code.py); None when off."""
+    tc = config.training
+    if not tc.get("code_eval_every"):
+        return None
+    from nanochat_jax.eval import code, rust
+    from nanochat_jax.infer.engine import Engine
+
+    if not rust.rustc_available():
+        raise ConfigError(f"training.code_eval_every={tc.code_eval_every} needs rustc: "
+                          f"{rust.INSTALL_HINT}; or set training.code_eval_every=0")
+    problems = rust.load_problems(tc.code_eval_problems or rust.BUILTIN_PROBLEMS)
+    engine = Engine(model, {})  # the variables are set per call: one compilation serves all
+    sampler = code.Sampler(engine, tokenizer, max_new_tokens=tc.code_eval_max_new_tokens)
+
+    def evaluate_code(params) -> dict[str, float]:
+        engine.variables = {"params": params}
+        return code.evaluate_code(sampler, problems)
+
+    return evaluate_code
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics."""
     mcfg = model_config.from_run_config(config)
@@ -215,6 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
     memory = {"memory/params_bytes": metrics_lib.tree_bytes(state.params),
               "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
+    code_eval = _code_evaluator(config, model, tokenizer)
     print(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
           f"{n_params:,} params; optimizer {config.optimizer.name}; "
           f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
@@ -267,6 +290,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     bar.write(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
                               f"bpb {evaluated['eval/bpb']:.4f}")
                     clock.restart(step)  # evaluation is not training throughput
+                if code_eval and (step % tc.code_eval_every == 0 or step == tc.steps):
+                    evaluated = code_eval(state.params)
+                    writer.write(step, evaluated)
+                    summary.update(evaluated)
+                    bar.write(f"step {step}: compile rate {evaluated['eval/compile_rate']:.3f}, "
+                              f"pass rate {evaluated['eval/pass_rate']:.3f}")
+                    clock.restart(step)
                 if ckpt.save(step, state, meta(step)):
                     clock.restart(step)  # the save waited for the step to finish
             if stop.signal is not None:

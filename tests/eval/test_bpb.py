@@ -5,19 +5,15 @@ import json
 import pytest
 
 from nanochat_jax.eval.bpb import evaluate_bpb, main
-from nanochat_jax.train.trainer import train
 
 
 @pytest.mark.slow
-def test_bpb_of_a_checkpoint_equals_the_runs_final_eval(small_config, tmp_path, capsys):
-    c = small_config
-    c.training.steps = 6
-    c.training.eval_every = 6
-    summary = train(c, str(tmp_path))
-    got = evaluate_bpb(str(tmp_path))
+def test_bpb_of_a_checkpoint_equals_the_runs_final_eval(trained_run, capsys):
+    workdir, c, summary = trained_run
+    got = evaluate_bpb(workdir)
     assert got["step"] == 6 and got["batches"] == c.training.eval_batches
     assert got["eval/bpb"] == pytest.approx(summary["eval/bpb"], rel=1e-6)
     assert got["eval/ce"] == pytest.approx(summary["eval/ce"], rel=1e-6)
-    main(["--checkpoint", str(tmp_path), "--batches", "1"])
+    main(["--checkpoint", workdir, "--batches", "1"])
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{"):])["batches"] == 1

@@ -20,7 +20,6 @@ from nanochat_jax.eval.grpo import (
     lessons_from,
     reward,
     run_epoch,
-    truncate,
 )
 from nanochat_jax.eval.rust import (
     BUILTIN_PROBLEMS,
@@ -256,11 +255,6 @@ def test_loading_a_missing_or_foreign_file_is_an_eval_error(tmp_path):
 
 
 # the loop
-
-
-def test_truncate_cuts_at_the_earliest_stop_string():
-    assert truncate("a\n}\nfn main() {}\n#[cfg(test)]", ("\n#[cfg(test)]", "\nfn main")) == "a\n}"
-    assert truncate("a\n}", ("\nfn main",)) == "a\n}"
 
 
 def test_generate_returning_the_wrong_number_of_completions_is_an_eval_error():

@@ -8,12 +8,16 @@ import pytest
 from nanochat_jax.errors import EvalError
 from nanochat_jax.eval.rust import (
     BUILTIN_PROBLEMS,
+    Problem,
+    brace_depth,
     check_compiles,
+    close_body,
     extract_code,
     load_problems,
     main,
     run_tests,
     rustc_available,
+    truncate,
 )
 
 needs_rustc = pytest.mark.skipif(
@@ -252,3 +256,23 @@ def test_limits_too_small_for_rustc_are_refused():
         check_compiles(ADD, memory_mb=256)
     with pytest.raises(ValueError, match="timeout=0 must be positive"):
         run_tests(ADD, ADD_TESTS, timeout=0)
+
+
+def test_truncate_cuts_at_the_earliest_stop_string():
+    assert truncate("a\n}\nfn main() {}\n#[cfg(test)]", ("\n#[cfg(test)]", "\nfn main")) == "a\n}"
+    assert truncate("a\n}", ("\nfn main",)) == "a\n}"
+
+
+def test_close_body_ends_the_completion_at_the_brace_closing_the_prompt():
+    prompt = "pub fn f(x: i32) -> i32 {\n"
+    body = '    let s = "}{"; // }\n    let c = \'}\';\n    if x > 0 { x } else { 0 }\n}'
+    assert close_body(prompt, body + "\nfn g() {}\n") == body + "\n"
+    assert close_body(prompt, "    x + 1\n") == "    x + 1\n"  # never closed: kept whole
+    assert close_body("fn f() {}\n", "fn g() {}") == "fn g() {}"  # nothing open in the prompt
+    assert brace_depth("impl A {\n    fn f(&self) {\n") == 2
+
+
+def test_problem_cut_applies_stop_strings_then_the_closing_brace():
+    problem = Problem("t", "fn f() -> i32 {\n", "", stop=("\n#[cfg(test)]",))
+    assert problem.cut("    1\n}\n#[cfg(test)]\nmod t {}") == "    1\n}\n"
+    assert problem.cut("    1\n#[cfg(test)]\n}") == "    1"

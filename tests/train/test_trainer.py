@@ -11,6 +11,7 @@ import pytest
 
 from nanochat_jax.data.loader import BatchSource
 from nanochat_jax.errors import CheckpointError, ConfigError
+from nanochat_jax.eval.rust import rustc_available
 from nanochat_jax.model.transformer import is_block_kernel
 from nanochat_jax.optim.fire import isometry_error
 from nanochat_jax.train.checkpoint import Checkpointer
@@ -127,19 +128,28 @@ def test_a_corpus_dir_built_with_other_settings_is_refused(small_config, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not glob.glob("/usr/src/rustc-*"),
-                    reason="needs Debian's rust-src (apt-get install rust-src); .ci/run "
-                           "installs it")
-def test_tiny_model_learns_the_real_rust_corpus(small_rust_config, tmp_path):
+@pytest.mark.skipif(not glob.glob("/usr/src/rustc-*") or not rustc_available(),
+                    reason="needs Debian's rust-src and rustc (apt-get install rust-src "
+                           "rustc); .ci/run installs them")
+def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_config,
+                                                                      tmp_path):
     c = small_rust_config
     c.training.steps = 150
     c.training.log_every = 10
     c.training.eval_every = 150
     c.training.eval_batches = 4
+    c.training.code_eval_every = 75
+    c.training.code_eval_max_new_tokens = 24
     c.optimizer.warmup_steps = 5
     train(c, str(tmp_path))
     evals = [r["eval/ce"] for r in _rows(tmp_path) if "eval/ce" in r]
     assert evals[-1] < 0.8 * evals[0], evals  # ln(1024) = 6.9 at init
+    code = [r for r in _rows(tmp_path) if "eval/compile_rate" in r]
+    assert [r["step"] for r in code] == [75, 150]
+    assert all(0 <= r["eval/compile_rate"] <= 1 and 0 <= r["eval/pass_rate"] <= 1
+               for r in code)
+    assert {"eval/compile_rate", "eval/pass_rate", "eval/pass@1"} <= _tensorboard_tags(
+        tmp_path / "tb")
 
 
 def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path):
