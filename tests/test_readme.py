@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
@@ -12,3 +14,12 @@ def test_readme_python_example_trains_one_step():
     scope: dict = {}
     exec(blocks[0], scope)  # noqa: S102 - the documented snippet itself is under test
     assert 5.0 < float(scope["loss_fn"](scope["params"])) < 6.5  # ~ln(384) after one step
+
+
+@pytest.mark.slow
+def test_readme_generation_example_runs_on_a_trained_checkpoint(trained_run):
+    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+    example = next(b for b in blocks if "Engine(" in b)
+    scope: dict = {}
+    exec(example.replace('"runs/tiny_rust"', repr(trained_run[0])), scope)  # noqa: S102
+    assert len(scope["out"].tokens) == 8 and all(len(t) <= 64 for t in scope["out"].tokens)

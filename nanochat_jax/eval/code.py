@@ -43,7 +43,12 @@ class Sampler:
                          top_k=self.top_k if temperature > 0 else 0,
                          top_p=self.top_p if temperature > 0 else 1.0,
                          stop_tokens=(tok.bos_id, tok.eos_id))
-        rows = [[tok.bos_id] + tok.encode(p).tolist() for p in prompts for _ in range(n)]
+        # Token healing, simply: a prompt ending in whitespace ("{\n") ends at a token
+        # boundary the BPE rarely produced in training ("{\n    " is usually one or two other
+        # tokens), which makes a model close the block at once. The trailing whitespace is
+        # left for the model to write, and removed from the front of what it writes.
+        heads = [p.rstrip() for p in prompts]
+        rows = [[tok.bos_id] + tok.encode(h).tolist() for h in heads for _ in range(n)]
         out: list[str] = []
         for start in range(0, len(rows), self.batch_size):
             self.calls += 1
@@ -51,7 +56,18 @@ class Sampler:
             result = self.engine.generate(rows[start:start + self.batch_size], gen, key)
             self.tokens_generated += sum(len(t) for t in result.tokens)
             out += [tok.decode(t) for t in result.tokens]
-        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+        tails = [p[len(h):] for p, h in zip(prompts, heads, strict=True)]
+        return [[_after(text, tails[i]) for text in out[i * n:(i + 1) * n]]
+                for i in range(len(prompts))]
+
+
+def _after(text: str, tail: str) -> str:
+    """A completion of the prompt without its trailing whitespace `tail`, as a completion of
+    the whole prompt: `tail` (or as much of it as the text starts with) dropped."""
+    common = 0
+    while common < min(len(tail), len(text)) and text[common] == tail[common]:
+        common += 1
+    return text[common:]
 
 
 def verify_all(problems: Sequence[Problem], completions: Sequence[Sequence[str]], *,

@@ -7,17 +7,17 @@ import pytest
 
 from nanochat_jax.eval import grpo
 from nanochat_jax.eval.__main__ import main as eval_main
-from nanochat_jax.eval.code import Sampler, evaluate_code
+from nanochat_jax.eval.code import Sampler, _after, evaluate_code
 from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems, rustc_available
 from nanochat_jax.infer.engine import Engine
 from nanochat_jax.infer.load import load
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not rustc_available(),
-                                 reason="needs rustc (apt-get install rustc); .ci/run "
-                                        "installs it")]
+needs_rustc = pytest.mark.skipif(not rustc_available(), reason="needs rustc (apt-get install "
+                                 "rustc); .ci/run installs it")
 
 
+@pytest.mark.slow
+@needs_rustc
 def test_eval_command_prints_bpb_and_code_metrics(trained_run, tmp_path, capsys):
     workdir, _, summary = trained_run
     out = tmp_path / "metrics.json"
@@ -29,6 +29,7 @@ def test_eval_command_prints_bpb_and_code_metrics(trained_run, tmp_path, capsys)
     assert "eval/compile_rate" in printed and "eval/bpb" in printed
 
 
+@needs_rustc
 def test_code_metrics_count_what_the_verifier_says():
     """A 'model' that always answers with the canonical solution passes everything; one that
     answers with a type error compiles nothing."""
@@ -48,6 +49,8 @@ def test_code_metrics_count_what_the_verifier_says():
     assert wrong["eval/compile_rate"] == wrong["eval/pass_rate"] == 0.0
 
 
+@pytest.mark.slow
+@needs_rustc
 def test_grpo_command_runs_an_epoch_and_writes_its_library(trained_run, tmp_path, capsys):
     problems = tmp_path / "two.jsonl"
     problems.write_text("".join(line for line in open(BUILTIN_PROBLEMS).readlines()[:2]))
@@ -65,6 +68,7 @@ def test_grpo_command_runs_an_epoch_and_writes_its_library(trained_run, tmp_path
     assert json.loads(library.read_text())["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_sampler_returns_n_completions_per_prompt(trained_run):
     loaded = load(trained_run[0])
     sampler = Sampler(Engine(loaded.model, loaded.variables), loaded.tokenizer,
@@ -73,3 +77,11 @@ def test_sampler_returns_n_completions_per_prompt(trained_run):
     assert [len(c) for c in out] == [3, 3, 3]
     assert len({c for cs in out for c in cs}) > 1  # sampled, not one repeated answer
     assert sampler.calls == 3  # 9 rows in batches of 4
+
+
+def test_sampler_heals_the_prompts_trailing_whitespace():
+    """The prompt goes to the model without its trailing whitespace; what the model writes
+    first of that whitespace is dropped, so the completion continues the whole prompt."""
+    assert _after("\n    let x = 1;", "\n") == "    let x = 1;"
+    assert _after(" {\n    x", "\n") == " {\n    x"  # the model went elsewhere: kept whole
+    assert _after("\n", "\n\n") == ""
