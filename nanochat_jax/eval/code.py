@@ -92,8 +92,8 @@ Generate = Callable[[list[str], int, float], list[list[str]]]  # a Sampler, or a
 
 def evaluate_code(sampler: Generate, problems: Sequence[Problem], *, samples: int = 1,
                   temperature: float = 0.0, tests: bool = True) -> dict[str, float]:
-    """{'eval/compile_rate', 'eval/pass_rate' (with tests), 'eval/pass@k' for k in 1, 5, 10
-    up to `samples`, 'eval/code_seconds'} of `samples` completions of each problem."""
+    """{'eval/compile_rate', 'eval/pass_rate' (with tests), 'eval/pass_at_k' (pass@k; k in
+    1, 5, 10 up to `samples`), 'eval/code_seconds'} of `samples` completions per problem."""
     if not problems:
         raise EvalError("evaluate_code needs at least one problem")
     if samples > 1 and temperature == 0:
@@ -109,6 +109,6 @@ def evaluate_code(sampler: Generate, problems: Sequence[Problem], *, samples: in
                   for p, rs in zip(problems, results, strict=True)}
         metrics["eval/pass_rate"] = statistics.fmean(x for ps in passed.values() for x in ps)
         ks = [k for k in (1, 5, 10) if k <= samples]
-        metrics.update({f"eval/pass@{k}": v for k, v in mean_pass_at_k(passed, ks).items()})
+        metrics.update({f"eval/pass_at_{k}": v for k, v in mean_pass_at_k(passed, ks).items()})
     metrics["eval/code_seconds"] = time.monotonic() - start
     return metrics

@@ -25,7 +25,7 @@ def test_eval_command_prints_bpb_and_code_metrics(trained_run, tmp_path, capsys)
     printed = capsys.readouterr().out
     metrics = json.loads(out.read_text())
     assert metrics["eval/bpb"] == pytest.approx(summary["eval/bpb"], rel=1e-6)
-    assert {"eval/compile_rate", "eval/pass_rate", "eval/pass@1"} <= set(metrics)
+    assert {"eval/compile_rate", "eval/pass_rate", "eval/pass_at_1"} <= set(metrics)
     assert "eval/compile_rate" in printed and "eval/bpb" in printed
 
 
@@ -44,7 +44,7 @@ def test_code_metrics_count_what_the_verifier_says():
 
     by_prompt = {p.prompt: p.canonical_solution for p in problems}
     right = evaluate_code(Oracle(by_prompt.get), problems, samples=2, temperature=0.5)
-    assert right["eval/compile_rate"] == right["eval/pass_rate"] == right["eval/pass@1"] == 1.0
+    assert right["eval/compile_rate"] == right["eval/pass_rate"] == right["eval/pass_at_1"] == 1.0
     wrong = evaluate_code(Oracle(lambda p: '    "not a number"\n}\n'), problems)
     assert wrong["eval/compile_rate"] == wrong["eval/pass_rate"] == 0.0
 

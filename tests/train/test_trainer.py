@@ -148,7 +148,7 @@ def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_c
     assert [r["step"] for r in code] == [75, 150]
     assert all(0 <= r["eval/compile_rate"] <= 1 and 0 <= r["eval/pass_rate"] <= 1
                for r in code)
-    assert {"eval/compile_rate", "eval/pass_rate", "eval/pass@1"} <= _tensorboard_tags(
+    assert {"eval/compile_rate", "eval/pass_rate", "eval/pass_at_1"} <= _tensorboard_tags(
         tmp_path / "tb")
 
 
