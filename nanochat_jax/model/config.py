@@ -1,7 +1,7 @@
 """Model hyper-parameters and the size presets (the model zoo).
 
-`python -m nanochat_jax.model.config` prints every preset with its parameter count,
-computed with `jax.eval_shape` (shapes only, nothing is allocated).
+`python -m nanochat_jax.model.zoo` prints every preset with its sizes and the run that
+trains it.
 """
 
 from __future__ import annotations
@@ -145,20 +145,3 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     embed = sum(int(x.size) for k, v in shapes.items() if k in ("embed", "lm_head")
                 for x in jax.tree.leaves(v))
     return {"total": total, "embedding": embed, "non_embedding": total - embed}
-
-
-def main() -> None:
-    """Print every preset with its geometry and parameter counts."""
-    header = (f"{'preset':>6} {'d_model':>7} {'layers':>6} {'heads':>5} {'kv':>3} {'d_ff':>6} "
-              f"{'vocab':>6} {'params':>14} {'non-embedding':>14}")
-    print(header)
-    print("-" * len(header))
-    for name in PRESETS:
-        cfg = model_config(name)
-        n = count_params(cfg)
-        print(f"{name:>6} {cfg.d_model:>7} {cfg.n_layers:>6} {cfg.n_heads:>5} {cfg.n_kv_heads:>3} "
-              f"{cfg.d_ff:>6} {cfg.vocab_size:>6} {n['total']:>14,} {n['non_embedding']:>14,}")
-
-
-if __name__ == "__main__":
-    main()
