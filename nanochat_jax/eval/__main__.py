@@ -13,19 +13,17 @@ import argparse
 import json
 
 from nanochat_jax.errors import NanochatError
-from nanochat_jax.eval.bpb import evaluate_bpb
+from nanochat_jax.eval.bpb import add_batches_flag, evaluate_bpb
 from nanochat_jax.eval.code import Sampler, evaluate_code
 from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems
 from nanochat_jax.infer.engine import Engine
-from nanochat_jax.infer.load import load
+from nanochat_jax.infer.load import add_checkpoint_flags, load
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
-    parser.add_argument("--step", type=int, default=None, help="default: the latest")
-    parser.add_argument("--batches", type=int, default=None,
-                        help="validation batches (default: the run's training.eval_batches)")
+    add_checkpoint_flags(parser)
+    add_batches_flag(parser)
     parser.add_argument("--problems", default=str(BUILTIN_PROBLEMS),
                         help="JSONL problem file (ours, MultiPL-E or HumanEval-Rust format)")
     parser.add_argument("--samples", type=int, default=1, help="completions per problem")

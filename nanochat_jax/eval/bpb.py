@@ -15,6 +15,7 @@ import json
 import jax.numpy as jnp
 
 from nanochat_jax.errors import CheckpointError
+from nanochat_jax.infer.load import add_checkpoint_flags
 from nanochat_jax.model.config import from_run_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.checkpoint import load_run
@@ -42,12 +43,16 @@ def evaluate_bpb(workdir: str, step: int | None = None, batches: int | None = No
     return {**evaluate(eval_step, state.params, val, n), "step": meta["step"], "batches": n}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
-    parser.add_argument("--step", type=int, default=None, help="default: the latest")
+def add_batches_flag(parser) -> None:
+    """`--batches`: how many validation batches bits/byte is measured on."""
     parser.add_argument("--batches", type=int, default=None,
                         help="validation batches (default: the run's training.eval_batches)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_checkpoint_flags(parser)
+    add_batches_flag(parser)
     args = parser.parse_args(argv)
     print(json.dumps(evaluate_bpb(args.checkpoint, args.step, args.batches), indent=1))
 

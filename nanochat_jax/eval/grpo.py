@@ -479,11 +479,10 @@ def main(argv: list[str] | None = None) -> None:
     from nanochat_jax.eval.code import Sampler
     from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems
     from nanochat_jax.infer.engine import Engine
-    from nanochat_jax.infer.load import load
+    from nanochat_jax.infer.load import add_checkpoint_flags, load
 
     parser = argparse.ArgumentParser(description="Training-free GRPO on Rust problems")
-    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
-    parser.add_argument("--step", type=int, default=None, help="default: the latest")
+    add_checkpoint_flags(parser)
     parser.add_argument("--library", required=True,
                         help="experience library JSON: resumed if it exists, saved every epoch")
     parser.add_argument("--problems", default=str(BUILTIN_PROBLEMS),

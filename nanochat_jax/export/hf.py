@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from nanochat_jax.data.tokenizer import FILENAME, BPETokenizer
 from nanochat_jax.errors import CheckpointError, NanochatError
+from nanochat_jax.infer.load import add_checkpoint_flags
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer, path_names
 
@@ -169,9 +170,8 @@ def model_card(cfg: ModelConfig, config: dict[str, Any], n_params: int,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
+    add_checkpoint_flags(parser)
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--step", type=int, default=None, help="default: the latest")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.step)

@@ -19,7 +19,7 @@ import jax
 
 from nanochat_jax.errors import NanochatError
 from nanochat_jax.infer.engine import Engine, Generation
-from nanochat_jax.infer.load import load
+from nanochat_jax.infer.load import add_checkpoint_flags, load
 
 
 def stream_text(engine: Engine, tokenizer, prompt: str, gen: Generation, key, out=sys.stdout
@@ -46,8 +46,7 @@ def stream_text(engine: Engine, tokenizer, prompt: str, gen: Generation, key, ou
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
-    parser.add_argument("--step", type=int, default=None, help="default: the latest")
+    add_checkpoint_flags(parser)
     parser.add_argument("--prompt", default=None, help="complete this and exit")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")

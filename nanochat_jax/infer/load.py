@@ -19,6 +19,12 @@ from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
 
 
+def add_checkpoint_flags(parser) -> None:
+    """`--checkpoint` and `--step`, taken by every command that reads a trained run."""
+    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
+    parser.add_argument("--step", type=int, default=None, help="default: the latest")
+
+
 @dataclasses.dataclass
 class Loaded:
     """A checkpoint ready for generation."""
