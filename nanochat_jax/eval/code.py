@@ -12,12 +12,13 @@ import concurrent.futures
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 
 from nanochat_jax.data.tokenizer import BPETokenizer
 from nanochat_jax.errors import EvalError
+from nanochat_jax.eval.grpo import Generate
 from nanochat_jax.eval.passk import mean_pass_at_k
 from nanochat_jax.eval.rust import Problem, RustResult, check_compiles, run_tests
 from nanochat_jax.infer.engine import Engine, Generation
@@ -87,13 +88,11 @@ def verify_all(problems: Sequence[Problem], completions: Sequence[Sequence[str]]
         return [[f.result() for f in fs] for fs in futures]
 
 
-Generate = Callable[[list[str], int, float], list[list[str]]]  # a Sampler, or any such function
-
-
 def evaluate_code(sampler: Generate, problems: Sequence[Problem], *, samples: int = 1,
                   temperature: float = 0.0, tests: bool = True) -> dict[str, float]:
-    """{'eval/compile_rate', 'eval/pass_rate' (with tests), 'eval/pass_at_k' (pass@k; k in
-    1, 5, 10 up to `samples`), 'eval/code_seconds'} of `samples` completions per problem."""
+    """`sampler` (a Sampler, or any such function) -> {'eval/compile_rate',
+    'eval/pass_rate' (with tests), 'eval/pass_at_k' (pass@k; k in 1, 5, 10 up to `samples`),
+    'eval/code_seconds'} of `samples` completions per problem."""
     if not problems:
         raise EvalError("evaluate_code needs at least one problem")
     if samples > 1 and temperature == 0:

@@ -97,10 +97,7 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], gen: Generation = Generation(),
                  key: jax.Array | None = None) -> Result:
         """Complete every prompt (lists of token ids) in one batch; the loop runs on device."""
-        tokens, lengths, length = self._batch(prompts, gen)
-        key = jax.random.key(0) if key is None else key
-        cache, first, drafts = self._prefill(self.variables, tokens, lengths, key,
-                                             gen=gen, length=length)
+        key, lengths, (cache, first, drafts) = self._start(prompts, gen, key)
         out, count, passes, drafted, accepted = self._loop(self.variables, cache, first,
                                                            drafts, lengths, key, gen=gen)
         out, count = np.asarray(out), np.asarray(count)
@@ -112,10 +109,7 @@ class Engine:
                key: jax.Array | None = None) -> Iterator[list[int]]:
         """Yield the new tokens of one prompt as each decode step makes them (one token, or
         several when speculative drafts are accepted); stops like `generate`."""
-        tokens, lengths, length = self._batch([prompt], gen)
-        key = jax.random.key(0) if key is None else key
-        cache, token, drafts = self._prefill(self.variables, tokens, lengths, key,
-                                             gen=gen, length=length)
+        key, lengths, (cache, token, drafts) = self._start([prompt], gen, key)
         position, produced = lengths, 0
         new = [int(token[0])]
         while True:
@@ -139,6 +133,14 @@ class Engine:
                 new, position = [int(token[0])], position + 1
 
     # ---- shapes ----------------------------------------------------------------------------
+
+    def _start(self, prompts: Sequence[Sequence[int]], gen: Generation, key: jax.Array | None):
+        """Check and pad the prompts, then prefill.
+        -> (key, lengths [B], (cache, first token [B], drafts [B, M] or None))."""
+        tokens, lengths, length = self._batch(prompts, gen)
+        key = jax.random.key(0) if key is None else key
+        return key, lengths, self._prefill(self.variables, tokens, lengths, key, gen=gen,
+                                           length=length)
 
     def _batch(self, prompts: Sequence[Sequence[int]], gen: Generation):
         """Right-padded prompts [B, P] (P bucketed), lengths [B], and the cache length."""

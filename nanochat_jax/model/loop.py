@@ -35,3 +35,11 @@ def early_exit_step(gate_logits: jax.Array, threshold: float) -> jax.Array:
     reached = cdf >= threshold
     reached = reached.at[-1].set(True)
     return jnp.argmax(reached, axis=0).astype(jnp.int32)
+
+
+def exit_hidden(hidden: jax.Array, gate_logits: jax.Array, threshold: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """Each token's hidden state after its early-exit loop: hidden [S, B, T, D] ->
+    ([B, T, D], the loop index [B, T] from `early_exit_step`)."""
+    step = early_exit_step(gate_logits, threshold)
+    return jnp.take_along_axis(hidden, step[None, :, :, None], axis=0)[0], step

@@ -18,7 +18,7 @@ from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.block import Block
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache, copy_slots
-from nanochat_jax.model.loop import early_exit_step, exit_distribution
+from nanochat_jax.model.loop import exit_distribution, exit_hidden
 from nanochat_jax.model.mtp import MTPModule, shift_left
 
 
@@ -139,9 +139,7 @@ class Transformer(nn.Module):
         out = self.forward(tokens, loops, with_mtp=self.is_initializing())  # init: every param
         if exit_threshold is None or out.exit_logits is None:
             return out.hidden[-1], out.head
-        step = early_exit_step(out.exit_logits, exit_threshold)  # [B, T]
-        chosen = jnp.take_along_axis(out.hidden, step[None, :, :, None], axis=0)[0]
-        return chosen, out.head
+        return exit_hidden(out.hidden, out.exit_logits, exit_threshold)[0], out.head
 
     def __call__(self, tokens: jax.Array, loops: int | None = None,
                  exit_threshold: float | None = None) -> jax.Array:
@@ -193,8 +191,7 @@ class Transformer(nn.Module):
         exit_step = jnp.full(tokens.shape, c.loops - 1, jnp.int32)
         chosen = hidden[-1]
         if exit_threshold is not None and gates:
-            exit_step = early_exit_step(jnp.stack(gates), exit_threshold)
-            chosen = jnp.take_along_axis(jnp.stack(hidden), exit_step[None, :, :, None], 0)[0]
+            chosen, exit_step = exit_hidden(jnp.stack(hidden), jnp.stack(gates), exit_threshold)
         return Decoded(chosen, flat, exit_step, cache.replace(k=k, v=v))
 
     def draft(self, trunk: jax.Array, fed: jax.Array, greedy: jax.Array, last: jax.Array,
