@@ -23,3 +23,7 @@ class DivergenceError(NanochatError, FloatingPointError):
 
 class EvalError(NanochatError):
     """An evaluation cannot run: no Rust compiler, or a malformed problem file."""
+
+
+class ExportError(NanochatError):
+    """A model cannot be written in the requested format (says what would make it fit)."""

@@ -25,6 +25,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model.n_kv_heads = config_dict.placeholder(int)
     c.model.d_ff = config_dict.placeholder(int)
     c.model.tie_embeddings = False
+    c.model.ffn_activation = "relu2"  # or "silu" (SwiGLU; what llama.cpp's bitnet arch runs)
     c.model.rope_theta = 500_000.0
     c.model.norm_eps = 1e-5
     c.model.init_std = 0.02

@@ -14,6 +14,7 @@ from nanochat_jax.errors import ConfigError
 
 TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
 MTP_KINDS = ("sequential", "parallel")
+FFN_ACTIVATIONS = ("relu2", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +27,16 @@ class ModelConfig:
     n_layers: int
     n_heads: int
     n_kv_heads: int  # grouped-query attention when < n_heads
-    d_ff: int  # hidden width of the gated squared-ReLU FFN
+    d_ff: int  # hidden width of the gated FFN
     ternary: bool = True
     # How ternary layers compute: "fake_quant" (quantise, then a float matmul; autodiff STE)
     # or ternary_dot through the packed-weight kernel with impl "auto" (Pallas on GPU/TPU,
     # jnp reference on CPU), "pallas", "interpret" or "reference".
     ternary_impl: str = "auto"
     tie_embeddings: bool = False
+    # Gate of the FFN: "relu2" (BitNet b1.58's squared ReLU) or "silu" (SwiGLU, what
+    # llama.cpp's `bitnet` architecture computes: GGUF export needs it).
+    ffn_activation: str = "relu2"
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -71,6 +75,9 @@ class ModelConfig:
         if self.mtp_kind not in MTP_KINDS:
             raise ConfigError(f"unknown MTP kind {self.mtp_kind!r}: choose one of "
                               f"{', '.join(MTP_KINDS)}")
+        if self.ffn_activation not in FFN_ACTIVATIONS:
+            raise ConfigError(f"unknown model.ffn_activation {self.ffn_activation!r}: choose "
+                              f"one of {', '.join(FFN_ACTIVATIONS)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
@@ -84,6 +91,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Trains in minutes on 2 CPU cores on a byte-level tokenizer.
     "tiny": dict(vocab_size=384, seq_len=128, d_model=128, n_layers=4, n_heads=4,
                  n_kv_heads=2, d_ff=384),
+    # The smallest geometry llama.cpp's ternary GGUF types (TQ1_0/TQ2_0) can hold: every
+    # ternary layer's input width a multiple of 256.
+    "tiny256": dict(vocab_size=8192, seq_len=128, d_model=256, n_layers=4, n_heads=4,
+                    n_kv_heads=2, d_ff=768),
     # nanochat's d20 geometry (depth 20, width 64 * depth).
     "d20": dict(vocab_size=32768, seq_len=2048, d_model=1280, n_layers=20, n_heads=10,
                 n_kv_heads=10, d_ff=3584),

@@ -130,7 +130,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated squared-ReLU FFN: W_down(ffn_sub_norm(relu(x W_1)^2 * (x W_3)))."""
+    """Gated FFN: W_down(ffn_sub_norm(act(x W_1) * (x W_3))), act = relu^2 (BitNet b1.58)
+    or silu (SwiGLU) by `ffn_activation`."""
 
     cfg: ModelConfig
 
@@ -142,7 +143,8 @@ class FeedForward(nn.Module):
                                                         name=name)
         gate, carrier = linear_with(lin(c.d_ff, "w1"), x, carrier)  # [B, T, F]
         up, carrier = linear_with(lin(c.d_ff, "w3"), x, carrier)  # [B, T, F]
-        h = jnp.square(jax.nn.relu(gate)) * up
+        act = jax.nn.silu(gate) if c.ffn_activation == "silu" else jnp.square(jax.nn.relu(gate))
+        h = act * up
         h = nn.RMSNorm(epsilon=c.norm_eps, name="ffn_sub_norm")(h)
         return linear_with(lin(c.d_model, "w2", c.init_std / (2 * c.n_layers) ** 0.5), h,
                            carrier)

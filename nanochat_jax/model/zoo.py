@@ -3,7 +3,8 @@ that trains it.
 
     python -m nanochat_jax.model.zoo [--json]
 
-Sizes come from `jax.eval_shape` (shapes only, nothing allocated): parameters, the bytes of
+Sizes are those of the model the listed command trains (its config decides vocabulary and
+tied head), from `jax.eval_shape` (shapes only, nothing allocated): parameters, the bytes of
 the ternary layers as bf16 and as packed I2 codes (2 bits per weight, padded to the kernel's
 tile alignment, plus one fp32 scale per matrix, exactly what `model.packed.pack_params`
 stores), and the embedding and head, which stay in floating point.
@@ -12,25 +13,39 @@ stores), and the embedding and head, which stay in floating point.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax.model.config import PRESETS, ModelConfig, model_config
+from nanochat_jax.model.config import PRESETS, ModelConfig, from_run_config
 from nanochat_jax.model.transformer import Transformer, is_block_kernel
 from nanochat_jax.ternary.packing import pack
 
-# The experiment config (experiments/configs/) that trains each preset: `tiny` has its own,
-# every other preset is the `base` run (125m, rust-src, 32k BPE) with the preset swapped in.
-TRAINED_BY = {"tiny": "--config=tiny"}
+# The experiment config (experiments/configs/) that trains each preset: `tiny` and `tiny256`
+# (tied, SwiGLU: the llama.cpp-exportable tiny Rust model) have their own, every other
+# preset is the `base` run (125m, rust-src, 32k BPE) with the preset swapped in.
+TRAINED_BY = {"tiny": "tiny", "tiny256": "tiny_rust_gguf"}
+
+
+def _run_config(preset: str):
+    name = TRAINED_BY.get(preset, "base")
+    return name, importlib.import_module(f"experiments.configs.{name}").get_config()
 
 
 def train_command(preset: str) -> str:
     """The runner command that trains `preset`."""
-    flags = TRAINED_BY.get(preset, "--config=base" + (
-        "" if preset == "125m" else f" --config.model.preset={preset}"))
-    return f"python -m experiments.run {flags}"
+    name, config = _run_config(preset)
+    swap = "" if config.model.preset == preset else f" --config.model.preset={preset}"
+    return f"python -m experiments.run --config={name}{swap}"
+
+
+def trained_model(preset: str) -> ModelConfig:
+    """The architecture `train_command(preset)` trains."""
+    _, config = _run_config(preset)
+    config.model.preset = preset
+    return from_run_config(config.to_dict())
 
 
 def sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -53,10 +68,11 @@ def zoo() -> list[dict]:
     """One row per preset: geometry, sizes and the command that trains it."""
     rows = []
     for name in PRESETS:
-        cfg = model_config(name)
+        cfg = trained_model(name)
         rows.append({"preset": name, "d_model": cfg.d_model, "layers": cfg.n_layers,
                      "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "d_ff": cfg.d_ff,
-                     "vocab": cfg.vocab_size, **sizes(cfg), "train": train_command(name)})
+                     "vocab": cfg.vocab_size, "tied": cfg.tie_embeddings, **sizes(cfg),
+                     "train": train_command(name)})
     return rows
 
 
