@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from experiments.configs import e3_full, tiny, tiny_rust
+from experiments.configs import e3_full, tiny, tiny_rust, tiny_rust_gguf
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -75,3 +75,9 @@ def small_rust_config():
 def small_e3_full_config():
     """e3_full (every architecture feature, GaLore 2 + 8-bit Muon), small, on the 1k BPE."""
     return _small_rust(e3_full.get_config())
+
+
+@pytest.fixture
+def small_rust_gguf_config():
+    """tiny_rust_gguf (tied, SwiGLU, 256 wide: llama.cpp-exportable) on the 1k BPE."""
+    return _small_rust(tiny_rust_gguf.get_config())

@@ -159,6 +159,24 @@ def test_the_command_refuses_an_untied_run_before_writing(trained_run, tmp_path)
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_a_run_of_the_exportable_config_exports_and_runs_in_llama_cpp(small_rust_gguf_config,
+                                                                     tmp_path, capsys):
+    _llama_cpp()
+    from nanochat_jax.train.trainer import train
+
+    small_rust_gguf_config.training.steps = small_rust_gguf_config.training.eval_every = 4
+    workdir, out = str(tmp_path / "run"), tmp_path / "m.gguf"
+    train(small_rust_gguf_config, workdir)
+    capsys.readouterr()
+    main(["--checkpoint", workdir, "--out", str(out), "--type", "tq1_0", "--check",
+          "--new_tokens", "8"])
+    printed = capsys.readouterr().out
+    assert "TQ1_0, step 4" in printed and "1.6875 bits per ternary-layer weight" in printed
+    assert "tokenizer equal" in printed and "argmax agreement" in printed
+    assert out.stat().st_size > 0
+
+
 # ---- llama.cpp itself ----
 
 def _llama_cpp():

@@ -291,10 +291,27 @@ def test_model_config_overrides_apply_and_none_keeps_preset():
     dict(n_kv_heads=3),  # n_heads=4 is not a multiple of it
     dict(vocab_size=0),
     dict(d_model=20),  # head dim 5 is odd: cannot rotate pairs
+    dict(ffn_activation="gelu"),  # relu2 or silu only
 ])
 def test_model_config_rejects_bad_geometry(fields):
     with pytest.raises(ConfigError):
         dataclasses.replace(TINY, **fields)
+
+
+@pytest.mark.parametrize("activation,act", [("relu2", lambda g: jnp.square(jax.nn.relu(g))),
+                                             ("silu", jax.nn.silu)])
+def test_ffn_is_down_of_sub_normed_activation_of_gate_times_up(activation, act):
+    from nanochat_jax.model.layers import FeedForward
+
+    cfg = dataclasses.replace(TINY, ternary=False, ffn_activation=activation)
+    x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model))
+    ffn = FeedForward(cfg)
+    params = ffn.init(jax.random.key(0), x)["params"]
+    out, _ = ffn.apply({"params": params}, x)
+    h = act(x @ params["w1"]["kernel"]) * (x @ params["w3"]["kernel"])
+    h = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+    want = (h * params["ffn_sub_norm"]["scale"]) @ params["w2"]["kernel"]
+    assert_allclose(out, want, rtol=2e-5, atol=2e-5)
 
 
 def test_count_params_for_tiny_preset_matches_model_init():
