@@ -106,6 +106,10 @@ def main(argv: list[str], name: str) -> None:
         summary = train(_CONFIG.value, workdir)
     except NanochatError as e:
         raise SystemExit(f"error: {e}") from None
+    import jax
+
+    if jax.process_index():
+        return  # process 0 reports
     keys = ("loss/ce", "eval/ce", "eval/bpb", "throughput/tokens_per_sec", "throughput/mfu")
     print("final: step {} | ".format(summary["step"])
           + " | ".join(f"{k} {summary[k]:.4g}" for k in keys if k in summary))

@@ -26,6 +26,8 @@ def get_config() -> config_dict.ConfigDict:
     c.model.d_ff = config_dict.placeholder(int)
     c.model.tie_embeddings = False
     c.model.ffn_activation = "relu2"  # or "silu" (SwiGLU; what llama.cpp's bitnet arch runs)
+    c.model.compute_dtype = "float32"  # bfloat16: bf16 activations, fp32 master weights
+    c.model.remat = "none"  # full | dots: recompute block activations in the backward
     c.model.rope_theta = 500_000.0
     c.model.norm_eps = 1e-5
     c.model.init_std = 0.02
@@ -57,6 +59,9 @@ def get_config() -> config_dict.ConfigDict:
     c.training.code_eval_every = 0
     c.training.code_eval_problems = config_dict.placeholder(str)
     c.training.code_eval_max_new_tokens = 128
+    # k > 1: the batch is split into k micro-batches whose gradients are averaged before
+    # one update (same result as the whole batch, 1/k of the activation memory)
+    c.training.grad_accum = 1
     c.training.z_loss = 0.0  # coefficient of mean(logsumexp^2); 1e-4 is PaLM's
     c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
     c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure
@@ -132,4 +137,21 @@ def get_config() -> config_dict.ConfigDict:
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 500
     c.checkpoint.max_to_keep = 3
+
+    # train/sharding.py: the device mesh over every device of every process; -1 = the rest.
+    # fsdp shards parameters and optimizer states, tensor splits heads / MLP / vocabulary,
+    # and the batch is split over data x fsdp.
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # train/sharding.py: multi-process start-up (jax.distributed.initialize) before any
+    # device is used. coordinator_address (host:port) with num_processes and process_id, or
+    # auto=True for JAX's detection (TPU pods, SLURM, Open MPI, JAX_* environment variables).
+    c.distributed = config_dict.ConfigDict()
+    c.distributed.auto = False
+    c.distributed.coordinator_address = config_dict.placeholder(str)
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
     return c

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from nanochat_jax.collider import Carrier
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.hyper import HyperMaps, hyper_read, hyper_write
-from nanochat_jax.model.layers import Attention, FeedForward
+from nanochat_jax.model.layers import Attention, FeedForward, rms_norm
 
 
 class Block(nn.Module):
@@ -31,7 +31,7 @@ class Block(nn.Module):
         """x -> (x, H_res maps or None, Collider carrier passed on, attention's updated KV
         cache or None); `kv` and `positions` as in layers.Attention."""
         c = self.cfg
-        norm = lambda name: nn.RMSNorm(epsilon=c.norm_eps, name=name)
+        norm = lambda name: rms_norm(c, name)
 
         def attn(h, cr):
             nonlocal kv
@@ -54,3 +54,14 @@ class Block(nn.Module):
             x = hyper_write(x, y, h_post, h_res)
             res_maps.append(h_res)
         return x, jnp.stack(res_maps), carrier, kv
+
+
+REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def block_class(cfg: ModelConfig) -> type[Block]:
+    """Block, or Block under `nn.remat` with the config's policy (activations recomputed in
+    the backward pass instead of stored)."""
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT[cfg.remat])

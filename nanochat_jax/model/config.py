@@ -15,6 +15,11 @@ from nanochat_jax.errors import ConfigError
 TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
 MTP_KINDS = ("sequential", "parallel")
 FFN_ACTIVATIONS = ("relu2", "silu")
+REMAT_POLICIES = ("none", "full", "dots")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# fields that change how the model computes, not which model it is: a run may resume with
+# other values
+HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,13 @@ class ModelConfig:
     # Gate of the FFN: "relu2" (BitNet b1.58's squared ReLU) or "silu" (SwiGLU, what
     # llama.cpp's `bitnet` architecture computes: GGUF export needs it).
     ffn_activation: str = "relu2"
+    # How it computes (not what: a run may change these on resume). `compute_dtype`
+    # bfloat16: activations and matmuls in bf16, parameters (the fp32 master weights),
+    # norms' statistics, softmax and the loss in fp32. `remat`: recompute each block's
+    # activations in the backward pass: "full" saves only block inputs, "dots" also the
+    # matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+    compute_dtype: str = "float32"
+    remat: str = "none"
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -78,12 +90,25 @@ class ModelConfig:
         if self.ffn_activation not in FFN_ACTIVATIONS:
             raise ConfigError(f"unknown model.ffn_activation {self.ffn_activation!r}: choose "
                               f"one of {', '.join(FFN_ACTIVATIONS)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"unknown model.compute_dtype {self.compute_dtype!r}: choose "
+                              f"one of {', '.join(COMPUTE_DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"unknown model.remat {self.remat!r}: choose one of "
+                              f"{', '.join(REMAT_POLICIES)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def dtype(self):
+        """The activation dtype (`compute_dtype` as a jnp dtype)."""
+        import jax.numpy as jnp
+
+        return jnp.dtype(self.compute_dtype)
 
 
 # name -> architecture; vocab 32768 (our BPE) unless the preset is byte-level.

@@ -58,6 +58,11 @@ def linear_with(layer: BitLinear, x: jax.Array, carrier: collider.Carrier | None
     return (layer(x), None) if carrier is None else layer(x, carrier)
 
 
+def rms_norm(cfg: ModelConfig, name: str | None = None) -> nn.RMSNorm:
+    """RMSNorm with fp32 statistics and fp32 gain, output in the compute dtype."""
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, name=name)
+
+
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables for rotate-half RoPE.  positions: [T] or [B, T] -> each [..., head_dim/2]."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -124,7 +129,7 @@ class Attention(nn.Module):
             visible = jnp.arange(k.shape[1]) <= positions[:, :, None]  # [B, T, S]
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                                mask=visible[:, None])
-        out = nn.RMSNorm(epsilon=c.norm_eps, name="attn_sub_norm")(out.reshape(b, t, -1))
+        out = rms_norm(c, "attn_sub_norm")(out.reshape(b, t, -1))
         out, carrier = dense(out, c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)
         return out, carrier, kv
 
@@ -145,6 +150,6 @@ class FeedForward(nn.Module):
         up, carrier = linear_with(lin(c.d_ff, "w3"), x, carrier)  # [B, T, F]
         act = jax.nn.silu(gate) if c.ffn_activation == "silu" else jnp.square(jax.nn.relu(gate))
         h = act * up
-        h = nn.RMSNorm(epsilon=c.norm_eps, name="ffn_sub_norm")(h)
+        h = rms_norm(c, "ffn_sub_norm")(h)
         return linear_with(lin(c.d_model, "w2", c.init_std / (2 * c.n_layers) ** 0.5), h,
                            carrier)

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax.collider import Carrier
-from nanochat_jax.model.block import Block
+from nanochat_jax.model.block import block_class
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.layers import BitLinear, linear_with
+from nanochat_jax.model.layers import BitLinear, linear_with, rms_norm
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -39,10 +39,10 @@ class MTPModule(nn.Module):
         c = self.cfg
         h = h_prev  # [B, T, D]
         if c.mtp_kind == "sequential":
-            h = jnp.concatenate([nn.RMSNorm(epsilon=c.norm_eps, name="hidden_norm")(h_prev),
-                                 nn.RMSNorm(epsilon=c.norm_eps, name="embed_norm")(next_embed)],
+            h = jnp.concatenate([rms_norm(c, "hidden_norm")(h_prev),
+                                 rms_norm(c, "embed_norm")(next_embed)],
                                 axis=-1)  # [B, T, 2D]
             proj = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, name="proj")
             h, carrier = linear_with(proj, h, carrier)
-        h, _, carrier, kv = Block(c, name="block")(h, carrier, kv, positions)
-        return h, nn.RMSNorm(epsilon=c.norm_eps, name="out_norm")(h), carrier, kv
+        h, _, carrier, kv = block_class(c)(c, name="block")(h, carrier, kv, positions)
+        return h, rms_norm(c, "out_norm")(h), carrier, kv

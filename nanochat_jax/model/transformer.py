@@ -15,9 +15,10 @@ import jax.numpy as jnp
 
 from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.block import Block
+from nanochat_jax.model.block import block_class
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache, copy_slots
+from nanochat_jax.model.layers import rms_norm
 from nanochat_jax.model.loop import exit_distribution, exit_hidden
 from nanochat_jax.model.mtp import MTPModule, shift_left
 
@@ -72,13 +73,13 @@ class Transformer(nn.Module):
         c = self.cfg
         self.embed = nn.Embed(c.vocab_size, c.d_model,
                               embedding_init=nn.initializers.normal(c.init_std))
-        self.blocks = [Block(c, i, name=f"block_{i}") for i in range(c.n_layers)]
-        self.final_norm = nn.RMSNorm(epsilon=c.norm_eps)
+        self.blocks = [block_class(c)(c, i, name=f"block_{i}") for i in range(c.n_layers)]
+        self.final_norm = rms_norm(c)
         if not c.tie_embeddings:
             self.lm_head = self.param("lm_head", nn.initializers.normal(c.init_std),
                                       (c.d_model, c.vocab_size), jnp.float32)
         if c.loops > 1:
-            self.loop_norm = nn.RMSNorm(epsilon=c.norm_eps)
+            self.loop_norm = rms_norm(c)
             self.exit_gate = nn.Dense(1, kernel_init=nn.initializers.normal(c.init_std))
         plain = dataclasses.replace(c, mhc_streams=0)
         self.mtp = [MTPModule(plain, name=f"mtp_{k}") for k in range(c.mtp_depth)]
@@ -88,7 +89,7 @@ class Transformer(nn.Module):
 
     def _embed_stream(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] -> the residual stream [B, T, D] ([B, T, n, D] with mHC)."""
-        x = self.embed(tokens)  # [B, T, D]
+        x = self.embed(tokens).astype(self.cfg.dtype)  # [B, T, D]
         if self.cfg.mhc_streams:
             x = jnp.repeat(x[:, :, None, :], self.cfg.mhc_streams, axis=2)  # [B, T, n, D]
         return x

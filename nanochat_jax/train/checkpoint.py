@@ -43,8 +43,13 @@ class Checkpointer:
             meta=ocp.args.JsonRestore())).meta
 
     def restore(self, step: int, like: Any) -> Any:
-        """Restore the state at `step` into the structure, shapes and shardings of `like`."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        """Restore the state at `step` into the structure, shapes and shardings of `like`;
+        leaves of `like` without a sharding (shapes only) land on the first local device, so
+        a checkpoint saved on any mesh loads on any machine."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
+                x, "sharding", None) or device), like)
         try:
             return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract))).state

@@ -16,14 +16,20 @@ from nanochat_jax.model.config import ModelConfig
 
 
 class MetricWriter:
-    """Writes scalars to `workdir/metrics.jsonl` (one object per step) and `workdir/tb/`."""
+    """Writes scalars to `workdir/metrics.jsonl` (one object per step) and `workdir/tb/`;
+    `enabled=False` (every process but the first of a multi-host job) writes nothing."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
@@ -31,6 +37,8 @@ class MetricWriter:
             self._tb.add_scalar(tag, float(value), step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._jsonl.close()
         self._tb.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,10 +21,11 @@ class TrainState:
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                     seq_len: int) -> TrainState:
-    """Initialise params and optimizer state on device (one jit-compiled call)."""
+                     seq_len: int, shardings: TrainState | None = None) -> TrainState:
+    """Initialise params and optimizer state on device (one jit-compiled call), each leaf
+    created directly in its sharding when `shardings` are given."""
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=shardings)
     def init(key):
         init_key, state_key = jax.random.split(key)
         params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]

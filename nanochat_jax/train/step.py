@@ -6,7 +6,9 @@ and PAD targets are masked out of the loss.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,16 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """In/out shardings of the jitted steps (see train/sharding.py)."""
+
+    state: Any  # TrainState of NamedShardings
+    batch: jax.sharding.Sharding  # tokens [B, T+1]
+    reference: Any  # the Collider reference's params (or None)
+    replicated: jax.sharding.Sharding  # metrics
 
 
 def _split(tokens: jax.Array, pad_id: int):
@@ -62,14 +74,17 @@ def reference_token_loss(reference: Transformer, params, inputs: jax.Array,
 
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
-                    lr_fn: Callable, objective: Objective, reference: Transformer | None = None
+                    lr_fn: Callable, objective: Objective, reference: Transformer | None = None,
+                    *, grad_accum: int = 1, shardings: StepShardings | None = None
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
     """train_step(state, tokens[, reference_params]) -> (new state, metrics); the state
     buffers are donated. With Collider on, the backward of every BitLinear runs on the kept
     positions only; `reference` (with its params as the third argument) makes the score the
-    excess loss over that model."""
+    excess loss over that model. `grad_accum` k > 1 splits the batch into k micro-batches
+    (a `lax.scan`, one at a time in memory) and averages their gradients and metrics before
+    the one update; `shardings` jit the step with those in/out shardings (train/sharding.py)."""
 
-    def train_step(state: TrainState, tokens: jax.Array, reference_params=None):
+    def grads_and_metrics(params, tokens: jax.Array, step: jax.Array, reference_params):
         inputs, targets, mask = _split(tokens, objective.pad_id)
         carrier = (Carrier.start(inputs.shape, objective.keep_ratio)
                    if objective.keep_ratio is not None and objective.sparse_backward else None)
@@ -79,21 +94,47 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
         def loss_fn(params):
             out = model.apply({"params": params}, inputs, carrier=carrier,
                               method=Transformer.forward)
-            loss, metrics, _ = lm_objective(out, targets, mask, objective, state.step, ref_loss)
+            loss, metrics, _ = lm_objective(out, targets, mask, objective, step, ref_loss)
             return loss, metrics
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return metrics, grads
+
+    def accumulated(params, tokens: jax.Array, step: jax.Array, reference_params):
+        b = tokens.shape[0]
+        if b % grad_accum:
+            raise ConfigError(f"training.grad_accum={grad_accum} does not divide the batch of "
+                              f"{b} rows")
+        micro = tokens.reshape(b // grad_accum, grad_accum, -1).swapaxes(0, 1)  # [k, B/k, T+1]
+
+        def add(total, batch):
+            out = grads_and_metrics(params, batch, step, reference_params)
+            return jax.tree.map(jnp.add, total, out), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+            grads_and_metrics, params, micro[0], step, reference_params))
+        total, _ = jax.lax.scan(add, zeros, micro)
+        return jax.tree.map(lambda x: x / grad_accum, total)
+
+    def train_step(state: TrainState, tokens: jax.Array, reference_params=None):
+        compute = grads_and_metrics if grad_accum == 1 else accumulated
+        metrics, grads = compute(state.params, tokens, state.step, reference_params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
                         "training/grad_norm": optax.tree.norm(grads)})
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    s = shardings
+    return jax.jit(train_step, in_shardings=(s.state, s.batch, s.reference),
+                   out_shardings=(s.state, s.replicated), donate_argnums=0)
 
 
 def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,
-                   vocab_chunk: int) -> Callable[[dict, jax.Array], Metrics]:
+                   vocab_chunk: int, shardings: StepShardings | None = None
+                   ) -> Callable[[dict, jax.Array], Metrics]:
     """eval_step(params, tokens) -> summed CE (nats), token count and byte count of targets.
 
     Sums (not means) so batches combine exactly; bits/byte = ce_sum / (ln 2 * bytes).
@@ -106,4 +147,8 @@ def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,
         return {"ce_sum": jnp.sum(out.token_ce), "tokens": jnp.sum(mask),
                 "bytes": jnp.sum(jnp.where(mask, token_bytes[targets], 0))}
 
-    return jax.jit(eval_step)
+    if shardings is None:
+        return jax.jit(eval_step)
+    s = shardings
+    return jax.jit(eval_step, in_shardings=(s.state.params, s.batch),
+                   out_shardings=s.replicated)

@@ -32,9 +32,10 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import apply_fire
 from nanochat_jax.train import metrics as metrics_lib
+from nanochat_jax.train import sharding as sharding_lib
 from nanochat_jax.train.checkpoint import Checkpointer, load_run
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_eval_step, make_train_step
+from nanochat_jax.train.step import StepShardings, build_objective, make_eval_step, make_train_step
 
 
 class _StopFlag:
@@ -67,7 +68,8 @@ def _check_resumable(saved: dict, mcfg: model_config.ModelConfig, workdir: str,
     before = dataclasses.asdict(model_config.from_run_config(
         ml_collections.ConfigDict(saved["config"])))
     now = dataclasses.asdict(mcfg)
-    diff = {k: (before[k], now[k]) for k in now if before.get(k) != now[k]}
+    diff = {k: (before[k], now[k]) for k in now
+            if before.get(k) != now[k] and k not in model_config.HOW_IT_COMPUTES}
     if diff:
         raise CheckpointError(
             f"{workdir} holds a checkpoint of a different model (saved, configured): {diff}; "
@@ -144,11 +146,12 @@ def _mean_metrics(pending: list[dict]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
-def evaluate(eval_step, params, batches: BatchSource, n_batches: int) -> dict[str, float]:
+def evaluate(eval_step, params, batches: BatchSource, n_batches: int,
+             sharding: jax.sharding.Sharding | None = None) -> dict[str, float]:
     """`eval/ce` (nats/token) and `eval/bpb` over the first n_batches of a batch source."""
     totals = None
     for i in range(n_batches):
-        out = eval_step(params, to_device(batches.batch(i), None))
+        out = eval_step(params, to_device(batches.batch(i), sharding))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     t = jax.device_get(totals)
     ce_sum, tokens, n_bytes = (float(t[k]) for k in ("ce_sum", "tokens", "bytes"))
@@ -179,7 +182,12 @@ def _code_evaluator(config: ml_collections.ConfigDict, model: Transformer, token
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics."""
+    """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics.
+    Every process of a multi-host job runs this; only process 0 prints and writes metrics."""
+    if "distributed" in config:
+        sharding_lib.initialize_distributed(config.distributed)
+    main_process = jax.process_index() == 0
+    say = print if main_process else (lambda *_, **__: None)
     mcfg = model_config.from_run_config(config)
     tc, dc = config.training, config.data
     if tc.steps <= 0 or tc.log_every <= 0 or tc.eval_every <= 0:
@@ -195,63 +203,87 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             not filtering.reference):
         raise ConfigError("collider.score=excess_loss needs collider.reference=WORKDIR, the "
                           "workdir of a trained run with the same tokenizer")
+    mesh = sharding_lib.make_mesh(config.mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if dc.batch_size % (batch_shards * tc.grad_accum):
+        raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of mesh.data x "
+                          f"mesh.fsdp ({batch_shards}) x training.grad_accum ({tc.grad_accum})")
     os.makedirs(workdir, exist_ok=True)
 
     corpus, train_data, val_data = open_data(config, mcfg.seq_len)
     tokenizer = corpus.tokenizer
-    tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
+    if main_process:
+        tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
     data_identity = {"tokenizer": tokenizer.identity(),
                      "corpus_sha256": corpus.manifest["content_sha256"]}
     eval_batches = min(tc.eval_batches, val_data.n_rows // dc.batch_size)
     tokens_per_step = dc.batch_size * mcfg.seq_len
-    print(f"data: {dc.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
+    say(f"data: {dc.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
           f"{val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; {tokenizer.name}")
 
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
-    state = init_train_state(model, tx, tc.seed, mcfg.seq_len)
+    state_shardings = sharding_lib.train_state_shardings(jax.eval_shape(
+        lambda: init_train_state(model, tx, tc.seed, mcfg.seq_len)), mesh)
+    state = init_train_state(model, tx, tc.seed, mcfg.seq_len, state_shardings)
+    say(f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
+        f"process(es)")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
                         config.checkpoint.max_to_keep)
     latest = ckpt.latest_step()
     if latest is not None:
         _check_resumable(ckpt.restore_meta(latest), mcfg, workdir, data_identity)
         state = ckpt.restore(latest, state)
-        print(f"resumed from {workdir} at step {latest}")
+        say(f"resumed from {workdir} at step {latest}")
 
     def meta(step: int) -> dict:
         return {"config": config.to_dict(), "step": step,
                 "data": {**data_identity, "batches_consumed": step, "seed": tc.seed}}
 
     oc = config.optimizer
-    fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0)
+    fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0,
+                   out_shardings=state_shardings)
     reference, reference_params = None, None
     if filtering and filtering.enabled and filtering.score == "excess_loss":
         reference, reference_params = _load_reference(filtering.reference, data_identity)
-        print(f"collider: excess loss over the reference model in {filtering.reference}")
+        reference_params = jax.device_put(reference_params, sharding_lib.named(
+            sharding_lib.param_specs(reference_params, mesh), mesh))
+        say(f"collider: excess loss over the reference model in {filtering.reference}")
+    shardings = StepShardings(
+        state=state_shardings, batch=sharding_lib.batch_sharding(mesh),
+        reference=None if reference_params is None else jax.tree.map(
+            lambda x: x.sharding, reference_params),
+        replicated=sharding_lib.replicated(mesh))
     train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id),
-                                 reference)
+                                 reference, grad_accum=tc.grad_accum, shardings=shardings)
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
-                               pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk)
+                               pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk,
+                               shardings=shardings)
+    run_eval = lambda params: evaluate(eval_step, params, val_data, eval_batches,
+                                       shardings.batch)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
     peak = tc.peak_flops or metrics_lib.measure_peak_flops()
     flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
     memory = {"memory/params_bytes": metrics_lib.tree_bytes(state.params),
               "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
     code_eval = _code_evaluator(config, model, tokenizer)
-    print(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
+    say(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
           f"{n_params:,} params; optimizer {config.optimizer.name}; "
           f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
 
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
     start = int(state.step)
     summary: dict[str, Any] = {"start_step": start, "interrupted": False}
     if start == 0:
-        writer.write(0, {**evaluate(eval_step, state.params, val_data, eval_batches), **memory})
+        writer.write(0, {**run_eval(state.params), **memory})
     pending: list[dict] = []
     clock = _Throughput(tokens_per_step)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not main_process)
+    note = bar.write if main_process else say  # tqdm.write prints even when disabled
     step = start
-    batches = Prefetcher(train_data, start, depth=dc.prefetch)
+    batches = Prefetcher(train_data, start, depth=dc.prefetch, sharding=shardings.batch)
     try:
         with _StopFlag() as stop:
             while step < tc.steps and stop.signal is None:
@@ -259,7 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 assert batch_step == step, (batch_step, step)
                 if step == oc.fire_step:  # a data boundary: re-initialise once (SPECS §7)
                     state = fire(state)
-                    bar.write(f"step {step}: FIRE re-initialised the hidden matrices "
+                    note(f"step {step}: FIRE re-initialised the hidden matrices "
                               f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
                 state, step_metrics = train_step(state, batch, reference_params)
                 step += 1
@@ -284,24 +316,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     summary.update(logged)
                     clock.restart(step)
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    evaluated = evaluate(eval_step, state.params, val_data, eval_batches)
+                    evaluated = run_eval(state.params)
                     writer.write(step, evaluated)
                     summary.update(evaluated)
-                    bar.write(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
+                    note(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
                               f"bpb {evaluated['eval/bpb']:.4f}")
                     clock.restart(step)  # evaluation is not training throughput
                 if code_eval and (step % tc.code_eval_every == 0 or step == tc.steps):
                     evaluated = code_eval(state.params)
                     writer.write(step, evaluated)
                     summary.update(evaluated)
-                    bar.write(f"step {step}: compile rate {evaluated['eval/compile_rate']:.3f}, "
+                    note(f"step {step}: compile rate {evaluated['eval/compile_rate']:.3f}, "
                               f"pass rate {evaluated['eval/pass_rate']:.3f}")
                     clock.restart(step)
                 if ckpt.save(step, state, meta(step)):
                     clock.restart(step)  # the save waited for the step to finish
             if stop.signal is not None:
                 summary["interrupted"] = True
-                bar.write(f"{stop.signal} received: stopped at step {step}; re-run the same "
+                note(f"{stop.signal} received: stopped at step {step}; re-run the same "
                           f"command to resume")
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, meta(step), force=True)

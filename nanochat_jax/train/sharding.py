@@ -1,0 +1,204 @@
+"""Mesh, logical axis rules and multi-host start-up: how one runner spans devices and hosts.
+
+Sharding is data, not code (DESIGN principle 5). Every parameter gets logical axis names
+from `PARAM_AXES` (a rule table on its Flax path: `embed/embedding` -> ("vocab", "embed"),
+`.../attn/q/kernel` -> ("embed", "heads"), ...), and `LOGICAL_RULES` map logical names to
+the mesh axes `data`, `fsdp`, `tensor`:
+
+- FSDP: the `embed` dimension of every matrix is split over `fsdp`, so parameters and the
+  optimizer states that mirror them (Adam moments, Muon momentum) live 1/fsdp per device;
+- tensor parallelism: `heads`, `mlp` and `vocab` dimensions are split over `tensor`;
+- data parallelism: the batch is split over `data` x `fsdp`.
+
+A dimension that the mesh axis does not divide stays whole. Optimizer-state leaves that are
+not shaped like their parameter (8-bit blockwise codes, GaLore projections and bases) are
+split over `fsdp` along their first divisible dimension (the blocks of 8-bit codes). The
+step is `jax.jit` with these shardings in and out; XLA's SPMD partitioner inserts the
+collectives.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nanochat_jax.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+
+# "/"-joined Flax path (searched) -> logical name of each dimension (None: never split).
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(^|/)embed/embedding$", ("vocab", "embed")),
+    (r"^lm_head$", ("embed", "vocab")),
+    (r"/attn/(q|k|v)/kernel$", ("embed", "heads")),
+    (r"/attn/o/kernel$", ("heads", "embed")),
+    (r"/ffn/(w1|w3)/kernel$", ("embed", "mlp")),
+    (r"/ffn/w2/kernel$", ("mlp", "embed")),
+    (r"(^|/)proj/kernel$", (None, "embed")),  # MTP: [2D, D] from [h; emb]
+    (r"/phi$", ("embed", None)),  # mHC: [n D, n^2 + 2n]
+    (r"(^|/)exit_gate/kernel$", ("embed", None)),  # LoopLM: [D, 1]
+    (r"/(scale|bias|alpha|b_pre|b_post|b_res)$", ()),  # norms and small vectors: replicated
+)
+
+# logical name -> mesh axes (flax.linen.logical_to_mesh_axes format)
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+MIN_SHARDED_STATE = 2**12  # optimizer-state leaves smaller than this stay replicated
+
+
+def initialize_distributed(dc) -> None:
+    """`jax.distributed.initialize` from the config's `distributed` group, before any device
+    is touched. `coordinator_address` set: explicit (with `num_processes`, `process_id`);
+    `auto=True`: JAX's cluster detection (TPU pods, SLURM, Open MPI, or the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment); else a
+    single process. CPU processes exchange data over gloo."""
+    explicit = dc.coordinator_address is not None
+    if not (explicit or dc.auto):
+        return
+    if explicit and (dc.num_processes is None or dc.process_id is None):
+        raise ConfigError("distributed.coordinator_address needs distributed.num_processes "
+                          "and distributed.process_id")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(dc.coordinator_address, dc.num_processes, dc.process_id)
+    else:
+        jax.distributed.initialize(
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"])
+            if "JAX_NUM_PROCESSES" in os.environ else None,
+            process_id=int(os.environ["JAX_PROCESS_ID"])
+            if "JAX_PROCESS_ID" in os.environ else None)
+
+
+def mesh_shape(mc, n_devices: int) -> dict[str, int]:
+    """{axis: size} of the config's `mesh` group over `n_devices`; one axis may be -1 (the
+    rest)."""
+    sizes = {axis: int(mc[axis]) for axis in AXES}
+    rest = [a for a, s in sizes.items() if s == -1]
+    if len(rest) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+        raise ConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if rest:
+        if n_devices % known:
+            raise ConfigError(f"mesh {sizes}: {n_devices} devices are not a multiple of "
+                              f"{known}")
+        sizes[rest[0]] = n_devices // known
+    if math.prod(sizes.values()) != n_devices:
+        raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but "
+                          f"{n_devices} are available (set one axis to -1 for the rest)")
+    return sizes
+
+
+def make_mesh(mc) -> Mesh:
+    """The (data, fsdp, tensor) mesh over every device of every process."""
+    sizes = mesh_shape(mc, jax.device_count())
+    # Auto axes: XLA's SPMD partitioner propagates shardings through the model's ops
+    return jax.make_mesh(tuple(sizes.values()), AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def path_name(path) -> str:
+    """"block_0/attn/q/kernel" of a pytree key path (dict keys and attribute names)."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+    return "/".join(parts)
+
+
+def logical_axes(name: str) -> tuple[str | None, ...] | None:
+    """The logical axis names of parameter `name` (None if no rule matches)."""
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, name):
+            return axes
+    return None
+
+
+def _spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
+    """PartitionSpec of a leaf with these logical axes; undivisible dimensions stay whole."""
+    import flax.linen as nn
+
+    if not axes:
+        return P()
+    spec = list(nn.logical_to_mesh_axes(axes, LOGICAL_RULES))
+    for i, mesh_axes in enumerate(spec):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+        if shape[i] % math.prod(mesh.shape[a] for a in names):
+            spec[i] = None
+    return P(*spec)
+
+
+def param_specs(params: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs of a params tree (arrays or shapes); every parameter must match a
+    rule of PARAM_AXES."""
+    def spec(path, leaf):
+        name = path_name(path)
+        axes = logical_axes(name)
+        if axes is None or len(axes) not in (0, leaf.ndim):
+            raise ConfigError(f"no sharding rule for parameter {name} {leaf.shape}: add one "
+                              f"to PARAM_AXES in {__name__}")
+        return _spec(leaf.shape, axes, mesh)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def state_specs(tree: Any, params: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs of optimizer-state leaves: those named and shaped like a parameter
+    shard like it; other large ones split their first fsdp-divisible dimension."""
+    shapes = {path_name(p): leaf.shape for p, leaf in
+              jax.tree_util.tree_flatten_with_path(params)[0]}
+    fsdp = mesh.shape["fsdp"]
+
+    def spec(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        name = path_name(path)
+        owner = next((p for p in shapes if name == p or name.endswith("/" + p)), None)
+        if owner is not None and shapes[owner] == shape:
+            return _spec(shape, logical_axes(owner) or (), mesh)
+        if math.prod(shape) < MIN_SHARDED_STATE or fsdp == 1:
+            return P()
+        for dim in range(len(shape)):  # 8-bit codes [blocks, block]: split the blocks
+            if shape[dim] % fsdp == 0:
+                return P(*[("fsdp" if i == dim else None) for i in range(len(shape))])
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def named(specs: Any, mesh: Mesh) -> Any:
+    """A tree of PartitionSpecs as NamedShardings on `mesh`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def train_state_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings of a TrainState (its shapes from `jax.eval_shape`)."""
+    return abstract_state.replace(
+        step=NamedSharding(mesh, P()), rng=NamedSharding(mesh, P()),
+        params=named(param_specs(abstract_state.params, mesh), mesh),
+        opt_state=named(state_specs(abstract_state.opt_state, abstract_state.params, mesh),
+                        mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches [B, T+1]: rows split over data x fsdp."""
+    return NamedSharding(mesh, P(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
