@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +40,13 @@ class _Carry(NamedTuple):
     target_logit: jax.Array  # [N]
 
 
-def _chunk_step(h, targets, vocab_size, chunk_size, carry: _Carry, xs):
+def _chunk_step(h, targets, vocab_size, chunk_size, fp4, key, carry: _Carry, xs):
     """Fold one vocabulary chunk of logits into the running logsumexp."""
     w, start = xs  # w: [D, C] head columns start .. start + C
-    z = jnp.dot(h, w, preferred_element_type=jnp.float32)  # [N, C]
+    if fp4 is None:
+        z = jnp.dot(h, w, preferred_element_type=jnp.float32)  # [N, C]
+    else:  # FP4 backward (ternary/fp4.py), a fresh rounding key per chunk
+        z = fp4.dot(h, w, jax.random.fold_in(key, start)).astype(jnp.float32)
     col = start + jnp.arange(chunk_size)
     valid = col < vocab_size  # the last chunk may be padding
     z = jnp.where(valid[None, :], z, -jnp.inf)
@@ -68,8 +71,12 @@ def chunked_cross_entropy(
     *,
     chunk_size: int = 8192,
     z_loss: float = 0.0,
+    fp4: Any = None,
+    key: jax.Array | None = None,
 ) -> LossOutput:
-    """Mean next-token CE over unmasked tokens, plus `z_loss * mean(logsumexp^2)` (PaLM)."""
+    """Mean next-token CE over unmasked tokens, plus `z_loss * mean(logsumexp^2)` (PaLM).
+    `fp4` (a ternary.fp4.Backward) runs the head matmul's backward in FP4, rounding with
+    `key`."""
     b, t, d = hidden.shape
     vocab = head.shape[1]
     chunk = min(chunk_size, vocab)
@@ -81,7 +88,9 @@ def chunked_cross_entropy(
     tgt = targets.reshape(b * t)
     n = b * t
     init = _Carry(jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)), jnp.zeros((n,)))
-    body = jax.checkpoint(lambda c, xs: _chunk_step(h, tgt, vocab, chunk, c, xs))
+    if fp4 is not None and key is None:
+        key = jax.random.key(0)
+    body = jax.checkpoint(lambda c, xs: _chunk_step(h, tgt, vocab, chunk, fp4, key, c, xs))
     carry, _ = jax.lax.scan(body, init, (w_chunks, starts))
     lse = carry.max + jnp.log(carry.sum_exp)  # [N]
     token_ce = lse - carry.target_logit
@@ -125,10 +134,12 @@ class Objective:
     loop_entropy: Schedule = _zero  # beta: L_loop = sum_t p(t) L(t) - beta H(p)  (SPECS §9)
     keep_ratio: float | None = None  # Collider (SPECS §11): train on this share of positions
     sparse_backward: bool = True  # Collider's filtered BitLinear backward; False: exact (Rho-1)
+    fp4: Any = None  # ternary.fp4.Backward of the LM head (SPECS §13); None: full precision
 
 
 def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Objective,
-                 step: jax.Array, reference_loss: jax.Array | None = None
+                 step: jax.Array, reference_loss: jax.Array | None = None,
+                 key: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """(scalar loss, metrics, per-token loss [B, T] zero where masked) of one forward pass.
 
@@ -141,6 +152,7 @@ def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Obj
     - Collider (`obj.keep_ratio`): every term is averaged over the kept positions only: the
       top positions by per-token loss, or by excess loss over `reference_loss` [B, T].
       `loss/ce` stays the mean over every valid token.
+    - `obj.fp4`: the LM head's backward in FP4, stochastic rounding from `key`.
     """
     s = out.hidden.shape[0]
     depth = 0 if out.mtp_hidden is None else out.mtp_hidden.shape[0]
@@ -153,7 +165,8 @@ def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Obj
     r, b, t, d = hidden.shape
     ce = chunked_cross_entropy(hidden.reshape(r * b, t, d), out.head,
                                jnp.stack(tgts).reshape(r * b, t),
-                               jnp.stack(masks).reshape(r * b, t), chunk_size=obj.vocab_chunk)
+                               jnp.stack(masks).reshape(r * b, t), chunk_size=obj.vocab_chunk,
+                               fp4=obj.fp4, key=key)
     token_ce = ce.token_ce.reshape(r, b, t)
     last = s - 1
     mean = lambda x: masked_mean(x, mask)

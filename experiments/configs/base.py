@@ -28,6 +28,10 @@ def get_config() -> config_dict.ConfigDict:
     c.model.ffn_activation = "relu2"  # or "silu" (SwiGLU; what llama.cpp's bitnet arch runs)
     c.model.compute_dtype = "float32"  # bfloat16: bf16 activations, fp32 master weights
     c.model.remat = "none"  # full | dots: recompute block activations in the backward
+    # nvfp4 | mxfp4: the backward of the LM head (and of a dense model's linear layers) in
+    # simulated FP4, gradients stochastically rounded; fp4_hadamard: 16x16 random Hadamard
+    c.model.fp4_backward = "none"
+    c.model.fp4_hadamard = False
     c.model.rope_theta = 500_000.0
     c.model.norm_eps = 1e-5
     c.model.init_std = 0.02

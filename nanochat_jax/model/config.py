@@ -19,7 +19,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # fields that change how the model computes, not which model it is: a run may resume with
 # other values
-HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat")
+HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat", "fp4_backward", "fp4_hadamard")
+FP4_BACKWARD = ("none", "nvfp4", "mxfp4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,10 @@ class ModelConfig:
     # matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     compute_dtype: str = "float32"
     remat: str = "none"
+    # FP4 (ternary/fp4.py) for the backward pass of the matmuls that are not ternary: the
+    # LM head and, in a dense model, every linear layer (simulated; see SPECS §13)
+    fp4_backward: str = "none"
+    fp4_hadamard: bool = False  # random 16x16 Hadamard on the weight-gradient operands
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -93,6 +98,9 @@ class ModelConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"unknown model.compute_dtype {self.compute_dtype!r}: choose "
                               f"one of {', '.join(COMPUTE_DTYPES)}")
+        if self.fp4_backward not in FP4_BACKWARD:
+            raise ConfigError(f"unknown model.fp4_backward {self.fp4_backward!r}: choose one "
+                              f"of {', '.join(FP4_BACKWARD)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"unknown model.remat {self.remat!r}: choose one of "
                               f"{', '.join(REMAT_POLICIES)}")
@@ -102,6 +110,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def fp4(self):
+        """The FP4 backward of the non-ternary matmuls (None: full precision)."""
+        from nanochat_jax.ternary.fp4 import Backward
+
+        return None if self.fp4_backward == "none" else Backward(self.fp4_backward,
+                                                                  self.fp4_hadamard)
 
     @property
     def dtype(self):

@@ -7,6 +7,8 @@ itself only quantises.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ class BitLinear(nn.Module):
     ternary: bool = True
     init_std: float = 0.02
     impl: str = "auto"
+    fp4: Any = None  # ternary.fp4.Backward: the dense path's backward in FP4
 
     @nn.compact
     def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
@@ -46,6 +49,9 @@ class BitLinear(nn.Module):
                 "fake_quant" if self.impl == "fake_quant" else "kernel")
             return collider.linear(x, w, carrier, mode, kernel_impl)
         if not self.ternary:
+            if self.fp4 is not None:
+                key = self.make_rng("fp4") if self.has_rng("fp4") else jax.random.key(0)
+                return self.fp4.dot(x, w, key)
             return jnp.dot(x, w.astype(x.dtype))
         if self.impl == "fake_quant":
             x_q, w_q = quant.quantize_activations_ste(x), quant.quantize_weights_ste(w)
@@ -110,8 +116,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
 
         def dense(h, n, name, std=c.init_std):
-            return linear_with(BitLinear(n, c.ternary, std, c.ternary_impl, name=name), h,
-                               carrier)
+            layer = BitLinear(n, c.ternary, std, c.ternary_impl, c.fp4, name=name)
+            return linear_with(layer, h, carrier)
 
         q, carrier = dense(x, c.n_heads * c.head_dim, "q")
         k, carrier = dense(x, c.n_kv_heads * c.head_dim, "k")
@@ -144,7 +150,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
         """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
         c = self.cfg
-        lin = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, c.ternary_impl,
+        lin = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, c.ternary_impl, c.fp4,
                                                         name=name)
         gate, carrier = linear_with(lin(c.d_ff, "w1"), x, carrier)  # [B, T, F]
         up, carrier = linear_with(lin(c.d_ff, "w3"), x, carrier)  # [B, T, F]

@@ -42,7 +42,8 @@ class MTPModule(nn.Module):
             h = jnp.concatenate([rms_norm(c, "hidden_norm")(h_prev),
                                  rms_norm(c, "embed_norm")(next_embed)],
                                 axis=-1)  # [B, T, 2D]
-            proj = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, name="proj")
+            proj = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, c.fp4,
+                             name="proj")
             h, carrier = linear_with(proj, h, carrier)
         h, _, carrier, kv = block_class(c)(c, name="block")(h, carrier, kv, positions)
         return h, rms_norm(c, "out_norm")(h), carrier, kv

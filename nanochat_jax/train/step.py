@@ -17,6 +17,7 @@ import optax
 from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import Objective, chunked_cross_entropy, lm_objective
+from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.state import TrainState
 
@@ -58,6 +59,7 @@ def build_objective(config, pad_id: int) -> Objective:
     return Objective(
         pad_id=pad_id, vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss,
         keep_ratio=keep_ratio, sparse_backward=sparse_backward,
+        fp4=model_config.from_run_config(config).fp4,
         **({"mtp_weight": two_stage(mtp.weight, mtp.weight_final, mtp.switch_at)}
            if mtp and mtp.enabled else {}),
         **({"loop_entropy": two_stage(loop.entropy, loop.entropy_final, loop.switch_at)}
@@ -84,7 +86,8 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     (a `lax.scan`, one at a time in memory) and averages their gradients and metrics before
     the one update; `shardings` jit the step with those in/out shardings (train/sharding.py)."""
 
-    def grads_and_metrics(params, tokens: jax.Array, step: jax.Array, reference_params):
+    def grads_and_metrics(params, tokens: jax.Array, step: jax.Array, reference_params,
+                          key: jax.Array):
         inputs, targets, mask = _split(tokens, objective.pad_id)
         carrier = (Carrier.start(inputs.shape, objective.keep_ratio)
                    if objective.keep_ratio is not None and objective.sparse_backward else None)
@@ -93,32 +96,37 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
         def loss_fn(params):
             out = model.apply({"params": params}, inputs, carrier=carrier,
-                              method=Transformer.forward)
-            loss, metrics, _ = lm_objective(out, targets, mask, objective, step, ref_loss)
+                              method=Transformer.forward, rngs={"fp4": key})
+            loss, metrics, _ = lm_objective(out, targets, mask, objective, step, ref_loss,
+                                            jax.random.fold_in(key, 2**31 - 1))  # the head
             return loss, metrics
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return metrics, grads
 
-    def accumulated(params, tokens: jax.Array, step: jax.Array, reference_params):
+    def accumulated(params, tokens: jax.Array, step: jax.Array, reference_params,
+                    key: jax.Array):
         b = tokens.shape[0]
         if b % grad_accum:
             raise ConfigError(f"training.grad_accum={grad_accum} does not divide the batch of "
                               f"{b} rows")
         micro = tokens.reshape(b // grad_accum, grad_accum, -1).swapaxes(0, 1)  # [k, B/k, T+1]
 
-        def add(total, batch):
-            out = grads_and_metrics(params, batch, step, reference_params)
+        def add(total, xs):
+            batch, i = xs
+            out = grads_and_metrics(params, batch, step, reference_params,
+                                    jax.random.fold_in(key, i))
             return jax.tree.map(jnp.add, total, out), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-            grads_and_metrics, params, micro[0], step, reference_params))
-        total, _ = jax.lax.scan(add, zeros, micro)
+            grads_and_metrics, params, micro[0], step, reference_params, key))
+        total, _ = jax.lax.scan(add, zeros, (micro, jnp.arange(grad_accum)))
         return jax.tree.map(lambda x: x / grad_accum, total)
 
     def train_step(state: TrainState, tokens: jax.Array, reference_params=None):
         compute = grads_and_metrics if grad_accum == 1 else accumulated
-        metrics, grads = compute(state.params, tokens, state.step, reference_params)
+        key = jax.random.fold_in(state.rng, state.step)  # FP4 stochastic rounding
+        metrics, grads = compute(state.params, tokens, state.step, reference_params, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
@@ -128,8 +136,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
     s = shardings
-    return jax.jit(train_step, in_shardings=(s.state, s.batch, s.reference),
-                   out_shardings=(s.state, s.replicated), donate_argnums=0)
+    jitted = jax.jit(train_step, in_shardings=(s.state, s.batch, s.reference),
+                     out_shardings=(s.state, s.replicated), donate_argnums=0)
+    return lambda state, tokens, reference_params=None: jitted(state, tokens, reference_params)
 
 
 def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,

@@ -108,10 +108,12 @@ def test_bf16_compute_keeps_fp32_master_weights_gradients_and_loss():
 
 
 @pytest.mark.slow
-def test_a_run_with_accumulation_remat_and_bf16_learns(small_config, tmp_path):
+def test_a_run_with_accumulation_remat_bf16_and_fp4_backward_learns(small_config, tmp_path):
     small_config.training.grad_accum = 2
     small_config.model.remat = "full"
     small_config.model.compute_dtype = "bfloat16"
+    small_config.model.fp4_backward = "nvfp4"
+    small_config.model.fp4_hadamard = True
     summary = train(small_config, str(tmp_path))
     assert summary["eval/ce"] < 5.0  # ln(384) = 5.95 at the start
 

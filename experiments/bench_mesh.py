@@ -1,0 +1,123 @@
+"""Train-step time on device meshes, and with bf16 compute / FP4 backward, side by side.
+
+    python -m experiments.bench_mesh --config=tiny [--devices=8 --rounds=5 --steps=5 --out=F]
+
+On CPU the devices are simulated (`--xla_force_host_platform_device_count`, set here before
+JAX starts): every "device" shares the same cores, so a mesh's ratio to one device measures
+the partitioning and collective overhead, not a speed-up. On a GPU/TPU host the same
+command times real devices. Variants are compiled first, then timed in alternating rounds;
+the table gives the median step time and the ratio to one device (fp32, no FP4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _set_devices(argv: list[str]) -> None:
+    """Simulate --devices CPU devices: must happen before JAX is imported."""
+    n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "8")
+    flag = f"--xla_force_host_platform_device_count={n}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+_set_devices(sys.argv)
+
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, Mesh  # noqa: E402
+
+from experiments.run import load_config  # noqa: E402
+from nanochat_jax.model import config as model_config  # noqa: E402
+from nanochat_jax.model.transformer import Transformer  # noqa: E402
+from nanochat_jax.optim.factory import build_optimizer  # noqa: E402
+from nanochat_jax.train import sharding  # noqa: E402
+from nanochat_jax.train.state import init_train_state  # noqa: E402
+from nanochat_jax.train.step import StepShardings, build_objective, make_train_step  # noqa: E402
+
+
+def _variant(config, shape: tuple[int, int, int], **model_fields):
+    """(jitted step, state, batch) on a (data, fsdp, tensor) mesh of the first devices."""
+    n = int(np.prod(shape))
+    mesh = Mesh(np.asarray(jax.devices()[:n]).reshape(shape), sharding.AXES,
+                axis_types=(AxisType.Auto,) * 3)
+    config = config.copy_and_resolve_references()
+    config.model.update(model_fields)
+    mcfg = model_config.from_run_config(config)
+    model = Transformer(mcfg)
+    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
+    state_sh = sharding.train_state_shardings(
+        jax.eval_shape(lambda: init_train_state(model, tx, 0, mcfg.seq_len)), mesh)
+    state = init_train_state(model, tx, 0, mcfg.seq_len, state_sh)
+    shardings = StepShardings(state_sh, sharding.batch_sharding(mesh), None,
+                              sharding.replicated(mesh))
+    step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=-1),
+                           shardings=shardings)
+    b, t = config.data.batch_size, mcfg.seq_len
+    tokens = np.random.default_rng(0).integers(0, 256, size=(b, t + 1)).astype(np.int32)
+    return step, state, jax.device_put(tokens, shardings.batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--out", default=None, help="JSON result file "
+                        "(default runs/bench/mesh_<config>_<backend>.json)")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    d = jax.device_count()
+    variants = {"1 device": ((1, 1, 1), {}),
+                f"data={d}": ((d, 1, 1), {}),
+                f"fsdp={d}": ((1, d, 1), {}),
+                "data=2 fsdp=2 tensor=2" if d == 8 else f"data={d // 2} tensor=2":
+                    ((2, 2, 2) if d == 8 else (d // 2, 1, 2), {}),
+                "1 device, bf16": ((1, 1, 1), {"compute_dtype": "bfloat16"}),
+                "1 device, FP4 backward (nvfp4 + Hadamard)":
+                    ((1, 1, 1), {"fp4_backward": "nvfp4", "fp4_hadamard": True})}
+    runs = {}
+    for name, (shape, fields) in variants.items():
+        step, state, batch = _variant(config, shape, **fields)
+        state, m = step(state, batch)  # compile
+        jax.block_until_ready(m)
+        runs[name] = {"step": step, "state": state, "batch": batch, "times": [],
+                      "loss": float(m["loss/total"])}
+        print(f"compiled {name}", flush=True)
+    for _ in range(args.rounds):
+        for run in runs.values():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                run["state"], m = run["step"](run["state"], run["batch"])
+            jax.block_until_ready(m)
+            run["times"].append((time.perf_counter() - start) / args.steps)
+    base = statistics.median(runs["1 device"]["times"])
+    backend = jax.default_backend()
+    rows = []
+    print(f"\n{args.config}, {d} {backend} devices, median of {args.rounds} rounds x "
+          f"{args.steps} steps")
+    print("| variant | step ms | vs 1 device | first-step loss |")
+    print("|---|---|---|---|")
+    for name, run in runs.items():
+        ms = 1e3 * statistics.median(run["times"])
+        rows.append({"variant": name, "step_ms": ms, "ratio": ms / 1e3 / base,
+                     "loss": run["loss"], "times": run["times"]})
+        print(f"| {name} | {ms:.1f} | {ms / 1e3 / base:.2f} | {run['loss']:.4f} |")
+    out = args.out or os.path.join("runs", "bench", f"mesh_{args.config}_{backend}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"config": args.config, "devices": d, "backend": backend,
+                   "jax": jax.__version__, "rows": rows}, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
