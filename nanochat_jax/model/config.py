@@ -21,6 +21,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # other values
 HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat", "fp4_backward", "fp4_hadamard")
 FP4_BACKWARD = ("none", "nvfp4", "mxfp4")
+CHOICES = {"ternary_impl": TERNARY_IMPLS, "ffn_activation": FFN_ACTIVATIONS,
+           "compute_dtype": COMPUTE_DTYPES, "fp4_backward": FP4_BACKWARD,
+           "remat": REMAT_POLICIES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,29 +84,18 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of "
                               f"model.n_kv_heads={self.n_kv_heads}")
-        if self.ternary_impl not in TERNARY_IMPLS:
-            raise ConfigError(f"unknown model.ternary_impl {self.ternary_impl!r}: choose one "
-                              f"of {', '.join(TERNARY_IMPLS)}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown model.{name} {getattr(self, name)!r}: choose one "
+                                  f"of {', '.join(choices)}")
         for name in ("mtp_depth", "mhc_streams", "mhc_sinkhorn_iters"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         if self.loops < 1:
             raise ConfigError(f"the loop count must be >= 1, got {self.loops}")
-        if self.mtp_kind not in MTP_KINDS:
+        if self.mtp_kind not in MTP_KINDS:  # set by mtp.kind
             raise ConfigError(f"unknown MTP kind {self.mtp_kind!r}: choose one of "
                               f"{', '.join(MTP_KINDS)}")
-        if self.ffn_activation not in FFN_ACTIVATIONS:
-            raise ConfigError(f"unknown model.ffn_activation {self.ffn_activation!r}: choose "
-                              f"one of {', '.join(FFN_ACTIVATIONS)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ConfigError(f"unknown model.compute_dtype {self.compute_dtype!r}: choose "
-                              f"one of {', '.join(COMPUTE_DTYPES)}")
-        if self.fp4_backward not in FP4_BACKWARD:
-            raise ConfigError(f"unknown model.fp4_backward {self.fp4_backward!r}: choose one "
-                              f"of {', '.join(FP4_BACKWARD)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"unknown model.remat {self.remat!r}: choose one of "
-                              f"{', '.join(REMAT_POLICIES)}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 

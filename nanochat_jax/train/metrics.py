@@ -82,3 +82,11 @@ def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+def device_memory() -> dict[str, float]:
+    """`memory/peak_device_bytes` of the first local device, where the backend reports it
+    (GPU, TPU); empty on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {} if peak is None else {"memory/peak_device_bytes": float(peak)}

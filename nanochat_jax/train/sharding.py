@@ -65,7 +65,7 @@ def initialize_distributed(dc) -> None:
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment); else a
     single process. CPU processes exchange data over gloo."""
     explicit = dc.coordinator_address is not None
-    if not (explicit or dc.auto):
+    if not (explicit or dc.auto) or jax.distributed.is_initialized():
         return
     if explicit and (dc.num_processes is None or dc.process_id is None):
         raise ConfigError("distributed.coordinator_address needs distributed.num_processes "

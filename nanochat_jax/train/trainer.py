@@ -167,6 +167,10 @@ def _code_evaluator(config: ml_collections.ConfigDict, model: Transformer, token
     from nanochat_jax.eval import code, rust
     from nanochat_jax.infer.engine import Engine
 
+    if jax.process_count() > 1:
+        raise ConfigError("training.code_eval_every runs on a single process; in a "
+                          "multi-host run set it to 0 and evaluate checkpoints with "
+                          "`python -m nanochat_jax.eval --checkpoint=WORKDIR`")
     if not rust.rustc_available():
         raise ConfigError(f"training.code_eval_every={tc.code_eval_every} needs rustc: "
                           f"{rust.INSTALL_HINT}; or set training.code_eval_every=0")
@@ -186,6 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     Every process of a multi-host job runs this; only process 0 prints and writes metrics."""
     if "distributed" in config:
         sharding_lib.initialize_distributed(config.distributed)
+    started = time.perf_counter()  # training/wall_s: seconds since the call, start-up in
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *_, **__: None)
     mcfg = model_config.from_run_config(config)
@@ -306,7 +311,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     if not math.isfinite(logged["loss/total"]):
                         raise DivergenceError(f"loss is {logged['loss/total']} at step {step}; "
                                               f"lower optimizer.lr or set optimizer.grad_clip")
-                    logged.update({"training/epoch": train_data.epoch(step), **memory})
+                    logged.update({"training/epoch": train_data.epoch(step), **memory,
+                                   "training/wall_s": time.perf_counter() - started,
+                                   **metrics_lib.device_memory()})
                     tps = clock.rate(step)
                     if tps is not None:
                         logged.update({"throughput/tokens_per_sec": tps,
@@ -317,7 +324,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     clock.restart(step)
                 if step % tc.eval_every == 0 or step == tc.steps:
                     evaluated = run_eval(state.params)
-                    writer.write(step, evaluated)
+                    writer.write(step, {**evaluated,
+                                        "training/wall_s": time.perf_counter() - started})
                     summary.update(evaluated)
                     note(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
                               f"bpb {evaluated['eval/bpb']:.4f}")

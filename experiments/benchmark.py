@@ -1,0 +1,316 @@
+"""The E3 benchmark: the E3 configurations and two AdamW baselines (dense, ternary) trained
+one after another on the same data and token budget, with a report.
+
+    python -m experiments.benchmark --quick                  # tiny model, ~12 min on 2 CPUs
+    python -m experiments.benchmark --configs=e3_muon,e3_muon_8bit,e3_galore2,\\
+        e3_galore2_muon_8bit,e3_full --model=125m --steps=2000 --out=runs/benchmark_125m
+
+Each run is `python -m experiments.run` in its own process (so its peak host memory is its
+own), with the same overrides: model preset, data (rust-src, one BPE), batch, sequence
+length, steps, evaluation schedule and one measured matmul peak for MFU. Any further
+`--config.GROUP.FIELD=VALUE` arguments are passed to every run. `DIR/results.json` holds the
+raw numbers and the machine; `DIR/report.md` the table (ratios against the dense AdamW run),
+the seed's claims next to what was measured, and three plots (`loss_vs_tokens.png`,
+`loss_vs_wall.png`, `memory.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+E3_CONFIGS = ("e3_muon", "e3_muon_8bit", "e3_galore2", "e3_galore2_muon_8bit", "e3_full")
+BASELINE = "adamw_dense"
+# name -> (experiment config, overrides): the two AdamW references
+BASELINES = {BASELINE: ("base", ["--config.model.ternary=False"]),
+             "adamw_ternary": ("base", [])}
+# The tiny model's rates (the E3 configs' defaults are for 125m): what e3_full sets
+TINY_RATES = ["--config.optimizer.adam_lr=3e-3", "--config.optimizer.galore_rank=32",
+              "--config.optimizer.galore_update_every=50"]
+CLAIMS = (
+    ("2-3x faster training", "tokens/s against dense AdamW"),
+    ("50-80% less memory", "parameter + optimizer-state bytes and peak memory against dense "
+                           "AdamW"),
+    ("15-20% data efficiency", "tokens to reach dense AdamW's final validation loss"),
+    ("35% faster backprop", "Collider's filtered backward"),
+)
+
+
+def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(run name, experiment config, overrides) for every run, the dense baseline first."""
+    steps = args.steps
+    common = [f"--config.model.preset={args.model}", f"--config.training.steps={steps}",
+              f"--config.model.seq_len={args.seq_len}", f"--config.data.batch_size={args.batch}",
+              "--config.data.source=rust-src", f"--config.data.max_bytes={args.max_bytes}",
+              f"--config.data.vocab_size={args.vocab}", f"--config.model.vocab_size={args.vocab}",
+              f"--config.training.eval_every={max(1, steps // args.evals)}",
+              f"--config.training.log_every={max(1, min(10, steps // 10))}",
+              f"--config.training.eval_batches={args.eval_batches}",
+              f"--config.optimizer.warmup_steps={max(1, steps // 10)}",
+              f"--config.checkpoint.every={steps}", f"--config.training.peak_flops={args.peak:.6g}"]
+    if args.model == "tiny":
+        common += TINY_RATES
+        baseline_lr = ["--config.optimizer.lr=3e-3"]  # tiny's AdamW rate
+    else:
+        baseline_lr = []
+    runs = [(name, cfg, over + baseline_lr) for name, (cfg, over) in BASELINES.items()]
+    runs += [(name, name, []) for name in args.configs]
+    return [(name, cfg, common + over + extra) for name, cfg, over in runs]
+
+
+def run_one(name: str, config: str, overrides: list[str], out: str) -> dict:
+    """Train one run in a child process; its summary with wall time and peak host RSS."""
+    workdir = os.path.join(out, "runs", name)
+    log_path = os.path.join(out, "logs", f"{name}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cmd = [sys.executable, "-m", "experiments.run", f"--config={config}",
+           f"--workdir={workdir}", *overrides]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise SystemExit(f"error: run {name} failed (log {log_path}):\n{tail}")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return summarise(name, config, rows, wall, usage.ru_maxrss * 1024, " ".join(cmd[1:]))
+
+
+def summarise(name: str, config: str, rows: list[dict], wall: float, peak_rss: int,
+              command: str) -> dict:
+    """Per-run numbers from its metrics.jsonl rows."""
+    logs = [r for r in rows if "throughput/tokens_per_sec" in r]
+    evals = [r for r in rows if "eval/ce" in r]
+    tps = np.array([r["throughput/tokens_per_sec"] for r in logs])
+    memory = rows[0]
+    final = evals[-1]
+    device_peak = max((r.get("memory/peak_device_bytes", 0) for r in rows), default=0)
+    return {
+        "name": name, "config": config, "command": command, "wall_s": wall,
+        "tokens_per_sec": float(np.median(tps)) if len(tps) else None,
+        "tokens_per_sec_p10_p90": [float(np.percentile(tps, 10)), float(np.percentile(tps, 90))]
+        if len(tps) else None,
+        "mfu": float(np.median([r["throughput/mfu"] for r in logs])) if logs else None,
+        "params_bytes": memory.get("memory/params_bytes"),
+        "opt_state_bytes": memory.get("memory/opt_state_bytes"),
+        "peak_host_bytes": peak_rss, "peak_device_bytes": device_peak or None,
+        "final_step": final["step"], "val_ce": final["eval/ce"], "val_bpb": final["eval/bpb"],
+        "evals": [{"step": r["step"], "ce": r["eval/ce"], "bpb": r["eval/bpb"],
+                   "wall_s": r.get("training/wall_s")} for r in evals],
+        "train_loss": [[r["step"], r["loss/total"]] for r in rows if "loss/total" in r],
+    }
+
+
+def step_times(result: dict, tokens_per_step: int) -> dict:
+    """Step time (ms) from the logged tokens/s: median and the 10th-90th percentile."""
+    tps, (lo, hi) = result["tokens_per_sec"], result["tokens_per_sec_p10_p90"]
+    return {"median": 1e3 * tokens_per_step / tps, "p10": 1e3 * tokens_per_step / hi,
+            "p90": 1e3 * tokens_per_step / lo}
+
+
+def time_to_target(result: dict, target: float, tokens_per_step: int):
+    """(tokens, wall seconds) at the first evaluation with CE <= target, or None."""
+    for e in result["evals"]:
+        if e["ce"] <= target:
+            return e["step"] * tokens_per_step, e["wall_s"]
+    return None
+
+
+def machine() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device_kind": device.device_kind,
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version()}
+
+
+def plots(results: list[dict], tokens_per_step: int, out: str) -> list[str]:
+    """loss_vs_tokens.png, loss_vs_wall.png, memory.png in `out`."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("error: the report's plots need matplotlib (a dependency of "
+                         "nanochat-jax): pip install -e .") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for key, xlabel, fname in (("tokens", "training tokens", "loss_vs_tokens.png"),
+                               ("wall", "wall time (s, start-up included)",
+                                "loss_vs_wall.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in results:
+            xs = [e["step"] * tokens_per_step if key == "tokens" else e["wall_s"]
+                  for e in r["evals"]]
+            ax.plot(xs, [e["ce"] for e in r["evals"]], marker="o", ms=3, label=r["name"])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation CE (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname), dpi=120)
+        plt.close(fig)
+        names.append(fname)
+    # state bytes (left) and process peaks (right): at small sizes the runtime dominates RSS
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    x, mib = np.arange(len(results)), lambda v: (v or 0) / 2**20
+    for ax, bars in ((left, (("params_bytes", "parameters"), ("opt_state_bytes",
+                                                               "optimizer state"))),
+                     (right, (("peak_host_bytes", "peak host RSS"),
+                              ("peak_device_bytes", "peak device memory")))):
+        width = 0.8 / len(bars)
+        for i, (key, label) in enumerate(bars):
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, [mib(r[key]) for r in results],
+                   width, label=label)
+        ax.set_xticks(x, [r["name"] for r in results], rotation=25, fontsize=8)
+        ax.set_ylabel("MiB")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "memory.png"), dpi=120)
+    plt.close(fig)
+    return names + ["memory.png"]
+
+
+def report(results: list[dict], info: dict, out: str) -> str:
+    """report.md: the table, the claims, the plots."""
+    tps_step = info["tokens_per_step"]
+    base = next(r for r in results if r["name"] == BASELINE)
+    target = base["val_ce"]
+    mib = lambda v: "n/a" if v is None else f"{v / 2**20:,.1f}"
+    ratio = lambda a, b: "n/a" if a is None or not b else f"{a / b:.2f}"
+    lines = [f"# E3 benchmark ({info['mode']})", "",
+             f"Machine: {info['machine']['device_count']} x {info['machine']['device_kind']} "
+             f"({info['machine']['backend']}), {info['machine']['cpu_count']} CPU cores, JAX "
+             f"{info['machine']['jax']}. Model `{info['model']}`, {info['steps']} steps x "
+             f"{tps_step:,} tokens ({info['steps'] * tps_step:,} tokens per run), rust-src "
+             f"{info['vocab']}-id BPE, matmul peak {info['peak'] / 1e9:.1f} GFLOP/s "
+             f"(measured). Ratios are against `{BASELINE}` in this run; step time is the "
+             f"median over log intervals (10th-90th percentile in brackets).", "",
+             "| run | val CE | val bpb | tokens/s | vs dense | step ms | MFU | params MiB | "
+             "opt state MiB | state vs dense | peak host MiB | peak device MiB | tokens to "
+             "target | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        st = step_times(r, tps_step)
+        reached = time_to_target(r, target, tps_step)
+        state = (r["params_bytes"] or 0) + (r["opt_state_bytes"] or 0)
+        base_state = (base["params_bytes"] or 0) + (base["opt_state_bytes"] or 0)
+        lines.append(
+            f"| {r['name']} | {r['val_ce']:.3f} | {r['val_bpb']:.3f} | "
+            f"{r['tokens_per_sec']:,.0f} | {ratio(r['tokens_per_sec'], base['tokens_per_sec'])}"
+            f" | {st['median']:.0f} ({st['p10']:.0f}-{st['p90']:.0f}) | {r['mfu']:.3f} | "
+            f"{mib(r['params_bytes'])} | {mib(r['opt_state_bytes'])} | "
+            f"{ratio(state, base_state)} | {mib(r['peak_host_bytes'])} | "
+            f"{mib(r['peak_device_bytes'])} | "
+            f"{'not reached' if reached is None else f'{reached[0]:,}'} | {r['wall_s']:.0f} |")
+    lines += ["", f"Target loss: `{BASELINE}`'s final validation CE, {target:.3f}.", "",
+              "## The seed's claims next to this run", "", "| claim | measured here |",
+              "|---|---|"]
+    e3 = [r for r in results if r["name"] in E3_CONFIGS]
+    fastest = max(e3, key=lambda r: r["tokens_per_sec"], default=None)
+    if fastest:
+        speed = ", ".join(f"{r['name']} {r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x"
+                          for r in e3)
+        state = lambda r: (r["params_bytes"] or 0) + (r["opt_state_bytes"] or 0)
+        memory = ", ".join(f"{r['name']} {1 - state(r) / state(base):+.0%}" for r in e3)
+        rss = ", ".join(f"{r['name']} {1 - r['peak_host_bytes'] / base['peak_host_bytes']:+.0%}"
+                        for r in e3)
+        tokens = []
+        for r in e3:
+            reached = time_to_target(r, target, tps_step)
+            base_reached = time_to_target(base, target, tps_step)
+            tokens.append(f"{r['name']} not reached" if reached is None else
+                          f"{r['name']} {reached[0] / base_reached[0]:.2f}x")
+        filtered = [r["name"] for r in e3 if r["name"] == "e3_full"]
+        lines += [
+            f"| 2-3x faster training | tokens/s vs dense AdamW: {speed} |",
+            f"| 50-80% less memory | parameter + optimizer-state memory saved against dense "
+            f"AdamW (negative: more): {memory}; peak host RSS saved: {rss} |",
+            f"| 15-20% data efficiency | tokens to reach dense AdamW's final loss, relative to "
+            f"dense AdamW (< 1 is better): {', '.join(tokens)} |",
+            "| 35% faster backprop | not separated by this benchmark: "
+            + (f"{', '.join(filtered)} includes Collider's filtered backward (keep 0.7) among "
+               "its other features; `python -m experiments.bench_collider` times the backward "
+               "alone |" if filtered else "no Collider run here |")]
+    lines += ["", "![validation loss vs tokens](loss_vs_tokens.png)", "",
+              "![validation loss vs wall time](loss_vs_wall.png)", "",
+              "![memory](memory.png)", "", "Commands (each run's log is in `logs/`):", ""]
+    lines += [f"- {r['name']}: `python {r['command']}`" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(E3_CONFIGS),
+                        help="comma-separated experiment configs (the baselines always run)")
+    parser.add_argument("--model", default=None, help="model preset (tiny with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 100 steps x 16 x 128 tokens: ~12 min on 2 CPU cores")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq_len", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None, help="BPE ids (8192 quick, 32768)")
+    parser.add_argument("--max_bytes", type=int, default=0,
+                        help="read at most this much of the corpus (0: all)")
+    parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
+    parser.add_argument("--eval_batches", type=int, default=4)
+    parser.add_argument("--out", default=None, help="report directory (default "
+                        "runs/benchmark_<model>)")
+    args, extra = parser.parse_known_args(argv)
+    bad = [a for a in extra if not a.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    quick = {"model": "tiny", "steps": 100, "batch": 16, "seq_len": 128, "vocab": 8192}
+    full = {"model": "125m", "steps": 2000, "batch": 32, "seq_len": 1024, "vocab": 32768}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in args.configs
+               if not os.path.exists(os.path.join(os.path.dirname(__file__), "configs",
+                                                  f"{c}.py"))]
+    if unknown:
+        raise SystemExit(f"error: unknown config(s) {unknown}: see experiments/configs/")
+    out = args.out or os.path.join("runs", f"benchmark_{args.model}")
+    if os.path.exists(os.path.join(out, "results.json")):
+        raise SystemExit(f"error: {out} already holds a benchmark; choose another --out")
+    os.makedirs(out, exist_ok=True)
+
+    from nanochat_jax.train.metrics import measure_peak_flops
+
+    args.peak = measure_peak_flops()
+    runs = plan(args, extra)
+    results = []
+    for i, (name, config, overrides) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {name} (--config={config}) ...", flush=True)
+        results.append(run_one(name, config, overrides, out))
+        r = results[-1]
+        print(f"    val CE {r['val_ce']:.3f}, {r['tokens_per_sec']:,.0f} tokens/s, "
+              f"{r['wall_s']:.0f} s", flush=True)
+    info = {"mode": "quick" if args.quick else "full", "model": args.model,
+            "steps": args.steps, "tokens_per_step": args.batch * args.seq_len,
+            "vocab": args.vocab, "peak": args.peak, "machine": machine(), "extra": extra}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**info, "runs": results}, f, indent=1)
+    plots(results, info["tokens_per_step"], out)
+    text = report(results, info, out)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {out}/report.md, results.json and the plots")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The E3 benchmark runs every configuration end to end and writes a well-formed report
+(structure, not timings: those are machine noise)."""
+
+import json
+
+import pytest
+
+from experiments.benchmark import BASELINES, CLAIMS, main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    main(["--quick", "--steps=3", "--evals=1", "--eval_batches=1", "--configs=e3_muon_8bit",
+          "--vocab=1024", "--max_bytes=2000000", f"--out={out}", "--config.model.n_layers=1"])
+    results = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in results["runs"]]
+    assert names == [*BASELINES, "e3_muon_8bit"]
+    assert results["machine"]["backend"] == "cpu" and results["peak"] > 0
+    for r in results["runs"]:
+        assert r["final_step"] == 3 and r["val_ce"] > 0 and r["tokens_per_sec"] > 0
+        assert r["params_bytes"] > 0 and r["opt_state_bytes"] > 0 and r["peak_host_bytes"] > 0
+        assert "--config.model.preset=tiny" in r["command"]
+    by_name = {r["name"]: r for r in results["runs"]}
+    # the 8-bit optimizer keeps less state than AdamW on the same parameters
+    assert by_name["e3_muon_8bit"]["opt_state_bytes"] < by_name["adamw_dense"]["opt_state_bytes"]
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| run | val CE | val bpb | tokens/s | vs dense |")
+    assert [line.split(" | ")[0][2:] for line in table[1:4]] == names
+    assert table[1].split(" | ")[4] == "1.00"  # the dense baseline against itself
+    for claim, _ in CLAIMS:
+        assert f"| {claim} |" in report
+    for png in ("loss_vs_tokens.png", "loss_vs_wall.png", "memory.png"):
+        assert (out / png).read_bytes()[:8] == PNG and f"({png})" in report
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config"):
+        main(["--quick", "--configs=e3_nope", f"--out={tmp_path}"])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--stepz=3", f"--out={tmp_path}"])
