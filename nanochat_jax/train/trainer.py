@@ -277,6 +277,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"{n_params:,} params; optimizer {config.optimizer.name}; "
           f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
 
+    if mcfg.fp4 is not None:
+        say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}): "
+            f"simulated on {jax.devices()[0].device_kind} (ternary/fp4.py; native scaled FP4 "
+            f"matmuls need a Blackwell GPU)")
     writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
     start = int(state.step)
     summary: dict[str, Any] = {"start_step": start, "interrupted": False}
