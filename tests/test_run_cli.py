@@ -41,6 +41,26 @@ def test_bad_value_fails_before_training_with_a_clear_message(tmp_path):
     assert "unknown optimizer.name 'sgdd'" in out.stderr and "muon" in out.stderr
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.model.n_heads=3"], "model.d_model=128 is not divisible by model.n_heads=3"),
+    (["--config.mesh.data=3"], "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 1"),
+    (["--config.model.vocab_size=100"],
+     "model.vocab_size=100 is smaller than the tokenizer's data.vocab_size=263"),
+    (["--config.data.source=/no/such/corpus"], "data source '/no/such/corpus' is not a named"),
+    (["--config.training.grad_accum=3"], "data.batch_size=16 must be a multiple of mesh.data"),
+    (["--config.model.remat=some"], "unknown model.remat 'some': choose one of none, full"),
+    (["--config.model.fp4_backward=fp8"], "unknown model.fp4_backward 'fp8'"),
+    (["--config.model.compute_dtype=float16"], "unknown model.compute_dtype 'float16'"),
+])
+def test_impossible_settings_fail_with_one_message_before_training(tmp_path, overrides,
+                                                                    message):
+    out = _run("--config=tiny", *overrides, f"--workdir={tmp_path}")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")  # nothing was trained
+
+
 @pytest.mark.slow
 def test_runner_trains_and_writes_its_workdir(tmp_path):
     out = _run("--config=tiny", "--config.training.steps=3", "--config.training.log_every=1",
