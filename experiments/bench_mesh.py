@@ -53,11 +53,8 @@ def _variant(config, shape: tuple[int, int, int], **model_fields):
     mcfg = model_config.from_run_config(config)
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state_sh = sharding.train_state_shardings(
-        jax.eval_shape(lambda: init_train_state(model, tx, 0, mcfg.seq_len)), mesh)
-    state = init_train_state(model, tx, 0, mcfg.seq_len, state_sh)
-    shardings = StepShardings(state_sh, sharding.batch_sharding(mesh), None,
-                              sharding.replicated(mesh))
+    state = init_train_state(model, tx, 0, mcfg.seq_len, mesh)
+    shardings = StepShardings.on(mesh, state)
     step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=-1),
                            shardings=shardings)
     b, t = config.data.batch_size, mcfg.seq_len

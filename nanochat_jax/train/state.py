@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -21,18 +20,23 @@ class TrainState:
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                     seq_len: int, shardings: TrainState | None = None) -> TrainState:
-    """Initialise params and optimizer state on device (one jit-compiled call), each leaf
-    created directly in its sharding when `shardings` are given."""
+                     seq_len: int, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+    """Initialise params and optimizer state on device (one jit-compiled call); with a
+    `mesh`, each leaf is created directly in the sharding train/sharding.py's rules give it."""
 
-    @functools.partial(jax.jit, out_shardings=shardings)
     def init(key):
         init_key, state_key = jax.random.split(key)
         params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_key)
 
-    return init(jax.random.PRNGKey(seed))
+    key = jax.random.PRNGKey(seed)
+    shardings = None
+    if mesh is not None:
+        from nanochat_jax.train.sharding import train_state_shardings
+
+        shardings = train_state_shardings(jax.eval_shape(init, key), mesh)
+    return jax.jit(init, out_shardings=shardings)(key)
 
 
 def abstract_train_state(config) -> TrainState:

@@ -33,6 +33,16 @@ class StepShardings:
     reference: Any  # the Collider reference's params (or None)
     replicated: jax.sharding.Sharding  # metrics
 
+    @classmethod
+    def on(cls, mesh: jax.sharding.Mesh, state: TrainState, reference_params=None):
+        """The shardings of a state (and reference params) already placed on `mesh`."""
+        from nanochat_jax.train import sharding
+
+        shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        return cls(state=shardings_of(state), batch=sharding.batch_sharding(mesh),
+                   reference=shardings_of(reference_params),
+                   replicated=sharding.replicated(mesh))
+
 
 def _split(tokens: jax.Array, pad_id: int):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, T] each

@@ -224,13 +224,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_batches = min(tc.eval_batches, val_data.n_rows // dc.batch_size)
     tokens_per_step = dc.batch_size * mcfg.seq_len
     say(f"data: {dc.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
-          f"{val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; {tokenizer.name}")
+        f"{val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; {tokenizer.name}")
 
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
-    state_shardings = sharding_lib.train_state_shardings(jax.eval_shape(
-        lambda: init_train_state(model, tx, tc.seed, mcfg.seq_len)), mesh)
-    state = init_train_state(model, tx, tc.seed, mcfg.seq_len, state_shardings)
+    state = init_train_state(model, tx, tc.seed, mcfg.seq_len, mesh)
     say(f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
         f"process(es)")
@@ -248,18 +246,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     oc = config.optimizer
     fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0,
-                   out_shardings=state_shardings)
+                   out_shardings=jax.tree.map(lambda x: x.sharding, state))
     reference, reference_params = None, None
     if filtering and filtering.enabled and filtering.score == "excess_loss":
         reference, reference_params = _load_reference(filtering.reference, data_identity)
         reference_params = jax.device_put(reference_params, sharding_lib.named(
             sharding_lib.param_specs(reference_params, mesh), mesh))
         say(f"collider: excess loss over the reference model in {filtering.reference}")
-    shardings = StepShardings(
-        state=state_shardings, batch=sharding_lib.batch_sharding(mesh),
-        reference=None if reference_params is None else jax.tree.map(
-            lambda x: x.sharding, reference_params),
-        replicated=sharding_lib.replicated(mesh))
+    shardings = StepShardings.on(mesh, state, reference_params)
     train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id),
                                  reference, grad_accum=tc.grad_accum, shardings=shardings)
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
@@ -274,8 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
     code_eval = _code_evaluator(config, model, tokenizer)
     say(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
-          f"{n_params:,} params; optimizer {config.optimizer.name}; "
-          f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
+        f"{n_params:,} params; optimizer {config.optimizer.name}; "
+        f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
 
     if mcfg.fp4 is not None:
         say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}): "
@@ -301,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if step == oc.fire_step:  # a data boundary: re-initialise once (SPECS §7)
                     state = fire(state)
                     note(f"step {step}: FIRE re-initialised the hidden matrices "
-                              f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
+                         f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
                 state, step_metrics = train_step(state, batch, reference_params)
                 step += 1
                 pending.append(step_metrics)
@@ -332,21 +326,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         "training/wall_s": time.perf_counter() - started})
                     summary.update(evaluated)
                     note(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
-                              f"bpb {evaluated['eval/bpb']:.4f}")
+                         f"bpb {evaluated['eval/bpb']:.4f}")
                     clock.restart(step)  # evaluation is not training throughput
                 if code_eval and (step % tc.code_eval_every == 0 or step == tc.steps):
                     evaluated = code_eval(state.params)
                     writer.write(step, evaluated)
                     summary.update(evaluated)
                     note(f"step {step}: compile rate {evaluated['eval/compile_rate']:.3f}, "
-                              f"pass rate {evaluated['eval/pass_rate']:.3f}")
+                         f"pass rate {evaluated['eval/pass_rate']:.3f}")
                     clock.restart(step)
                 if ckpt.save(step, state, meta(step)):
                     clock.restart(step)  # the save waited for the step to finish
             if stop.signal is not None:
                 summary["interrupted"] = True
                 note(f"{stop.signal} received: stopped at step {step}; re-run the same "
-                          f"command to resume")
+                     f"command to resume")
             if ckpt.latest_step() != step:
                 ckpt.save(step, state, meta(step), force=True)
     finally:

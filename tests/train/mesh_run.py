@@ -41,9 +41,7 @@ def main(argv):
     model = Transformer(from_run_config(c))
     tx, _ = build_optimizer(c.optimizer, c.training.steps)
     mesh = sharding.make_mesh(c.mesh)
-    shardings = sharding.train_state_shardings(jax.eval_shape(
-        lambda: init_train_state(model, tx, 0, c.model.seq_len)), mesh)
-    state = init_train_state(model, tx, 0, c.model.seq_len, shardings)
+    state = init_train_state(model, tx, 0, c.model.seq_len, mesh)
     q = state.params["block_0"]["attn"]["q"]["kernel"]
     mu = next(leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
               if sharding.path_name(path).endswith("mu/block_0/attn/q/kernel"))
