@@ -33,14 +33,24 @@ def _shrink(c):
     return c
 
 
-@pytest.fixture
-def small_config():
-    """tiny (byte-level, Python stdlib), 12 steps."""
+def _small():
     c = _shrink(tiny.get_config())
     c.data.max_bytes = 600_000
     c.training.steps = 12
     c.training.eval_every = 6
     return c
+
+
+@pytest.fixture
+def small_config():
+    """tiny (byte-level, Python stdlib), 12 steps."""
+    return _small()
+
+
+@pytest.fixture(scope="session")
+def make_small_config():
+    """A function returning a fresh small_config (for module- and session-scoped fixtures)."""
+    return _small
 
 
 @pytest.fixture(scope="session")

@@ -76,3 +76,47 @@ def test_runner_trains_and_writes_its_workdir(tmp_path):
                  f"--workdir={tmp_path}")
     assert again.returncode == 0 and "resumed" in again.stdout
 
+
+
+@pytest.mark.parametrize("command,message", [
+    (["nanochat_jax.export.gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf"],
+     "no checkpoints in /no/run: train a run there first"),
+    (["nanochat_jax.export.gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf", "--type=q4_0"],
+     "argument --type: invalid choice: 'q4_0'"),
+    (["nanochat_jax.export.hf", "--checkpoint=/no/run", "--out=OUT"], "no checkpoints in"),
+    (["nanochat_jax.eval", "--checkpoint=/no/run"], "no checkpoints in /no/run"),
+    (["nanochat_jax.infer.chat", "--checkpoint=/no/run", "--prompt=fn"], "no checkpoints in"),
+    (["nanochat_jax.optim.fire", "--workdir=/no/run", "--out=OUT"], "no checkpoints in"),
+    (["nanochat_jax.data.corpus", "--source=/no/such", "--out=OUT"],
+     "data source '/no/such' is not a named source"),
+])
+def test_bad_command_lines_of_the_other_tools_give_one_message(tmp_path, command, message):
+    """(A GGUF export of a model llama.cpp cannot run: tests/export/test_gguf.py.)"""
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    out = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode != 0
+    assert "error: " in out.stderr.strip().splitlines()[-1] and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_resuming_with_another_tokenizer_or_an_altered_shard_stops_before_compiling(tmp_path):
+    corpus = tmp_path / "corpus"
+    first = ["--config=tiny", "--config.training.steps=1", "--config.data.max_bytes=300000",
+             "--config.training.peak_flops=1e11", f"--config.data.corpus_dir={corpus}",
+             f"--workdir={tmp_path / 'run'}"]
+    assert _run(*first).returncode == 0
+    other = _run(*first[:-2], "--config.data.vocab_size=300", f"--workdir={tmp_path / 'run'}")
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'run'} was trained on a corpus and tokenizer built with other "
+        f"data settings (saved, configured): {{'data.vocab_size': (263, 300)}}; resuming "
+        f"would not continue the same run: use the saved settings or a new --workdir")
+    assert "model:" not in other.stdout  # refused before building the model
+    with open(corpus / "val_000.bin", "r+b") as f:
+        f.write(b"\x00\x01")
+    altered = _run(*first)
+    assert altered.returncode == 1 and "Traceback" not in altered.stderr
+    assert f"data shard {corpus / 'val_000.bin'} does not match its manifest hash" in (
+        altered.stderr) and "model:" not in altered.stdout

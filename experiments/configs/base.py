@@ -69,6 +69,9 @@ def get_config() -> config_dict.ConfigDict:
     c.training.z_loss = 0.0  # coefficient of mean(logsumexp^2); 1e-4 is PaLM's
     c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
     c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure
+    # A step whose loss, gradient or update is NaN/inf is skipped on device (counted in
+    # training/skipped_steps); this many in a row stop the run, keeping the last checkpoint
+    c.training.max_consecutive_skips = 10
 
     # optim/: name in (adamw, lion, muon, muon_8bit, galore2, galore2_muon_8bit);
     # schedule in (constant, linear, cosine, bitnet).

@@ -237,6 +237,40 @@ class Corpus:
             manifest = json.load(f)
         return cls(directory, manifest, BPETokenizer.load(directory))
 
+    def verify(self) -> dict:
+        """Check the tokenizer and every shard against the manifest (size, then SHA-256);
+        DataError naming the first file that does not match. -> {'shards', 'bytes'}."""
+        if self.tokenizer.identity() != self.manifest["tokenizer"]:
+            raise DataError(f"{self.directory}: tokenizer.json is not the tokenizer this corpus "
+                            f"was built with (manifest {self.manifest['tokenizer']}, file "
+                            f"{self.tokenizer.identity()}); {self._rebuild_hint()}")
+        itemsize = np.dtype(self.manifest["dtype"]).itemsize
+        shards = [s for split in ("train", "val") for s in self.manifest["splits"][split]["shards"]]
+        total = 0
+        for shard in shards:
+            path = os.path.join(self.directory, shard["file"])
+            want = shard["tokens"] * itemsize
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size != want:
+                found = "missing" if size is None else f"{size:,} bytes"
+                raise DataError(f"data shard {path} is {found}, the manifest says {want:,} "
+                                f"bytes; {self._rebuild_hint()}")
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard["sha256"]:
+                raise DataError(f"data shard {path} does not match its manifest hash (sha256 "
+                                f"{digest.hexdigest()[:16]}..., manifest "
+                                f"{shard['sha256'][:16]}...): it changed after the corpus was "
+                                f"built; {self._rebuild_hint()}")
+            total += size
+        return {"shards": len(shards), "bytes": total}
+
+    def _rebuild_hint(self) -> str:
+        return (f"delete {self.directory} and re-run to rebuild it from "
+                f"{self.manifest['spec']['source']!r}, or restore the file")
+
     def shards(self, split: str) -> list[np.ndarray]:
         """Read-only memory maps of a split's shards (1-D token arrays)."""
         return [np.memmap(os.path.join(self.directory, s["file"]), dtype=self.manifest["dtype"],

@@ -180,7 +180,7 @@ def fire_checkpoint(workdir: str, out: str, step: int | None = None, iters: int 
     meta = {**meta, "fire": {"iters": iters, "from": os.path.abspath(workdir), "step": step}}
     dst = Checkpointer(dst_dir, config.checkpoint.every, config.checkpoint.max_to_keep)
     try:
-        dst.save(step, fired, meta, force=True)
+        dst.save(step, fired, meta)
     finally:
         dst.close()
     return {"step": step, "leaves": len(errors), "max_isometry_error": max(errors, default=0.0)}

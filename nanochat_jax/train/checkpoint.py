@@ -1,24 +1,80 @@
-"""Orbax checkpoints: the whole TrainState plus a JSON sidecar (config, data position).
+"""Orbax checkpoints: the whole TrainState plus a JSON sidecar (config, data position,
+content checksums), written so that no crash or damaged file costs more than one interval.
 
-Saves are asynchronous (training continues while the files are written); `max_to_keep`
-retention and the save interval are orbax's own `CheckpointManagerOptions`.
+Saves are asynchronous (training continues while the files are written) into a temporary
+directory that orbax renames when complete; a save cut short by a kill leaves only that
+directory, which the next run's manager deletes (`cleanup_tmp_directories`). Each save also
+records two 32-bit checksums per leaf of the state, computed on device; a restore recomputes
+them, so a flipped bit or a truncated file is caught even where the storage format would
+read it back silently. `restore_newest` walks back from the newest step to the newest one
+that reads back intact, names each damaged step and (when training) moves it aside.
+Retention (`max_to_keep`) and the save interval are orbax's own `CheckpointManagerOptions`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from nanochat_jax.errors import CheckpointError
 
+FORMAT = 2  # 2: TrainState with skip counters, checksums in the sidecar; 1: neither
+_COUNTERS = ("skipped_steps", "consecutive_skips")
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """uint32 [2]: the sum of the leaf's bit patterns and their sum weighted by (2i + 1)
+    for flat index i. Any single changed element changes the second (odd weights are
+    invertible mod 2^32); the reductions are integer, so every mesh gives the same value."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)  # row-major flat index, built without a reshape
+    for d, n in enumerate(x.shape):  # (a reshape of a sharded array would move data)
+        index = index * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                      jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _checksums(tree: Any) -> Any:
+    return jax.tree.map(_leaf_checksum, tree)
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+    """{leaf path: [sum, weighted sum]} of a pytree of arrays (one device call)."""
+    from nanochat_jax.train.sharding import path_name
+
+    sums = jax.device_get(_checksums(tree))
+    return {path_name(p): [int(v) for v in np.asarray(s)]
+            for p, s in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    """A one-line summary of an exception (orbax / TensorStore messages run to pages)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text.split(" See full TensorStore details")[0]
+    return f"{type(e).__name__}: {text[:limit]}"
+
 
 class Checkpointer:
-    """Save / restore `(state, meta)` pairs under `directory/<step>/`."""
+    """Save / restore `(state, meta)` pairs under `directory/<step>/`. `read_only` opens a
+    run's checkpoints without creating or cleaning anything (for loading a run that may
+    still be training: its in-progress save must survive); such a one is never saved to."""
 
-    def __init__(self, directory: str, every: int, max_to_keep: int):
+    def __init__(self, directory: str, every: int, max_to_keep: int | None, *,
+                 read_only: bool = False):
+        self.directory = os.path.abspath(directory)
         policies = ocp.checkpoint_managers
         # Every `every` steps, and when JAX's preemption notice arrives on a pod; unlike
         # orbax's default there is no extra save at the first step.
@@ -26,38 +82,123 @@ class Checkpointer:
                                               policies.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_decision_policy=save_policy,
-            enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+            enable_async_checkpointing=True, create=not read_only,
+            cleanup_tmp_directories=not read_only)  # (orbax's read_only option warns twice)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Complete (renamed) checkpoint steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Start an async save if `step` is on the interval (or `force`); True if started."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    def due(self, step: int) -> bool:
+        """Whether the save policy asks for a checkpoint after `step`."""
+        return self.manager.should_save(step)
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Start an async save of `state` at `step`, with the state's checksums in `meta`."""
+        meta = {**meta, "format": FORMAT, "checksums": checksums(state)}
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore_meta(self, step: int) -> dict:
         """The JSON sidecar saved with `step` (cheap: no arrays are read)."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # missing, truncated or garbled JSON
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has an "
+                                  f"unreadable sidecar ({_first_line(e)})") from e
 
-    def restore(self, step: int, like: Any) -> Any:
-        """Restore the state at `step` into the structure, shapes and shardings of `like`;
-        leaves of `like` without a sharding (shapes only) land on the first local device, so
-        a checkpoint saved on any mesh loads on any machine."""
+    def restore(self, step: int, like: Any, meta: dict | None = None) -> Any:
+        """The state at `step` in the structure, shapes and shardings of `like` (leaves
+        without a sharding land on the first local device, so a checkpoint saved on any
+        mesh loads on any machine), checked against the checksums in its sidecar.
+        Raises CheckpointError naming what is damaged or does not fit."""
+        meta = self.restore_meta(step) if meta is None else meta
+        old = meta.get("format", 1) < 2
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(
                 x, "sharding", None) or device), like)
+        if old:  # written before the skip counters existed: restore the other fields
+            abstract = {k: getattr(abstract, k) for k in ("step", "params", "opt_state", "rng")}
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(
+            state = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract))).state
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
-                f"checkpoint at step {step} in {self.manager.directory} does not fit this "
-                f"config's train state ({e}); use a new --workdir or the config it was made "
-                f"with") from e
+                f"checkpoint step {step} in {self.directory} does not fit this config's "
+                f"train state ({_first_line(e)}); use a new --workdir or the config it was "
+                f"made with") from e
+        except Exception as e:  # TensorStore: missing / truncated / unreadable files
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be "
+                                  f"read ({_first_line(e)})") from e
+        if old:
+            zero = jnp.zeros((), jnp.int32)
+            return like.replace(**state, **dict.fromkeys(_COUNTERS, zero))
+        saved, now = meta["checksums"], checksums(state)
+        damaged = sorted(k for k in saved if now.get(k) != saved[k])
+        if damaged or saved.keys() != now.keys():
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is damaged: "
+                f"{len(damaged)} of {len(saved)} arrays differ from the checksums saved with "
+                f"them ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''})")
+        return state
+
+    def restore_newest(self, like_for: Callable[[dict], Any], *,
+                       say: Callable[[str], None] = print, set_aside: bool = False
+                       ) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest checkpoint that reads back intact; None if there
+        are none. `like_for(meta)` gives the state to restore into and may raise to refuse
+        the run (a different model or data): that error ends the search. Damaged steps are
+        reported by name through `say` and, with `set_aside`, moved to
+        `<directory>-damaged/` so training can write those steps again; if no step reads
+        back, CheckpointError lists why for each."""
+        damaged: list[tuple[int, str]] = []
+        for step in reversed(self.steps()):
+            try:
+                meta = self.restore_meta(step)
+                like = like_for(meta)  # outside the next try: a refusal ends the search
+            except CheckpointError as e:
+                if "unreadable sidecar" not in str(e):
+                    raise
+                damaged.append((step, self._reason(step, e)))
+                continue
+            try:
+                state = self.restore(step, like, meta)
+            except CheckpointError as e:
+                damaged.append((step, self._reason(step, e)))
+                continue
+            for bad, why in damaged:
+                say(f"checkpoint step {bad} {why}: skipped"
+                    + (f", moved to {self._set_aside(bad)}" if set_aside else ""))
+            if damaged:
+                say(f"resuming from the newest intact checkpoint, step {step}")
+            return step, state, meta
+        if damaged:
+            raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(
+                f"step {s} {why}" for s, why in damaged))
+        return None
+
+    def _reason(self, step: int, e: CheckpointError) -> str:
+        return str(e).removeprefix(f"checkpoint step {step} in {self.directory} ")
+
+    def _set_aside(self, step: int) -> str:
+        """Move a damaged step out of the manager's directory (process 0; all wait)."""
+        target = os.path.join(f"{self.directory}-damaged",
+                              f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         """Wait for pending async saves, then release the manager."""
@@ -65,9 +206,11 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, dict]:
-    """(run config, TrainState, meta) of a run's checkpoint at `step` (default: latest),
-    rebuilt from the config saved with it."""
+def load_run(workdir: str, step: int | None = None, *, say: Callable[[str], None] = print
+             ) -> tuple[Any, Any, dict]:
+    """(run config, TrainState, meta) of a run's checkpoint at `step` (default: the newest
+    intact one; damaged newer steps are reported through `say` and left in place), rebuilt
+    from the config saved with it."""
     from ml_collections import ConfigDict
 
     from nanochat_jax.train.state import abstract_train_state
@@ -75,14 +218,25 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Any, Any, dict]:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoints in {workdir}: train a run there first")
-    ckpt = Checkpointer(directory, every=1, max_to_keep=None)
+    ckpt = Checkpointer(directory, every=1, max_to_keep=None, read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in ckpt.manager.all_steps():
+        if step is not None and step not in ckpt.steps():
             raise CheckpointError(f"no checkpoint at step {step} in {directory}; saved steps: "
-                                  f"{list(ckpt.manager.all_steps())}")
-        meta = ckpt.restore_meta(step)
-        config = ConfigDict(meta["config"])
-        return config, ckpt.restore(step, abstract_train_state(config)), meta
+                                  f"{ckpt.steps()}")
+        if step is not None:
+            meta = ckpt.restore_meta(step)
+            config = ConfigDict(meta["config"])
+            return config, ckpt.restore(step, abstract_train_state(config), meta), meta
+        configs = {}
+
+        def like_for(meta):  # the abstract state of the config saved with each step
+            configs[meta["step"]] = ConfigDict(meta["config"])
+            return abstract_train_state(configs[meta["step"]])
+
+        found = ckpt.restore_newest(like_for, say=say)
+        if found is None:
+            raise CheckpointError(f"no checkpoints in {directory}: train a run there first")
+        step, state, meta = found
+        return configs[step], state, meta
     finally:
         ckpt.close()

@@ -17,14 +17,22 @@ from nanochat_jax.model.config import ModelConfig
 
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` (one object per step) and `workdir/tb/`;
-    `enabled=False` (every process but the first of a multi-host job) writes nothing."""
+    `enabled=False` (every process but the first of a multi-host job) writes nothing.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    `resume_step`: the step training resumes from. Rows after it (logged by a run that died
+    before its next checkpoint; every row when it is 0, as the run starts over) and a torn
+    last line (a kill mid-write) are dropped, so the file reads as one uninterrupted run;
+    TensorBoard discards such rows itself when a step is written again."""
+
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(path):
+            _rewind(path, resume_step)
+        self._jsonl = open(path, "a")
         self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -41,6 +49,24 @@ class MetricWriter:
             return
         self._jsonl.close()
         self._tb.close()
+
+
+def _rewind(path: str, step: int) -> None:
+    """Keep the complete rows of a metrics.jsonl up to `step` > 0 (atomic rewrite)."""
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            row = None
+        if row is not None and 0 < step and row.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def tree_bytes(tree: Any) -> int:

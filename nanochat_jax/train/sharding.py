@@ -187,9 +187,9 @@ def named(specs: Any, mesh: Mesh) -> Any:
 
 
 def train_state_shardings(abstract_state, mesh: Mesh):
-    """NamedShardings of a TrainState (its shapes from `jax.eval_shape`)."""
-    return abstract_state.replace(
-        step=NamedSharding(mesh, P()), rng=NamedSharding(mesh, P()),
+    """NamedShardings of a TrainState (its shapes from `jax.eval_shape`): params and
+    optimizer state by the rules above, the scalars (step, RNG key, counters) replicated."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_state).replace(
         params=named(param_specs(abstract_state.params, mesh), mesh),
         opt_state=named(state_specs(abstract_state.opt_state, abstract_state.params, mesh),
                         mesh))

@@ -17,6 +17,9 @@ class TrainState:
     params: Any  # fp32 latent weights
     opt_state: Any
     rng: jax.Array  # uint32 [2] root key; per-step keys are fold_in(rng, step)
+    # Updates skipped because the loss, gradient or update was NaN/inf (train/step.py):
+    skipped_steps: jax.Array  # int32 [] in all
+    consecutive_skips: jax.Array  # int32 [] in a row up to this step (0 after a good one)
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
@@ -27,8 +30,9 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: i
     def init(key):
         init_key, state_key = jax.random.split(key)
         params = model.init(init_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=state_key)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=state_key,
+                          skipped_steps=zero, consecutive_skips=zero)
 
     key = jax.random.PRNGKey(seed)
     shardings = None

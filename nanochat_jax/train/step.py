@@ -22,6 +22,9 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
+# Step metrics that must be finite for the update to be applied (every loss term adds into
+# loss/total, so a NaN/inf in any of them shows there).
+GUARDED = ("loss/total", "training/grad_norm", "training/update_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     positions only; `reference` (with its params as the third argument) makes the score the
     excess loss over that model. `grad_accum` k > 1 splits the batch into k micro-batches
     (a `lax.scan`, one at a time in memory) and averages their gradients and metrics before
-    the one update; `shardings` jit the step with those in/out shardings (train/sharding.py)."""
+    the one update; `shardings` jit the step with those in/out shardings (train/sharding.py).
+    A step whose loss, gradient norm or update norm is NaN/inf applies no update and counts
+    itself in `state.skipped_steps` / `state.consecutive_skips` (`GUARDED`)."""
 
     def grads_and_metrics(params, tokens: jax.Array, step: jax.Array, reference_params,
                           key: jax.Array):
@@ -140,8 +145,21 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
-                        "training/grad_norm": optax.tree.norm(grads)})
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                        "training/grad_norm": optax.tree.norm(grads),
+                        "training/update_norm": optax.tree.norm(updates)})
+        # A NaN/inf anywhere skips the update on device (params and optimizer state keep
+        # their values; the step and the data position still advance); the host reads the
+        # counters only when it logs.
+        finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in GUARDED]))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+        in_a_row = jnp.where(finite, 0, state.consecutive_skips + 1)
+        metrics.update({"training/skipped": (~finite).astype(jnp.float32),
+                        "training/skipped_steps": skipped.astype(jnp.float32),
+                        "training/consecutive_skips": in_a_row.astype(jnp.float32)})
+        return state.replace(step=state.step + 1, params=keep(params, state.params),
+                             opt_state=keep(opt_state, state.opt_state),
+                             skipped_steps=skipped, consecutive_skips=in_a_row), metrics
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -4,7 +4,9 @@
 `experiments/configs/base.py`). Re-running with the same workdir resumes from the latest
 checkpoint and reproduces the uninterrupted loss curve: batches are a function of the step
 and the RNG lives in the saved state. SIGINT / SIGTERM (Ctrl-C, pod preemption) stop after
-the current step with a checkpoint.
+the current step with a checkpoint; after a SIGKILL the newest complete, intact checkpoint
+is the resume point (train/checkpoint.py). Steps with NaN/inf values are skipped on device;
+`training.max_consecutive_skips` in a row stop the run (BUILD.md "Faults").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -61,12 +64,30 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _check_resumable(saved: dict, mcfg: model_config.ModelConfig, workdir: str,
-                     data_identity: dict) -> None:
-    """Refuse to resume a checkpoint made with a different model (the whole architecture:
-    the `model` group and the mtp / loop / mhc settings), tokenizer or corpus."""
-    before = dataclasses.asdict(model_config.from_run_config(
-        ml_collections.ConfigDict(saved["config"])))
+def _newest_sidecar(directory: str) -> dict | None:
+    """The sidecar of the newest checkpoint whose sidecar reads back (None: no checkpoint);
+    read-only, so a refused resume leaves the directory as it was."""
+    if not os.path.isdir(directory):
+        return None
+    ckpt = Checkpointer(directory, every=1, max_to_keep=None, read_only=True)
+    try:
+        for step in reversed(ckpt.steps()):
+            try:
+                return ckpt.restore_meta(step)
+            except Exception:  # damaged: restore_newest reports it when it walks past
+                continue
+        return None
+    finally:
+        ckpt.close()
+
+
+def _check_resumable(saved: dict, config: ml_collections.ConfigDict,
+                     mcfg: model_config.ModelConfig, workdir: str) -> None:
+    """Refuse, before any data or compile work, to resume a checkpoint made with a different
+    model (the whole architecture: the `model` group and the mtp / loop / mhc settings) or
+    from a corpus built with different settings (source, size, tokenizer vocabulary)."""
+    saved_config = ml_collections.ConfigDict(saved["config"])
+    before = dataclasses.asdict(model_config.from_run_config(saved_config))
     now = dataclasses.asdict(mcfg)
     diff = {k: (before[k], now[k]) for k in now
             if before.get(k) != now[k] and k not in model_config.HOW_IT_COMPUTES}
@@ -74,6 +95,18 @@ def _check_resumable(saved: dict, mcfg: model_config.ModelConfig, workdir: str,
         raise CheckpointError(
             f"{workdir} holds a checkpoint of a different model (saved, configured): {diff}; "
             f"use a new --workdir or the saved settings")
+    before = dataclasses.asdict(corpus_spec(saved_config))
+    now = dataclasses.asdict(corpus_spec(config))
+    diff = {f"data.{k}": (before[k], now[k]) for k in now if before[k] != now[k]}
+    if diff:
+        raise CheckpointError(
+            f"{workdir} was trained on a corpus and tokenizer built with other data settings "
+            f"(saved, configured): {diff}; resuming would not continue the same run: use "
+            f"the saved settings or a new --workdir")
+
+
+def _check_same_data(saved: dict, data_identity: dict, workdir: str) -> None:
+    """Refuse to resume on other tokens than the checkpoint saw (a prebuilt corpus_dir)."""
     for key in ("tokenizer", "corpus_sha256"):
         if saved["data"][key] != data_identity[key]:
             raise CheckpointError(
@@ -100,8 +133,10 @@ def corpus_spec(config: ml_collections.ConfigDict) -> corpus_lib.BuildSpec:
         val_fraction=dc.val_fraction, max_bytes=dc.max_bytes, vocab_size=dc.vocab_size)
 
 
-def open_data(config: ml_collections.ConfigDict, seq_len: int):
-    """Open (building if needed) the corpus; the train and validation batch sources."""
+def open_data(config: ml_collections.ConfigDict, seq_len: int,
+              say: Callable[[str], None] = print):
+    """Open (building if needed) and verify the corpus (every shard against its manifest
+    hash); the train and validation batch sources."""
     dc = config.data
     spec = corpus_spec(config)
     if dc.corpus_dir and os.path.exists(os.path.join(dc.corpus_dir, corpus_lib.MANIFEST)):
@@ -116,6 +151,10 @@ def open_data(config: ml_collections.ConfigDict, seq_len: int):
                               f"or use another corpus_dir")
     else:
         corpus = corpus_lib.ensure(spec, dc.corpus_dir)
+    started = time.perf_counter()
+    checked = corpus.verify()
+    say(f"data: {checked['shards']} shards ({checked['bytes'] / 1e6:,.1f} MB) match their "
+        f"manifest hashes ({time.perf_counter() - started:.2f} s)")
     tok = corpus.tokenizer
     train = BatchSource(corpus.shards("train"), tok.bos_id, dc.batch_size, seq_len,
                         config.training.seed, shuffle=True, name="train")
@@ -140,10 +179,52 @@ class _Throughput:
         return (step - self.step) * self.tokens_per_step / (time.perf_counter() - self.time)
 
 
-def _mean_metrics(pending: list[dict]) -> dict[str, float]:
-    """Average the per-step metric dicts gathered since the last log (one device fetch)."""
+COUNTERS = ("training/skipped_steps", "training/consecutive_skips")
+
+
+def _fetch(pending: list[dict]) -> dict[str, np.ndarray]:
+    """The per-step metrics gathered since the last log, `[n_steps]` each (one fetch)."""
     stacked = jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending))
-    return {k: float(np.mean(v)) for k, v in stacked.items()}
+    return {k: np.asarray(v) for k, v in stacked.items()}
+
+
+def _mean_applied(per_step: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each metric averaged over the steps whose update was applied (none: left out), and
+    the skip counters as of the last step."""
+    applied = per_step["training/skipped"] == 0
+    out = {k: float(per_step[k][-1]) for k in COUNTERS}
+    if applied.any():
+        out.update({k: float(np.mean(v[applied])) for k, v in per_step.items()
+                    if k not in COUNTERS and k != "training/skipped"})
+    return out
+
+
+class _SkipWatch:
+    """Follows the skipped updates (NaN/inf: train/step.py) in the logged per-step metrics
+    and stops the run after `limit` in a row, naming the steps and the non-finite values."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.first: tuple[int, dict[str, float]] | None = None  # this streak's first skip
+
+    def check(self, per_step: dict[str, np.ndarray], first_step: int, newest_checkpoint):
+        for i, in_a_row in enumerate(per_step["training/consecutive_skips"]):
+            step = first_step + i
+            if in_a_row == 0:
+                continue
+            if in_a_row == 1 or self.first is None:  # (None: resumed inside a streak)
+                self.first = (step, {k: float(v[i]) for k, v in per_step.items()
+                                     if not np.isfinite(v[i])})
+            if in_a_row >= self.limit:
+                at, bad = self.first
+                values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "none left"
+                kept = (f"the newest checkpoint, step {newest_checkpoint}, is from before it"
+                        if newest_checkpoint is not None else "no checkpoint was saved")
+                raise DivergenceError(
+                    f"{int(in_a_row)} updates in a row were skipped for NaN/inf values (steps "
+                    f"{at}-{step}, training.max_consecutive_skips={self.limit}); at step {at}: "
+                    f"{values}. Stopped without saving: {kept}; lower optimizer.lr or set "
+                    f"optimizer.grad_clip, then re-run to resume")
 
 
 def evaluate(eval_step, params, batches: BatchSource, n_batches: int,
@@ -213,9 +294,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if dc.batch_size % (batch_shards * tc.grad_accum):
         raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of mesh.data x "
                           f"mesh.fsdp ({batch_shards}) x training.grad_accum ({tc.grad_accum})")
+    if tc.max_consecutive_skips < 1:
+        raise ConfigError(f"training.max_consecutive_skips must be >= 1, got "
+                          f"{tc.max_consecutive_skips}")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    saved = _newest_sidecar(checkpoints)
+    if saved is not None:
+        _check_resumable(saved, config, mcfg, workdir)
     os.makedirs(workdir, exist_ok=True)
 
-    corpus, train_data, val_data = open_data(config, mcfg.seq_len)
+    corpus, train_data, val_data = open_data(config, mcfg.seq_len, say)
     tokenizer = corpus.tokenizer
     if main_process:
         tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
@@ -232,13 +320,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     say(f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
         f"process(es)")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
-                        config.checkpoint.max_to_keep)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        _check_resumable(ckpt.restore_meta(latest), mcfg, workdir, data_identity)
-        state = ckpt.restore(latest, state)
-        say(f"resumed from {workdir} at step {latest}")
+    ckpt = Checkpointer(checkpoints, config.checkpoint.every, config.checkpoint.max_to_keep)
+
+    def like_for(saved: dict):
+        _check_resumable(saved, config, mcfg, workdir)
+        _check_same_data(saved, data_identity, workdir)
+        return state
+
+    found = ckpt.restore_newest(like_for, say=say, set_aside=True)
+    if found is not None:
+        state = found[1]
+        say(f"resumed from {workdir} at step {found[0]}")
 
     def meta(step: int) -> dict:
         return {"config": config.to_dict(), "step": step,
@@ -275,8 +367,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}): "
             f"simulated on {jax.devices()[0].device_kind} (ternary/fp4.py; native scaled FP4 "
             f"matmuls need a Blackwell GPU)")
-    writer = metrics_lib.MetricWriter(workdir, enabled=main_process)
     start = int(state.step)
+    writer = metrics_lib.MetricWriter(workdir, enabled=main_process, resume_step=start)
+    skips = _SkipWatch(tc.max_consecutive_skips)
     summary: dict[str, Any] = {"start_step": start, "interrupted": False}
     if start == 0:
         writer.write(0, {**run_eval(state.params), **memory})
@@ -304,11 +397,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     jax.block_until_ready(step_metrics)
                     clock.restart(step)
                 if step % tc.log_every == 0 or step == tc.steps:
-                    logged = _mean_metrics(pending)
+                    per_step, first = _fetch(pending), step - len(pending) + 1
                     pending = []
-                    if not math.isfinite(logged["loss/total"]):
-                        raise DivergenceError(f"loss is {logged['loss/total']} at step {step}; "
-                                              f"lower optimizer.lr or set optimizer.grad_clip")
+                    logged = _mean_applied(per_step)
                     logged.update({"training/epoch": train_data.epoch(step), **memory,
                                    "training/wall_s": time.perf_counter() - started,
                                    **metrics_lib.device_memory()})
@@ -316,9 +407,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     if tps is not None:
                         logged.update({"throughput/tokens_per_sec": tps,
                                        "throughput/mfu": tps * flops_per_token / peak})
-                        bar.set_postfix(loss=f"{logged['loss/total']:.3f}", tok_s=f"{tps:,.0f}")
+                        bar.set_postfix(loss=f"{logged.get('loss/total', math.nan):.3f}",
+                                        tok_s=f"{tps:,.0f}")
                     writer.write(step, logged)
                     summary.update(logged)
+                    if per_step["training/skipped"].any():
+                        note(f"step {step}: {int(per_step['training/skipped'].sum())} of the "
+                             f"last {len(per_step['training/skipped'])} updates skipped "
+                             f"(NaN/inf); {int(logged['training/skipped_steps'])} in all")
+                        skips.check(per_step, first, ckpt.latest_step())
                     clock.restart(step)
                 if step % tc.eval_every == 0 or step == tc.steps:
                     evaluated = run_eval(state.params)
@@ -335,14 +432,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     note(f"step {step}: compile rate {evaluated['eval/compile_rate']:.3f}, "
                          f"pass rate {evaluated['eval/pass_rate']:.3f}")
                     clock.restart(step)
-                if ckpt.save(step, state, meta(step)):
+                if ckpt.due(step):  # only states whose last update was applied are saved
+                    if int(state.consecutive_skips):
+                        note(f"step {step}: checkpoint postponed: the last update was skipped")
+                    else:
+                        ckpt.save(step, state, meta(step))
                     clock.restart(step)  # the save waited for the step to finish
             if stop.signal is not None:
                 summary["interrupted"] = True
                 note(f"{stop.signal} received: stopped at step {step}; re-run the same "
                      f"command to resume")
-            if ckpt.latest_step() != step:
-                ckpt.save(step, state, meta(step), force=True)
+            if ckpt.latest_step() != step and not int(state.consecutive_skips):
+                ckpt.save(step, state, meta(step))
     finally:
         batches.close()
         bar.close()

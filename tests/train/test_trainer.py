@@ -113,9 +113,25 @@ def test_resuming_with_a_different_model_is_refused(small_config, tmp_path):
 def test_resuming_on_different_data_is_refused(small_config, tmp_path):
     small_config.training.steps = 1
     train(small_config, str(tmp_path))
-    small_config.data.max_bytes = 500_000  # another corpus, same tokenizer
-    with pytest.raises(CheckpointError, match="corpus_sha256"):
+    small_config.data.max_bytes = 500_000  # another corpus, same tokenizer settings
+    with pytest.raises(CheckpointError, match="'data.max_bytes': \\(600000, 500000\\)"):
         train(small_config, str(tmp_path))
+
+
+def test_resuming_on_a_rebuilt_corpus_with_other_content_is_refused(small_config, tmp_path):
+    """Same data settings, other files: caught by the corpus content hash."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(40):
+        (source / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 200)
+    c = small_config
+    c.data.source, c.data.extensions, c.data.max_bytes = str(source), (".py",), 0
+    c.training.steps, c.data.corpus_dir = 1, str(tmp_path / "corpus_a")
+    train(c, str(tmp_path / "run"))
+    (source / "m0.py").write_text("def changed():\n    pass\n" * 300)
+    c.data.corpus_dir = str(tmp_path / "corpus_b")
+    with pytest.raises(CheckpointError, match="corpus_sha256"):
+        train(c, str(tmp_path / "run"))
 
 
 def test_a_corpus_dir_built_with_other_settings_is_refused(small_config, tmp_path):

@@ -1,0 +1,129 @@
+"""Crash safety through the real command: a run is killed (SIGKILL at random steps and in
+the middle of an async checkpoint write, SIGTERM as a scheduler sends it) and re-launched
+with the same command line each time; it ends on the loss curve of a run never killed."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 30
+ARGS = ["--config=tiny", "--config.model.n_layers=2", "--config.model.seq_len=64",
+        "--config.data.batch_size=8", "--config.data.max_bytes=600000",
+        "--config.training.log_every=1", "--config.training.eval_every=15",
+        "--config.training.eval_batches=2", "--config.training.peak_flops=1e11",
+        "--config.optimizer.warmup_steps=2", "--config.checkpoint.every=2",
+        f"--config.training.steps={STEPS}"]
+
+
+class Run:
+    """One launch of `python -m experiments.run ARGS --workdir=W`, output to files."""
+
+    def __init__(self, workdir, env, n):
+        self.workdir, self.log = workdir, os.path.join(os.path.dirname(workdir), f"launch{n}")
+        with open(self.log + ".out", "w") as out, open(self.log + ".err", "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "experiments.run", *ARGS, f"--workdir={workdir}"],
+                cwd=REPO, env=env, stdout=out, stderr=err)
+
+    def output(self):
+        return open(self.log + ".out").read(), open(self.log + ".err").read()
+
+    def logged_step(self) -> int:
+        """The last step with a complete row in metrics.jsonl (0 if none yet)."""
+        try:
+            with open(os.path.join(self.workdir, "metrics.jsonl")) as f:
+                lines = [line for line in f if line.endswith("\n")]
+        except FileNotFoundError:
+            return 0
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    def saving(self) -> list[str]:
+        """Checkpoint directories being written (orbax's not yet renamed temporaries)."""
+        directory = os.path.join(self.workdir, "checkpoints")
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        return [n for n in names if ".orbax-checkpoint-tmp" in n]
+
+    def kill_when(self, ready, sig=signal.SIGKILL, timeout=240) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.proc.poll() is None, ("the run ended before the kill", self.output())
+            assert time.monotonic() < deadline, ("no kill point reached", self.output())
+            time.sleep(0.001)
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=120)
+
+
+def complete_steps(workdir) -> list[int]:
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def curve(workdir) -> list[tuple]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r.get("loss/total"), r.get("eval/ce")) for r in rows
+            if "loss/total" in r or "eval/ce" in r]
+
+
+@pytest.mark.slow
+def test_runs_killed_at_random_moments_resume_on_the_uninterrupted_curve(tmp_path):
+    seed = int(time.time())
+    rng = random.Random(seed)
+    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1",  # (output of a kill)
+           # the persistent compilation cache makes the 6 launches start faster
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    os.makedirs(tmp_path / "straight")
+    straight = Run(str(tmp_path / "straight" / "run"), env, 0)
+    assert straight.proc.wait(timeout=600) == 0, straight.output()
+    workdir = str(tmp_path / "killed" / "run")
+    os.makedirs(os.path.dirname(workdir))
+    launches, resumed_from = 0, []
+
+    def launch():
+        nonlocal launches
+        launches += 1
+        return Run(workdir, env, launches)
+
+    def check_resumed(run, expected):
+        """The launch resumed from the newest complete checkpoint of the one before."""
+        out, _ = run.output()
+        if expected is not None:
+            assert f"resumed from {workdir} at step {expected}" in out, (seed, out)
+            resumed_from.append(expected)
+
+    plan = ["SIGKILL at a random step", "SIGKILL during a checkpoint write", "SIGTERM",
+            "SIGKILL at a random step"]
+    newest = None
+    for what in plan:
+        run = launch()
+        if what == "SIGKILL during a checkpoint write":
+            # after "model:", printed once the manager has cleaned up earlier leftovers
+            run.kill_when(lambda r=run: "model:" in r.output()[0] and r.saving())
+            assert run.saving(), (seed, "the write had finished before the kill landed")
+        else:
+            target = run.logged_step() + rng.randint(3, 7)
+            run.kill_when(lambda r=run, t=target: r.logged_step() >= t,
+                          signal.SIGTERM if what == "SIGTERM" else signal.SIGKILL)
+        out, err = run.output()
+        if what == "SIGTERM":  # a final checkpoint and a clean exit
+            assert run.proc.returncode == 0, (seed, err[-2000:])
+            assert "SIGTERM received: stopped at step" in out, (seed, out)
+        else:
+            assert run.proc.returncode == -signal.SIGKILL
+        check_resumed(run, newest)
+        newest = complete_steps(workdir)[-1] if complete_steps(workdir) else None
+    last = launch()
+    assert last.proc.wait(timeout=600) == 0, (seed, last.output())
+    check_resumed(last, newest)
+    assert not last.saving()  # the cut-short write was cleaned up, nothing left behind
+    assert curve(workdir) == curve(straight.workdir), seed
+    # (a first kill before the first save completes restarts from step 0: not a resume)
+    assert len(resumed_from) >= len(plan) - 1 and all(s > 0 for s in resumed_from), seed
