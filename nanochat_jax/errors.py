@@ -18,7 +18,8 @@ class CheckpointError(NanochatError):
 
 
 class DivergenceError(NanochatError, FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """Training kept producing NaN/inf values: `training.max_consecutive_skips` updates in
+    a row were skipped."""
 
 
 class EvalError(NanochatError):

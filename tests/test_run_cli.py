@@ -101,22 +101,34 @@ def test_bad_command_lines_of_the_other_tools_give_one_message(tmp_path, command
 
 
 @pytest.mark.slow
-def test_resuming_with_another_tokenizer_or_an_altered_shard_stops_before_compiling(tmp_path):
+def test_resuming_with_another_tokenizer_is_refused_from_the_sidecar(trained_run):
+    """The run's own settings but another BPE size: refused before data or model."""
+    workdir, _, _ = trained_run
+    out = _run("--config=tiny", "--config.model.n_layers=2", "--config.model.seq_len=64",
+               "--config.mtp.enabled=True", "--config.data.max_bytes=600000",
+               "--config.data.vocab_size=300", f"--workdir={workdir}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir} was trained on a corpus and tokenizer built with other data "
+        f"settings (saved, configured): {{'data.vocab_size': (263, 300)}}; resuming would "
+        f"not continue the same run: use the saved settings or a new --workdir")
+    assert "model:" not in out.stdout
+
+
+def test_an_altered_data_shard_is_named_before_the_model_is_built(tmp_path):
+    from experiments.configs import tiny
+    from nanochat_jax.data import corpus as corpus_lib
+    from nanochat_jax.train.trainer import corpus_spec
+
+    config = tiny.get_config()
+    config.data.max_bytes = 300_000
     corpus = tmp_path / "corpus"
-    first = ["--config=tiny", "--config.training.steps=1", "--config.data.max_bytes=300000",
-             "--config.training.peak_flops=1e11", f"--config.data.corpus_dir={corpus}",
-             f"--workdir={tmp_path / 'run'}"]
-    assert _run(*first).returncode == 0
-    other = _run(*first[:-2], "--config.data.vocab_size=300", f"--workdir={tmp_path / 'run'}")
-    assert other.returncode == 1 and "Traceback" not in other.stderr
-    assert other.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'run'} was trained on a corpus and tokenizer built with other "
-        f"data settings (saved, configured): {{'data.vocab_size': (263, 300)}}; resuming "
-        f"would not continue the same run: use the saved settings or a new --workdir")
-    assert "model:" not in other.stdout  # refused before building the model
+    corpus_lib.build(corpus_spec(config), str(corpus))
     with open(corpus / "val_000.bin", "r+b") as f:
         f.write(b"\x00\x01")
-    altered = _run(*first)
-    assert altered.returncode == 1 and "Traceback" not in altered.stderr
-    assert f"data shard {corpus / 'val_000.bin'} does not match its manifest hash" in (
-        altered.stderr) and "model:" not in altered.stdout
+    out = _run("--config=tiny", "--config.data.max_bytes=300000",
+               f"--config.data.corpus_dir={corpus}", f"--workdir={tmp_path / 'run'}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"error: data shard {corpus / 'val_000.bin'} does not match its manifest hash")
+    assert "model:" not in out.stdout

@@ -123,21 +123,29 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_loaded(
         load_run(workdir, step=8)  # asked for by number: an error, not a silent fallback
 
 
-def test_training_resumes_past_a_silently_corrupted_checkpoint_on_the_same_curve(
+def test_training_resumes_past_a_cut_short_save_and_a_silently_corrupted_step(
         two_checkpoints, tmp_path, capsys):
-    """A flipped bit that orbax reads back without complaint: the checksums catch it, the
-    step is set aside, and training from step 4 rejoins the uninterrupted curve."""
+    """On disk: what SIGKILL during an async save leaves (orbax renames a step into place
+    only when complete: a half-written temporary directory), and a step 8 with a flipped
+    bit that orbax reads back without complaint. The run deletes the first, catches the
+    second by its checksums and sets it aside, and from step 4 rejoins the uninterrupted
+    curve."""
     partial, straight, c = two_checkpoints
     workdir = str(tmp_path / "run")
     shutil.copytree(partial, workdir)
+    half = os.path.join(workdir, "checkpoints", "12.orbax-checkpoint-tmp")
+    shutil.copytree(os.path.join(workdir, "checkpoints", "8"), half)
+    _truncate(half)
+    os.remove(os.path.join(half, "commit_success.txt"))
     _flip_a_byte(os.path.join(workdir, "checkpoints", "8"))
     summary = train(c, workdir)
     out = capsys.readouterr().out
-    assert "checkpoint step 8 is damaged" in out and "resumed from" in out
+    assert "checkpoint step 8 is damaged: 1 of" in out and "resumed from" in out
     assert summary["start_step"] == 4 and summary["step"] == 12
     assert _losses(workdir) == _losses(straight)
     aside = glob.glob(os.path.join(workdir, "checkpoints-damaged", "8-*"))
     assert len(aside) == 1 and f"moved to {aside[0]}" in out
+    assert not os.path.exists(half)
 
 
 def test_no_intact_checkpoint_is_an_error_listing_every_step(two_checkpoints, tmp_path):
@@ -150,22 +158,6 @@ def test_no_intact_checkpoint_is_an_error_listing_every_step(two_checkpoints, tm
                                               "step 4 is damaged"):
         train(c, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
-
-
-def test_a_save_cut_short_leaves_a_temporary_directory_the_next_run_removes(
-        two_checkpoints, tmp_path):
-    """What SIGKILL during an async save leaves on disk (orbax renames a step into place only
-    when complete): resuming ignores it and deletes it."""
-    partial, straight, c = two_checkpoints
-    workdir = str(tmp_path / "run")
-    shutil.copytree(partial, workdir)
-    half = os.path.join(workdir, "checkpoints", "12.orbax-checkpoint-tmp")
-    shutil.copytree(os.path.join(workdir, "checkpoints", "8"), half)
-    _truncate(half)
-    os.remove(os.path.join(half, "commit_success.txt"))
-    summary = train(c, workdir)
-    assert summary["start_step"] == 8
-    assert not os.path.exists(half) and _losses(workdir) == _losses(straight)
 
 
 def test_checkpoints_from_before_the_skip_counters_still_load(two_checkpoints, tmp_path):
@@ -201,22 +193,33 @@ def test_resumed_metrics_drop_rows_after_the_checkpoint_and_a_torn_last_line(tmp
 
 # --- data shards ---------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def built_corpus(tmp_path_factory, make_small_config):
+    """(a corpus directory of small_config's data, the config)."""
+    from nanochat_jax.data import corpus as corpus_lib
+    from nanochat_jax.train.trainer import corpus_spec
+
+    c = make_small_config()
+    directory = str(tmp_path_factory.mktemp("corpus") / "built")
+    corpus_lib.build(corpus_spec(c), directory)
+    return directory, c
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda p: open(p, "r+b").write(b"\x07\x00"), "does not match its manifest hash"),
     (lambda p: os.truncate(p, 10), "is 10 bytes, the manifest says"),
     (os.remove, "is missing"),
 ])
-def test_an_altered_data_shard_stops_the_run_before_training(small_config, tmp_path, damage,
+def test_an_altered_data_shard_stops_the_run_before_training(built_corpus, tmp_path, damage,
                                                              message):
-    c = small_config
-    c.training.steps = 1
+    directory, c = built_corpus
     c.data.corpus_dir = str(tmp_path / "corpus")
-    train(c, str(tmp_path / "first"))  # builds the corpus there
-    shard = str(tmp_path / "corpus" / "train_000.bin")
+    shutil.copytree(directory, c.data.corpus_dir)
+    shard = os.path.join(c.data.corpus_dir, "train_000.bin")
     damage(shard)
     with pytest.raises(DataError, match=f"data shard {shard} {message}.*delete "):
-        train(c, str(tmp_path / "second"))
-    assert not os.path.exists(tmp_path / "second" / "checkpoints")
+        train(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 # --- NaN / inf steps -----------------------------------------------------------------------
@@ -242,21 +245,21 @@ def test_a_non_finite_step_is_skipped_on_device_and_counted():
 
 
 def test_an_exploding_learning_rate_stops_the_run_naming_the_steps_and_metric(
-        small_config, tmp_path):
-    """lr=1e30 from step 4 on: every update is inf, each is skipped; the third in a row
-    stops the run, which keeps the checkpoint from before and can resume from it."""
-    c = small_config
-    c.training.steps = 4
-    train(c, str(tmp_path))
-    c.training.steps, c.training.max_consecutive_skips = 12, 3
+        two_checkpoints, tmp_path):
+    """lr=1e30 from step 8 on: every update is inf, each is skipped; the third in a row
+    stops the run, which keeps the checkpoint from before, intact."""
+    partial, _, c = two_checkpoints
+    workdir = str(tmp_path / "run")
+    shutil.copytree(partial, workdir)
+    c.training.max_consecutive_skips = 3
     c.optimizer.lr = 1e30
     with pytest.raises(DivergenceError, match=r"3 updates in a row were skipped for NaN/inf "
-                       r"values \(steps 5-7, training.max_consecutive_skips=3\); at step 5: "
-                       r".*training/update_norm=inf.*the newest checkpoint, step 4"):
-        train(c, str(tmp_path))
-    assert os.listdir(tmp_path / "checkpoints") == ["4"]
-    rows = [r for r in _rows(tmp_path) if r["step"] > 4 and "training/skipped_steps" in r]
+                       r"values \(steps 9-11, training.max_consecutive_skips=3\); at step 9: "
+                       r".*training/update_norm=inf.*the newest checkpoint, step 8"):
+        train(c, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    rows = [r for r in _rows(workdir) if r["step"] > 8 and "training/skipped_steps" in r]
     assert [r["training/skipped_steps"] for r in rows] == [1, 2, 3]
     assert not any("loss/total" in r for r in rows)  # nothing applied: no loss to average
-    c.optimizer.lr = 1e-3
-    assert train(c, str(tmp_path))["start_step"] == 4
+    _, state, _ = load_run(workdir)
+    assert int(state.step) == 8 and int(state.skipped_steps) == 0

@@ -13,7 +13,7 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 30
+STEPS = 60
 ARGS = ["--config=tiny", "--config.model.n_layers=2", "--config.model.seq_len=64",
         "--config.data.batch_size=8", "--config.data.max_bytes=600000",
         "--config.training.log_every=1", "--config.training.eval_every=15",
@@ -62,7 +62,8 @@ class Run:
 
 def complete_steps(workdir) -> list[int]:
     directory = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 def curve(workdir) -> list[tuple]:
@@ -77,7 +78,7 @@ def test_runs_killed_at_random_moments_resume_on_the_uninterrupted_curve(tmp_pat
     seed = int(time.time())
     rng = random.Random(seed)
     env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1",  # (output of a kill)
-           # the persistent compilation cache makes the 6 launches start faster
+           # the persistent compilation cache makes the 7 launches start faster
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     os.makedirs(tmp_path / "straight")
@@ -85,45 +86,37 @@ def test_runs_killed_at_random_moments_resume_on_the_uninterrupted_curve(tmp_pat
     assert straight.proc.wait(timeout=600) == 0, straight.output()
     workdir = str(tmp_path / "killed" / "run")
     os.makedirs(os.path.dirname(workdir))
-    launches, resumed_from = 0, []
-
-    def launch():
-        nonlocal launches
-        launches += 1
-        return Run(workdir, env, launches)
-
-    def check_resumed(run, expected):
-        """The launch resumed from the newest complete checkpoint of the one before."""
-        out, _ = run.output()
-        if expected is not None:
-            assert f"resumed from {workdir} at step {expected}" in out, (seed, out)
-            resumed_from.append(expected)
-
-    plan = ["SIGKILL at a random step", "SIGKILL during a checkpoint write", "SIGTERM",
-            "SIGKILL at a random step"]
-    newest = None
-    for what in plan:
-        run = launch()
-        if what == "SIGKILL during a checkpoint write":
+    plan = [(signal.SIGKILL, "at a random step"), (signal.SIGKILL, "during a checkpoint write"),
+            (signal.SIGTERM, "at a random step"), (signal.SIGKILL, "at a random step"),
+            (signal.SIGINT, "at a random step")]
+    resumed_from = []
+    for n, (sig, when) in enumerate(plan, 1):
+        newest = max(complete_steps(workdir), default=None)
+        run = Run(workdir, env, n)
+        if when == "during a checkpoint write":
             # after "model:", printed once the manager has cleaned up earlier leftovers
             run.kill_when(lambda r=run: "model:" in r.output()[0] and r.saving())
             assert run.saving(), (seed, "the write had finished before the kill landed")
-        else:
+        else:  # a random step, once this launch has a complete checkpoint of its own
             target = run.logged_step() + rng.randint(3, 7)
-            run.kill_when(lambda r=run, t=target: r.logged_step() >= t,
-                          signal.SIGTERM if what == "SIGTERM" else signal.SIGKILL)
+            run.kill_when(lambda r=run, t=target, s=newest: r.logged_step() >= t and max(
+                complete_steps(workdir), default=-1) > (s or 0), sig)
         out, err = run.output()
-        if what == "SIGTERM":  # a final checkpoint and a clean exit
-            assert run.proc.returncode == 0, (seed, err[-2000:])
-            assert "SIGTERM received: stopped at step" in out, (seed, out)
-        else:
+        if sig == signal.SIGKILL:
             assert run.proc.returncode == -signal.SIGKILL
-        check_resumed(run, newest)
-        newest = complete_steps(workdir)[-1] if complete_steps(workdir) else None
-    last = launch()
+        else:  # SIGTERM / SIGINT: a final checkpoint and a clean exit
+            assert run.proc.returncode == 0, (seed, err[-2000:])
+            assert f"{sig.name} received: stopped at step" in out, (seed, out)
+        if newest is not None:  # resumed from the newest complete checkpoint there was
+            assert f"resumed from {workdir} at step {newest}" in out, (seed, out)
+            resumed_from.append(newest)
+    newest = max(complete_steps(workdir))
+    last = Run(workdir, env, len(plan) + 1)
     assert last.proc.wait(timeout=600) == 0, (seed, last.output())
-    check_resumed(last, newest)
+    assert f"resumed from {workdir} at step {newest}" in last.output()[0], seed
+    resumed_from.append(newest)
     assert not last.saving()  # the cut-short write was cleaned up, nothing left behind
     assert curve(workdir) == curve(straight.workdir), seed
-    # (a first kill before the first save completes restarts from step 0: not a resume)
-    assert len(resumed_from) >= len(plan) - 1 and all(s > 0 for s in resumed_from), seed
+    assert len(resumed_from) == len(plan), (seed, resumed_from)
+    print(f"seed {seed}: {', '.join(f'{s.name} {w}' for s, w in plan)}; the launches after "
+          f"resumed from steps {resumed_from}")
