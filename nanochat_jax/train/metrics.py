@@ -22,7 +22,8 @@ class MetricWriter:
     `resume_step`: the step training resumes from. Rows after it (logged by a run that died
     before its next checkpoint; every row when it is 0, as the run starts over) and a torn
     last line (a kill mid-write) are dropped, so the file reads as one uninterrupted run;
-    TensorBoard discards such rows itself when a step is written again."""
+    for TensorBoard the event file opens with tensorboardX's `purge_step`, which hides the
+    same events."""
 
     def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
@@ -33,7 +34,8 @@ class MetricWriter:
         if os.path.exists(path):
             _rewind(path, resume_step)
         self._jsonl = open(path, "a")
-        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"),
+                                 purge_step=resume_step + 1 if resume_step else 0)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

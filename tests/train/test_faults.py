@@ -189,6 +189,24 @@ def test_resumed_metrics_drop_rows_after_the_checkpoint_and_a_torn_last_line(tmp
         f.write('{"step": 7, "loss/to')  # the kill came mid-line
     MetricWriter(str(tmp_path), resume_step=4).close()
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+    newest = max(glob.glob(str(tmp_path / "tb" / "events.out.tfevents*")), key=os.path.getmtime)
+    assert _session_starts(newest) == [5]  # TensorBoard hides the old file's steps >= 5
+
+
+def _session_starts(path) -> list[int]:
+    """Steps of the SessionLog.START events in a TensorBoard event file (TFRecords)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    data, offset, steps = open(path, "rb").read(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        event = Event.FromString(data[offset + 12:offset + 12 + length])
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+            steps.append(event.step)
+        offset += 12 + length + 4
+    return steps
 
 
 # --- data shards ---------------------------------------------------------------------------
