@@ -213,8 +213,8 @@ class _SkipWatch:
             if in_a_row == 0:
                 continue
             if in_a_row == 1 or self.first is None:  # (None: resumed inside a streak)
-                self.first = (step, {k: float(v[i]) for k, v in per_step.items()
-                                     if not np.isfinite(v[i])})
+                self.first = (step, {k: np.asarray(v[i]).tolist() for k, v in per_step.items()
+                                     if not np.isfinite(v[i]).all()})
             if in_a_row >= self.limit:
                 at, bad = self.first
                 values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "none left"
