@@ -1,6 +1,6 @@
 """Faults injected on purpose: damaged checkpoints, altered data shards, NaN/inf steps and an
 exploding learning rate; each is caught, named, and costs at most one checkpoint interval.
-(SIGKILL at random moments: tests/test_kill_resume.py.)"""
+(SIGKILL at random moments: tests/train/test_kill_resume.py.)"""
 
 import glob
 import json
@@ -266,7 +266,8 @@ def test_an_exploding_learning_rate_stops_the_run_naming_the_steps_and_metric(
         two_checkpoints, tmp_path):
     """lr=1e30 from step 8 on: every update is inf, each is skipped; the third in a row
     stops the run, which keeps the checkpoint from before, intact."""
-    partial, _, c = two_checkpoints
+    partial, _, shared = two_checkpoints
+    c = shared.copy_and_resolve_references()  # the module's other tests keep their lr
     workdir = str(tmp_path / "run")
     shutil.copytree(partial, workdir)
     c.training.max_consecutive_skips = 3
