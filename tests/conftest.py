@@ -1,6 +1,8 @@
 """Shared fixtures: a private corpus cache, and a tiny, fast run config on real text."""
 
+import glob
 import os
+import struct
 
 import pytest
 
@@ -91,3 +93,26 @@ def small_e3_full_config():
 def small_rust_gguf_config():
     """tiny_rust_gguf (tied, SwiGLU, 256 wide: llama.cpp-exportable) on the 1k BPE."""
     return _small_rust(tiny_rust_gguf.get_config())
+
+
+@pytest.fixture(scope="session")
+def tensorboard_events():
+    """A function: the Event records of a TensorBoard event file, or of every one in a logdir
+    (TFRecords: u64 length, u32 crc, data, u32 crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    def events(path) -> list:
+        paths = (sorted(glob.glob(os.path.join(path, "events.out.tfevents*")))
+                 if os.path.isdir(path) else [path])
+        out = []
+        for p in paths:
+            with open(p, "rb") as f:
+                data = f.read()
+            offset = 0
+            while offset < len(data):
+                (length,) = struct.unpack_from("<Q", data, offset)
+                out.append(Event.FromString(data[offset + 12:offset + 12 + length]))
+                offset += 12 + length + 4
+        return out
+
+    return events

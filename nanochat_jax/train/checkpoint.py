@@ -112,6 +112,16 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has an "
                                   f"unreadable sidecar ({_first_line(e)})") from e
 
+    def newest_meta(self) -> dict | None:
+        """The sidecar of the newest step whose sidecar reads back (None: no steps); damaged
+        steps are skipped silently here (`restore_newest` reports them)."""
+        for step in reversed(self.steps()):
+            try:
+                return self.restore_meta(step)
+            except CheckpointError:
+                continue
+        return None
+
     def restore(self, step: int, like: Any, meta: dict | None = None) -> Any:
         """The state at `step` in the structure, shapes and shardings of `like` (leaves
         without a sharding land on the first local device, so a checkpoint saved on any
@@ -161,12 +171,10 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 meta = self.restore_meta(step)
-                like = like_for(meta)  # outside the next try: a refusal ends the search
             except CheckpointError as e:
-                if "unreadable sidecar" not in str(e):
-                    raise
                 damaged.append((step, self._reason(step, e)))
                 continue
+            like = like_for(meta)  # a refusal (CheckpointError) ends the search
             try:
                 state = self.restore(step, like, meta)
             except CheckpointError as e:

@@ -71,12 +71,7 @@ def _newest_sidecar(directory: str) -> dict | None:
         return None
     ckpt = Checkpointer(directory, every=1, max_to_keep=None, read_only=True)
     try:
-        for step in reversed(ckpt.steps()):
-            try:
-                return ckpt.restore_meta(step)
-            except Exception:  # damaged: restore_newest reports it when it walks past
-                continue
-        return None
+        return ckpt.newest_meta()
     finally:
         ckpt.close()
 

@@ -180,7 +180,10 @@ def test_checkpoints_from_before_the_skip_counters_still_load(two_checkpoints, t
 
 # --- metrics after a crash -----------------------------------------------------------------
 
-def test_resumed_metrics_drop_rows_after_the_checkpoint_and_a_torn_last_line(tmp_path):
+def test_resumed_metrics_drop_rows_after_the_checkpoint_and_a_torn_last_line(
+        tmp_path, tensorboard_events):
+    from tensorboardX.proto.event_pb2 import SessionLog
+
     writer = MetricWriter(str(tmp_path))
     for step in range(1, 7):
         writer.write(step, {"loss/total": float(step)})
@@ -190,23 +193,11 @@ def test_resumed_metrics_drop_rows_after_the_checkpoint_and_a_torn_last_line(tmp
     MetricWriter(str(tmp_path), resume_step=4).close()
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
     newest = max(glob.glob(str(tmp_path / "tb" / "events.out.tfevents*")), key=os.path.getmtime)
-    assert _session_starts(newest) == [5]  # TensorBoard hides the old file's steps >= 5
+    starts = [e.step for e in tensorboard_events(newest)
+              if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert starts == [5]  # TensorBoard hides the old file's steps >= 5
 
 
-def _session_starts(path) -> list[int]:
-    """Steps of the SessionLog.START events in a TensorBoard event file (TFRecords)."""
-    import struct
-
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-
-    data, offset, steps = open(path, "rb").read(), 0, []
-    while offset < len(data):
-        (length,) = struct.unpack_from("<Q", data, offset)
-        event = Event.FromString(data[offset + 12:offset + 12 + length])
-        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
-            steps.append(event.step)
-        offset += 12 + length + 4
-    return steps
 
 
 # --- data shards ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import signal
-import struct
 
 import jax
 import pytest
@@ -28,21 +27,9 @@ def _rows(workdir):
         return [json.loads(line) for line in f]
 
 
-def _tensorboard_tags(logdir) -> set[str]:
-    """Scalar tags in TensorBoard event files (TFRecord: u64 length, u32 crc, data, u32 crc)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    tags = set()
-    for path in glob.glob(os.path.join(logdir, "events.out.tfevents*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack_from("<Q", data, offset)
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            tags |= {v.tag for v in event.summary.value}
-            offset += 12 + length + 4
-    return tags
+def _tensorboard_tags(events) -> set[str]:
+    """Scalar tags of TensorBoard events (the conftest `tensorboard_events` reader)."""
+    return {v.tag for event in events for v in event.summary.value}
 
 
 def _train_losses(workdir):
@@ -147,7 +134,8 @@ def test_a_corpus_dir_built_with_other_settings_is_refused(small_config, tmp_pat
                     reason="needs Debian's rust-src and rustc (apt-get install rust-src "
                            "rustc); .ci/run installs them")
 def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_config,
-                                                                      tmp_path):
+                                                                      tmp_path,
+                                                                      tensorboard_events):
     c = small_rust_config
     c.training.steps = 150
     c.training.log_every = 10
@@ -164,7 +152,7 @@ def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_c
     assert all(0 <= r["eval/compile_rate"] <= 1 and 0 <= r["eval/pass_rate"] <= 1
                for r in code)
     assert {"eval/compile_rate", "eval/pass_rate", "eval/pass_at_1"} <= _tensorboard_tags(
-        tmp_path / "tb")
+        tensorboard_events(tmp_path / "tb"))
 
 
 def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path):
@@ -188,7 +176,8 @@ def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path
 
 
 @pytest.mark.slow
-def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_config, tmp_path):
+def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_config, tmp_path,
+                                                               tensorboard_events):
     """MTP + LoopLM + mHC + Collider + GaLore 2 / 8-bit Muon: the loss falls; the feature
     tags are in TensorBoard."""
     c = small_e3_full_config
@@ -198,7 +187,7 @@ def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_con
     train(c, str(tmp_path))
     evals = [r["eval/ce"] for r in _rows(tmp_path) if "eval/ce" in r]
     assert evals[-1] < 0.9 * evals[0], evals  # 6.94 -> 6.01 when written (ln 1024 = 6.93)
-    tags = _tensorboard_tags(tmp_path / "tb")
+    tags = _tensorboard_tags(tensorboard_events(tmp_path / "tb"))
     assert {"loss/mtp", "loss/mtp/depth1", "loss/loop_exit", "loop/mean_exit_step",
             "mhc/composite_gain", "collider/keep_ratio", "eval/ce"} <= tags, sorted(tags)
     exits = [r["loop/mean_exit_step"] for r in _rows(tmp_path) if "loop/mean_exit_step" in r]
