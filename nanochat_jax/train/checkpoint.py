@@ -235,16 +235,11 @@ def load_run(workdir: str, step: int | None = None, *, say: Callable[[str], None
             meta = ckpt.restore_meta(step)
             config = ConfigDict(meta["config"])
             return config, ckpt.restore(step, abstract_train_state(config), meta), meta
-        configs = {}
-
-        def like_for(meta):  # the abstract state of the config saved with each step
-            configs[meta["step"]] = ConfigDict(meta["config"])
-            return abstract_train_state(configs[meta["step"]])
-
-        found = ckpt.restore_newest(like_for, say=say)
+        found = ckpt.restore_newest(  # each step restored into its own saved config's state
+            lambda meta: abstract_train_state(ConfigDict(meta["config"])), say=say)
         if found is None:
             raise CheckpointError(f"no checkpoints in {directory}: train a run there first")
-        step, state, meta = found
-        return configs[step], state, meta
+        _, state, meta = found
+        return ConfigDict(meta["config"]), state, meta
     finally:
         ckpt.close()
