@@ -6,8 +6,10 @@ Shapes: decode (M = 1, 4, 16) and training (M large) for a few LLM-sized [K, N].
 shape both the kernel and a dense matmul of the same shape (bf16 on accelerators, fp32 on
 CPU) are compiled, then timed in alternating rounds; the table gives the median time,
 GFLOP/s (2MKN / t), GB/s of weight traffic (bytes of the weight operand / t: 2 bits per
-weight for the kernel), and dense/kernel speedup. On GPU/TPU the decode rows also give the
-fraction of a measured peak memory bandwidth (a large device copy) the weight reads reach.
+weight for the kernel), and dense/kernel speedup. On GPU/TPU the kernel's tiling is tuned
+per shape first (`kernel.tune_pending`; `NANOCHAT_TUNE_CACHE=FILE` keeps it), and the
+decode rows also give the fraction of a measured peak memory bandwidth (a large device
+copy) the weight reads reach.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def bench_shape(m: int, k: int, n: int, impl: str, rounds: int, repeats: int) ->
     xd = jnp.asarray(rng.normal(size=(m, k)), dense_dtype)
     wd = jnp.asarray(rng.normal(size=(k, n)), dense_dtype)
     tern = jax.jit(lambda a, b: kernel.ternary_matmul(a, b, impl=impl))
+    if impl == "pallas":  # time the tilings first, on concrete arrays (none while tracing)
+        jax.eval_shape(tern.__wrapped__, x8, w)
+        kernel.tune_pending()
     dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     times = {"ternary": [], "dense": []}
     for _ in range(rounds):

@@ -44,7 +44,8 @@ from nanochat_jax.train.step import StepShardings, build_objective, make_train_s
 
 
 def _variant(config, shape: tuple[int, int, int], **model_fields):
-    """(jitted step, state, batch) on a (data, fsdp, tensor) mesh of the first devices."""
+    """(mesh, jitted step, state, batch) on a (data, fsdp, tensor) mesh of the first
+    devices; call the step under `jax.set_mesh(mesh)` (the kernel runs per shard)."""
     n = int(np.prod(shape))
     mesh = Mesh(np.asarray(jax.devices()[:n]).reshape(shape), sharding.AXES,
                 axis_types=(AxisType.Auto,) * 3)
@@ -59,7 +60,7 @@ def _variant(config, shape: tuple[int, int, int], **model_fields):
                            shardings=shardings)
     b, t = config.data.batch_size, mcfg.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, size=(b, t + 1)).astype(np.int32)
-    return step, state, jax.device_put(tokens, shardings.batch)
+    return mesh, step, state, jax.device_put(tokens, shardings.batch)
 
 
 def main() -> None:
@@ -83,18 +84,20 @@ def main() -> None:
                     ((1, 1, 1), {"fp4_backward": "nvfp4", "fp4_hadamard": True})}
     runs = {}
     for name, (shape, fields) in variants.items():
-        step, state, batch = _variant(config, shape, **fields)
-        state, m = step(state, batch)  # compile
+        mesh, step, state, batch = _variant(config, shape, **fields)
+        with jax.set_mesh(mesh):
+            state, m = step(state, batch)  # compile
         jax.block_until_ready(m)
-        runs[name] = {"step": step, "state": state, "batch": batch, "times": [],
+        runs[name] = {"mesh": mesh, "step": step, "state": state, "batch": batch, "times": [],
                       "loss": float(m["loss/total"])}
         print(f"compiled {name}", flush=True)
     for _ in range(args.rounds):
         for run in runs.values():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                run["state"], m = run["step"](run["state"], run["batch"])
-            jax.block_until_ready(m)
+            with jax.set_mesh(run["mesh"]):
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    run["state"], m = run["step"](run["state"], run["batch"])
+                jax.block_until_ready(m)
             run["times"].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(runs["1 device"]["times"])
     backend = jax.default_backend()

@@ -1,11 +1,14 @@
 """Train-step time of the ternary model against its dense twin, side by side in one process.
 
-    python -m experiments.bench_step --config=tiny [--rounds=5 --steps=10 --out=FILE]
+    python -m experiments.bench_step --config=tiny [--set=GROUP.FIELD=VALUE ...]
+        [--rounds=5 --steps=10 --out=FILE]
 
 Three variants (dense; ternary through the config's `model.ternary_impl`, default the packed
 kernel; ternary as fake quantisation) are compiled first, then timed in alternating rounds
 (so machine noise hits all alike); the table gives the median step time, tokens/s, MFU
 against a measured matmul peak, and the step-time ratio to dense. Also written as JSON.
+On GPU/TPU the kernel's tiles are tuned for the step's shapes before it compiles, as the
+trainer does (train/step.py `tune_kernel_tiles`).
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.run import load_config
+from experiments.run import apply_overrides, load_config
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step
+from nanochat_jax.train.step import build_objective, make_train_step, tune_kernel_tiles
 
 
 def _variant(config, ternary: bool, impl: str):
@@ -43,12 +46,14 @@ def _variant(config, ternary: bool, impl: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny")
+    parser.add_argument("--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+                        help="change a config field (repeatable): model.compute_dtype=bfloat16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--out", default=None, help="JSON result file "
                         "(default runs/bench/step_<config>_<backend>.json)")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = apply_overrides(load_config(args.config), args.set)
     b, t = config.data.batch_size, config.model.seq_len
     rng = np.random.default_rng(0)
     batch = jnp.asarray(rng.integers(0, 256, size=(b, t + 1)), jnp.int32)
@@ -60,6 +65,7 @@ def main() -> None:
         if name in runs:  # the config's impl is fake_quant already
             continue
         mcfg, state, step = _variant(config, ternary, impl)
+        tune_kernel_tiles(step, state, batch)
         state, m = step(state, batch)  # compile
         jax.block_until_ready(m)
         runs[name] = {"cfg": mcfg, "state": state, "step": step, "times": []}
@@ -83,8 +89,9 @@ def main() -> None:
     ratios = {name: r["step_ms"] / rows["dense"]["step_ms"] for name, r in rows.items()
               if name != "dense"}
     device = jax.devices()[0].device_kind
-    print(f"config {args.config}: batch {b} x seq {t}, {device}, peak {peak / 1e9:.1f} GFLOP/s "
-          f"(measured), median of {args.rounds} rounds x {args.steps} steps")
+    print(f"config {args.config} {' '.join(args.set)}: batch {b} x seq {t}, {device}, peak "
+          f"{peak / 1e9:.1f} GFLOP/s (measured), median of {args.rounds} rounds x "
+          f"{args.steps} steps")
     print("| variant | step ms | tokens/s | MFU | step time / dense |\n|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | {r['mfu']:.3f} | "
@@ -94,9 +101,9 @@ def main() -> None:
                                     ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"config": args.config, "device": device, "batch": b, "seq_len": t,
-                   "peak_flops": peak, "step_time_over_dense": ratios, "variants": rows},
-                  f, indent=1)
+        json.dump({"config": args.config, "set": args.set, "device": device, "batch": b,
+                   "seq_len": t, "peak_flops": peak, "step_time_over_dense": ratios,
+                   "variants": rows}, f, indent=1)
     print(f"wrote {out}")
 
 

@@ -7,6 +7,7 @@ The default workdir is `runs/NAME`; re-running the same command resumes from it.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import os
@@ -68,9 +69,33 @@ def load_config(name_or_path: str):
     return module.get_config()
 
 
+def apply_overrides(config, items: list[str]):
+    """`GROUP.FIELD=VALUE` settings (the benchmark scripts' `--set`) applied to a ConfigDict;
+    VALUE is read as a Python literal, else kept as a string. Unknown fields fail."""
+    for item in items:
+        path, sep, text = item.partition("=")
+        check_overrides_of(config, [f"--config.{path}="] if sep else [f"--config.{item}"])
+        if not sep:
+            raise SystemExit(f"error: --set {item}: expected GROUP.FIELD=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *groups, field = path.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[field] = value
+    return config
+
+
 def check_overrides(config_path: str, argv: list[str]) -> None:
     """Fail on `--config.a.b=...` overrides that name no field, listing the fields there."""
-    config = load_config(config_path)
+    check_overrides_of(load_config(config_path), argv)
+
+
+def check_overrides_of(config, argv: list[str]) -> None:
+    """`check_overrides` on a loaded ConfigDict."""
     for arg in argv:
         if not arg.startswith("--config."):
             continue
@@ -87,7 +112,7 @@ def check_overrides(config_path: str, argv: list[str]) -> None:
             node, walked = node[key], walked + [key]
 
 
-_CONFIG = config_flags.DEFINE_config_file(
+CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config NAME in experiments/configs/ (default tiny) or a file path.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config name>).")
@@ -103,7 +128,7 @@ def main(argv: list[str], name: str) -> None:
 
     workdir = _WORKDIR.value or os.path.join("runs", name)
     try:
-        summary = train(_CONFIG.value, workdir)
+        summary = train(CONFIG.value, workdir)
     except NanochatError as e:
         raise SystemExit(f"error: {e}") from None
     import jax
@@ -116,12 +141,19 @@ def main(argv: list[str], name: str) -> None:
     print(f"workdir: {workdir}  (tensorboard --logdir {os.path.join(workdir, 'tb')})")
 
 
-def run() -> None:
-    argv, name = _rewrite_argv(sys.argv)
+def config_argv(argv: list[str]) -> tuple[list[str], str]:
+    """A command line with `--config=NAME` resolved to its file and every `--config.*`
+    override checked: (argv for absl, NAME). Exits with the message on a bad one."""
+    argv, name = _rewrite_argv(argv)
     config_arg = next(a for a in argv if a.startswith("--config=") or a == "--config")
     config_path = (config_arg.split("=", 1)[1] if "=" in config_arg
                    else argv[argv.index("--config") + 1])
     check_overrides(config_path, argv)
+    return argv, name
+
+
+def run() -> None:
+    argv, name = config_argv(sys.argv)
     app.run(lambda a: main(a, name), argv=argv)
 
 

@@ -27,8 +27,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax.ternary import packing, quant
-from nanochat_jax.ternary.linear import packed_dot
+from nanochat_jax.ternary import quant
+from nanochat_jax.ternary.linear import Layout, int8_ternary_product
 
 SCORES = ("loss", "excess_loss")
 
@@ -62,28 +62,30 @@ def keep_mask(scores: jax.Array, mask: jax.Array, kept: int) -> jax.Array:
     return jnp.zeros(flat.shape, jnp.float32).at[idx].set(1.0).reshape(scores.shape)
 
 
-def _matmul(x: jax.Array, w: jax.Array, mode: str, impl: str) -> jax.Array:
+def _matmul(x: jax.Array, w: jax.Array, mode: str, impl: str, layout: Layout | None
+            ) -> jax.Array:
     """The forward product of BitLinear in `mode` (dense, fake_quant or the packed kernel)."""
     if mode == "dense":
         return jnp.dot(x, w.astype(x.dtype))
     if mode == "fake_quant":
         return jnp.dot(quant.quantize_activations(x), quant.quantize_weights(w).astype(x.dtype))
-    return packed_dot(x, packing.pack(w), impl)
+    return int8_ternary_product(x, w, impl, layout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def filtered_linear(x: jax.Array, w: jax.Array, carrier: jax.Array, mode: str, impl: str,
-                    kept: int) -> tuple[jax.Array, jax.Array]:
+                    kept: int, layout: Layout | None = None) -> tuple[jax.Array, jax.Array]:
     """(x [B, T, K] @ W [K, N], carrier [B, T]): BitLinear whose backward runs on the
-    `kept` rows the carrier's cotangent marks (straight-through for ternary modes)."""
-    return _matmul(x, w, mode, impl), carrier
+    `kept` rows the carrier's cotangent marks (straight-through for ternary modes);
+    `layout` places the kernel's shards under a mesh (ternary/linear.py)."""
+    return _matmul(x, w, mode, impl, layout), carrier
 
 
-def _fwd(x, w, carrier, mode, impl, kept):
-    return filtered_linear(x, w, carrier, mode, impl, kept), (x, w)
+def _fwd(x, w, carrier, mode, impl, kept, layout):
+    return filtered_linear(x, w, carrier, mode, impl, kept, layout), (x, w)
 
 
-def _bwd(mode, impl, kept, residuals, cotangents):
+def _bwd(mode, impl, kept, layout, residuals, cotangents):
     x, w = residuals
     gy, g_carrier = cotangents
     k, n = w.shape
@@ -95,8 +97,11 @@ def _bwd(mode, impl, kept, residuals, cotangents):
     w_eff = w
     if mode != "dense":  # STE: gradients of the quantised product (per-token x quantisation)
         x_rows, w_eff = quant.quantize_activations(x_rows), quant.quantize_weights(w)
-    dw = jnp.dot(x_rows.T.astype(jnp.float32), gy_rows.astype(jnp.float32)).astype(w.dtype)
-    dx_rows = jnp.dot(gy_rows, w_eff.T.astype(gy.dtype))  # [kept, K]
+    # compute-dtype operands, fp32 accumulation (as ternary/linear.py's ste_grads)
+    dw = jnp.dot(x_rows.T, gy_rows.astype(x_rows.dtype),
+                 preferred_element_type=jnp.float32).astype(w.dtype)
+    dx_rows = jnp.dot(gy_rows, w_eff.T.astype(gy.dtype),
+                      preferred_element_type=jnp.float32)  # [kept, K]
     dx = jnp.zeros((rows, k), x.dtype).at[idx].set(dx_rows.astype(x.dtype), mode="drop")
     return dx.reshape(x.shape), dw, g_carrier
 
@@ -104,8 +109,8 @@ def _bwd(mode, impl, kept, residuals, cotangents):
 filtered_linear.defvjp(_fwd, _bwd)
 
 
-def linear(x: jax.Array, w: jax.Array, carrier: Carrier, mode: str, impl: str
-           ) -> tuple[jax.Array, Carrier]:
+def linear(x: jax.Array, w: jax.Array, carrier: Carrier, mode: str, impl: str,
+           layout: Layout | None = None) -> tuple[jax.Array, Carrier]:
     """BitLinear's product with a Collider backward; passes the carrier on."""
-    y, value = filtered_linear(x, w, carrier.value, mode, impl, carrier.kept)
+    y, value = filtered_linear(x, w, carrier.value, mode, impl, carrier.kept, layout)
     return y, carrier.replace(value=value)

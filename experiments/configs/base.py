@@ -14,8 +14,9 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.preset = "125m"
     c.model.ternary = True  # False: the same architecture in dense precision (the baseline)
-    # auto: packed-weight kernel (Pallas on GPU/TPU, jnp reference on CPU) with an STE
-    # custom VJP; fake_quant: quantise then float matmul; or pallas / interpret / reference.
+    # auto: packed-weight kernel with an STE custom VJP: Pallas (Mosaic) on TPU, Pallas
+    # (Triton) on GPU, the jnp reference on CPU, by the platform of the mesh's devices;
+    # fake_quant: quantise then float matmul; or pallas / interpret / reference.
     c.model.ternary_impl = "auto"
     c.model.vocab_size = 32768  # >= data.vocab_size
     c.model.seq_len = 1024
@@ -69,6 +70,10 @@ def get_config() -> config_dict.ConfigDict:
     c.training.z_loss = 0.0  # coefficient of mean(logsumexp^2); 1e-4 is PaLM's
     c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
     c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure
+    # Before the first step on GPU/TPU, time the Pallas kernel's tilings for the step's
+    # shapes (ternary/kernel.py); kept in WORKDIR/kernel_tiles.json or $NANOCHAT_TUNE_CACHE.
+    # False: untuned default tiles.
+    c.training.tune_kernel = True
     # A step whose loss, gradient or update is NaN/inf is skipped on device (counted in
     # training/skipped_steps); this many in a row stop the run, keeping the last checkpoint
     c.training.max_consecutive_skips = 10

@@ -132,6 +132,29 @@ class Engine:
                                           gen=gen)
                 new, position = [int(token[0])], position + 1
 
+    def lower_decode_step(self, batch: int, length: int, gen: Generation = Generation(),
+                          rows: jax.sharding.NamedSharding | None = None) -> jax.stages.Lowered:
+        """The compiled piece of `stream`, one decode step for `batch` rows and a cache of
+        `length` slots, lowered ahead of time from abstract operands (experiments/compile.py:
+        `self.variables` may hold `jax.ShapeDtypeStruct`s). `rows`: the sharding of a [B]
+        vector (tokens, positions; the cache follows it along its row dimension)."""
+        def placed(x, lead: int = 0):
+            if rows is None:
+                return jax.ShapeDtypeStruct(x.shape, x.dtype)
+            spec = jax.sharding.PartitionSpec(*(None,) * lead, *rows.spec)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                        sharding=jax.NamedSharding(rows.mesh, spec))
+
+        cache = jax.eval_shape(lambda: KVCache.zeros(self.cfg, batch, length, self.cache_dtype))
+        cache = cache.replace(k=placed(cache.k, 2), v=placed(cache.v, 2),  # [R, L, B, ...]
+                              mtp_k=cache.mtp_k and placed(cache.mtp_k, 1),  # [M, B, ...]
+                              mtp_v=cache.mtp_v and placed(cache.mtp_v, 1))
+        vector = placed(jax.ShapeDtypeStruct((batch,), jnp.int32))
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rows and jax.NamedSharding(
+            rows.mesh, jax.sharding.PartitionSpec()))
+        return self._step.lower(self.variables, cache, vector, vector, key, gen=gen)
+
     # ---- shapes ----------------------------------------------------------------------------
 
     def _start(self, prompts: Sequence[Sequence[int]], gen: Generation, key: jax.Array | None):

@@ -100,6 +100,11 @@ class ModelConfig:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
     @property
+    def uses_kernel(self) -> bool:
+        """Whether training runs the ternary matmul kernel (ternary/kernel.py `IMPLS`)."""
+        return self.ternary and self.ternary_impl != "fake_quant"
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 

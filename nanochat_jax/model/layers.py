@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax import collider
+from nanochat_jax.model.axes import kernel_layout
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
 from nanochat_jax.ternary.linear import packed_dot, ternary_dot
@@ -26,7 +27,8 @@ class BitLinear(nn.Module):
     never stored. `impl` "fake_quant" multiplies dequantised floats; any other value runs
     `ternary_dot` (packed 2-bit kernel, custom-VJP STE) with that kernel impl. When the
     variables hold a `packed/kernel` (see model/packed.py) the layer runs from it alone.
-    No bias (BitNet has none).
+    Under a mesh the kernel runs per shard, placed by the sharding rule of this layer's
+    kernel (model/axes.py `kernel_layout`). No bias (BitNet has none).
     """
 
     features: int
@@ -40,14 +42,15 @@ class BitLinear(nn.Module):
         """x [..., in] -> y [..., out]; with a Collider carrier -> (y, carrier), the
         backward then running on the kept rows only (nanochat_jax/collider.py)."""
         kernel_impl = "auto" if self.impl == "fake_quant" else self.impl
+        layout = kernel_layout("/".join(self.path + ("kernel",)))
         if self.ternary and self.has_variable("packed", "kernel"):
-            return packed_dot(x, self.get_variable("packed", "kernel"), kernel_impl)
+            return packed_dot(x, self.get_variable("packed", "kernel"), kernel_impl, layout)
         w = self.param("kernel", nn.initializers.normal(self.init_std),
                        (x.shape[-1], self.features), jnp.float32)  # [in, out]
         if carrier is not None:
             mode = "dense" if not self.ternary else (
                 "fake_quant" if self.impl == "fake_quant" else "kernel")
-            return collider.linear(x, w, carrier, mode, kernel_impl)
+            return collider.linear(x, w, carrier, mode, kernel_impl, layout)
         if not self.ternary:
             if self.fp4 is not None:
                 key = self.make_rng("fp4") if self.has_rng("fp4") else jax.random.key(0)
@@ -56,7 +59,7 @@ class BitLinear(nn.Module):
         if self.impl == "fake_quant":
             x_q, w_q = quant.quantize_activations_ste(x), quant.quantize_weights_ste(w)
             return jnp.dot(x_q, w_q.astype(x.dtype))
-        return ternary_dot(x, w, kernel_impl)
+        return ternary_dot(x, w, kernel_impl, layout)
 
 
 def linear_with(layer: BitLinear, x: jax.Array, carrier: collider.Carrier | None):

@@ -51,12 +51,15 @@ def pack_codes(codes: jax.Array, k_align: int = K_ALIGN, n_align: int = N_ALIGN)
 
 
 def unpack_codes(packed: jax.Array, shape: tuple[int, int] | None = None) -> jax.Array:
-    """Packed `[K4, Np]` uint8 -> int8 codes `[4*K4, Np]`, cropped to `shape` if given."""
+    """Packed `[K4, Np]` uint8 -> int8 codes `[4*K4, Np]`, cropped to `shape` if given (the
+    rows that hold only padding are not unpacked)."""
+    k4 = packed.shape[0]
+    k = 4 * k4 if shape is None else shape[0]
     p = packed.astype(jnp.int32)
-    slabs = [((p >> (2 * j)) & 3) - 1 for j in range(4)]
+    slabs = [((p[: min(k4, k - j * k4)] >> (2 * j)) & 3) - 1 for j in range(4) if j * k4 < k]
     codes = jnp.concatenate(slabs, axis=0).astype(jnp.int8)
     if shape is not None:
-        codes = codes[: shape[0], : shape[1]]
+        codes = codes[:, : shape[1]]
     return codes
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -95,6 +96,39 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
                      + (c.loops + c.mtp_depth) * c.d_model * c.vocab_size)
     attention_layers = c.loops * c.n_layers + c.mtp_depth
     return 6.0 * matmul_params + 12.0 * attention_layers * c.d_model * seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Datasheet figures of one accelerator (one JAX device: a TPU v4/v5p megacore chip, a
+    GPU): memory, dense bf16 FLOP/s and int8 OP/s."""
+
+    hbm_bytes: float
+    bf16_flops: float
+    int8_ops: float
+
+
+GiB = 2**30
+# device_kind -> Chip, matched exactly, then as a prefix (first match): Google Cloud TPU and
+# NVIDIA datasheets (dense, no sparsity)
+CHIPS: dict[str, Chip] = {
+    "TPU v4": Chip(32 * GiB, 275e12, 275e12),
+    "TPU v5 lite": Chip(16 * GiB, 197e12, 394e12),  # v5e
+    "TPU v5p": Chip(95 * GiB, 459e12, 918e12),
+    "TPU v5": Chip(95 * GiB, 459e12, 918e12),  # v5p reports "TPU v5"
+    "TPU v6 lite": Chip(32 * GiB, 918e12, 1836e12),  # v6e (Trillium)
+    "NVIDIA H200": Chip(141e9, 989e12, 1979e12),
+    "NVIDIA H100": Chip(80e9, 989e12, 1979e12),
+    "NVIDIA A100-SXM4-40GB": Chip(40e9, 312e12, 624e12),
+    "NVIDIA A100": Chip(80e9, 312e12, 624e12),
+}
+
+
+def chip(device_kind: str) -> Chip | None:
+    """The datasheet entry of a device kind (None: not in CHIPS, e.g. a CPU)."""
+    if device_kind in CHIPS:
+        return CHIPS[device_kind]
+    return next((c for kind, c in CHIPS.items() if device_kind.startswith(kind)), None)
 
 
 def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:

@@ -3,12 +3,9 @@
 Sharding is data, not code (DESIGN principle 5). Every parameter gets logical axis names
 from `PARAM_AXES` (a rule table on its Flax path: `embed/embedding` -> ("vocab", "embed"),
 `.../attn/q/kernel` -> ("embed", "heads"), ...), and `LOGICAL_RULES` map logical names to
-the mesh axes `data`, `fsdp`, `tensor`:
-
-- FSDP: the `embed` dimension of every matrix is split over `fsdp`, so parameters and the
-  optimizer states that mirror them (Adam moments, Muon momentum) live 1/fsdp per device;
-- tensor parallelism: `heads`, `mlp` and `vocab` dimensions are split over `tensor`;
-- data parallelism: the batch is split over `data` x `fsdp`.
+the mesh axes `data`, `fsdp`, `tensor` (both in model/axes.py, which the model reads too):
+FSDP splits `embed` over `fsdp`, tensor parallelism `heads`, `mlp` and `vocab` over
+`tensor`, and the batch is split over `data` x `fsdp`.
 
 A dimension that the mesh axis does not divide stays whole. Optimizer-state leaves that are
 not shaped like their parameter (8-bit blockwise codes, GaLore projections and bases) are
@@ -21,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any
 
 import jax
@@ -29,31 +25,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.errors import ConfigError
-
-AXES = ("data", "fsdp", "tensor")
-
-# "/"-joined Flax path (searched) -> logical name of each dimension (None: never split).
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|/)embed/embedding$", ("vocab", "embed")),
-    (r"^lm_head$", ("embed", "vocab")),
-    (r"/attn/(q|k|v)/kernel$", ("embed", "heads")),
-    (r"/attn/o/kernel$", ("heads", "embed")),
-    (r"/ffn/(w1|w3)/kernel$", ("embed", "mlp")),
-    (r"/ffn/w2/kernel$", ("mlp", "embed")),
-    (r"(^|/)proj/kernel$", (None, "embed")),  # MTP: [2D, D] from [h; emb]
-    (r"/phi$", ("embed", None)),  # mHC: [n D, n^2 + 2n]
-    (r"(^|/)exit_gate/kernel$", ("embed", None)),  # LoopLM: [D, 1]
-    (r"/(scale|bias|alpha|b_pre|b_post|b_res)$", ()),  # norms and small vectors: replicated
-)
-
-# logical name -> mesh axes (flax.linen.logical_to_mesh_axes format)
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-)
+from nanochat_jax.model import axes as axes_lib
+from nanochat_jax.model.axes import AXES, LOGICAL_RULES, logical_axes
 
 MIN_SHARDED_STATE = 2**12  # optimizer-state leaves smaller than this stay replicated
 
@@ -121,14 +94,6 @@ def path_name(path) -> str:
     return "/".join(parts)
 
 
-def logical_axes(name: str) -> tuple[str | None, ...] | None:
-    """The logical axis names of parameter `name` (None if no rule matches)."""
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, name):
-            return axes
-    return None
-
-
 def _spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
     """PartitionSpec of a leaf with these logical axes; undivisible dimensions stay whole."""
     import flax.linen as nn
@@ -151,7 +116,7 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
         axes = logical_axes(name)
         if axes is None or len(axes) not in (0, leaf.ndim):
             raise ConfigError(f"no sharding rule for parameter {name} {leaf.shape}: add one "
-                              f"to PARAM_AXES in {__name__}")
+                              f"to PARAM_AXES in {axes_lib.__name__}")
         return _spec(leaf.shape, axes, mesh)
 
     return jax.tree_util.tree_map_with_path(spec, params)

@@ -7,18 +7,22 @@ and PAD targets are masked out of the loss.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import Objective, chunked_cross_entropy, lm_objective
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.ternary import kernel
 from nanochat_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -88,104 +92,152 @@ def reference_token_loss(reference: Transformer, params, inputs: jax.Array,
     return jax.lax.stop_gradient(out.token_ce)
 
 
+def grads_and_metrics(params, tokens: jax.Array, step: jax.Array, reference_params,
+                      key: jax.Array, *, model: Transformer, objective: Objective,
+                      reference: Transformer | None = None) -> tuple[Metrics, Any]:
+    """tokens [B, T+1] -> (metrics, gradients of the objective w.r.t. params). With Collider
+    on, the backward of every BitLinear runs on the kept positions only."""
+    inputs, targets, mask = _split(tokens, objective.pad_id)
+    carrier = (Carrier.start(inputs.shape, objective.keep_ratio)
+               if objective.keep_ratio is not None and objective.sparse_backward else None)
+    ref_loss = (None if reference is None else reference_token_loss(
+        reference, reference_params, inputs, targets, objective.vocab_chunk))
+
+    def loss_fn(params):
+        out = model.apply({"params": params}, inputs, carrier=carrier,
+                          method=Transformer.forward, rngs={"fp4": key})
+        loss, metrics, _ = lm_objective(out, targets, mask, objective, step, ref_loss,
+                                        jax.random.fold_in(key, 2**31 - 1))  # the head
+        return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return metrics, grads
+
+
+def accumulated(compute: Callable, params, tokens: jax.Array, step: jax.Array,
+                reference_params, key: jax.Array, *, grad_accum: int):
+    """`compute` (grads_and_metrics) averaged over `grad_accum` micro-batches of tokens
+    [B, T+1], one at a time in memory (a `lax.scan`)."""
+    b = tokens.shape[0]
+    if b % grad_accum:
+        raise ConfigError(f"training.grad_accum={grad_accum} does not divide the batch of "
+                          f"{b} rows")
+    micro = tokens.reshape(b // grad_accum, grad_accum, -1).swapaxes(0, 1)  # [k, B/k, T+1]
+
+    def add(total, xs):
+        batch, i = xs
+        out = compute(params, batch, step, reference_params, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, total, out), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+        compute, params, micro[0], step, reference_params, key))
+    total, _ = jax.lax.scan(add, zeros, (micro, jnp.arange(grad_accum)))
+    return jax.tree.map(lambda x: x / grad_accum, total)
+
+
+def train_step(state: TrainState, tokens: jax.Array, reference_params=None, *,
+               model: Transformer, tx: optax.GradientTransformation, lr_fn: Callable,
+               objective: Objective, reference: Transformer | None = None,
+               grad_accum: int = 1) -> tuple[TrainState, Metrics]:
+    """state, tokens [B, T+1] (, reference params) -> (new state, metrics).
+
+    `reference` (with its params as the third argument) makes Collider's score the excess
+    loss over that model; `grad_accum` k > 1 averages the gradients and metrics of k
+    micro-batches before the one update. A step whose loss, gradient norm or update norm
+    is NaN/inf applies no update and counts itself in `state.skipped_steps` /
+    `state.consecutive_skips` (`GUARDED`). Jit it once with `make_train_step`."""
+    compute = functools.partial(grads_and_metrics, model=model, objective=objective,
+                                reference=reference)
+    if grad_accum > 1:
+        compute = functools.partial(accumulated, compute, grad_accum=grad_accum)
+    key = jax.random.fold_in(state.rng, state.step)  # FP4 stochastic rounding
+    metrics, grads = compute(state.params, tokens, state.step, reference_params, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
+                    "training/grad_norm": optax.tree.norm(grads),
+                    "training/update_norm": optax.tree.norm(updates)})
+    # A NaN/inf anywhere skips the update on device (params and optimizer state keep their
+    # values; the step and the data position still advance); the host reads the counters
+    # only when it logs.
+    finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in GUARDED]))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+    in_a_row = jnp.where(finite, 0, state.consecutive_skips + 1)
+    metrics.update({"training/skipped": (~finite).astype(jnp.float32),
+                    "training/skipped_steps": skipped.astype(jnp.float32),
+                    "training/consecutive_skips": in_a_row.astype(jnp.float32)})
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         skipped_steps=skipped, consecutive_skips=in_a_row), metrics
+
+
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                     lr_fn: Callable, objective: Objective, reference: Transformer | None = None,
-                    *, grad_accum: int = 1, shardings: StepShardings | None = None
-                    ) -> Callable[..., tuple[TrainState, Metrics]]:
-    """train_step(state, tokens[, reference_params]) -> (new state, metrics); the state
-    buffers are donated. With Collider on, the backward of every BitLinear runs on the kept
-    positions only; `reference` (with its params as the third argument) makes the score the
-    excess loss over that model. `grad_accum` k > 1 splits the batch into k micro-batches
-    (a `lax.scan`, one at a time in memory) and averages their gradients and metrics before
-    the one update; `shardings` jit the step with those in/out shardings (train/sharding.py).
-    A step whose loss, gradient norm or update norm is NaN/inf applies no update and counts
-    itself in `state.skipped_steps` / `state.consecutive_skips` (`GUARDED`)."""
-
-    def grads_and_metrics(params, tokens: jax.Array, step: jax.Array, reference_params,
-                          key: jax.Array):
-        inputs, targets, mask = _split(tokens, objective.pad_id)
-        carrier = (Carrier.start(inputs.shape, objective.keep_ratio)
-                   if objective.keep_ratio is not None and objective.sparse_backward else None)
-        ref_loss = (None if reference is None else reference_token_loss(
-            reference, reference_params, inputs, targets, objective.vocab_chunk))
-
-        def loss_fn(params):
-            out = model.apply({"params": params}, inputs, carrier=carrier,
-                              method=Transformer.forward, rngs={"fp4": key})
-            loss, metrics, _ = lm_objective(out, targets, mask, objective, step, ref_loss,
-                                            jax.random.fold_in(key, 2**31 - 1))  # the head
-            return loss, metrics
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return metrics, grads
-
-    def accumulated(params, tokens: jax.Array, step: jax.Array, reference_params,
-                    key: jax.Array):
-        b = tokens.shape[0]
-        if b % grad_accum:
-            raise ConfigError(f"training.grad_accum={grad_accum} does not divide the batch of "
-                              f"{b} rows")
-        micro = tokens.reshape(b // grad_accum, grad_accum, -1).swapaxes(0, 1)  # [k, B/k, T+1]
-
-        def add(total, xs):
-            batch, i = xs
-            out = grads_and_metrics(params, batch, step, reference_params,
-                                    jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, total, out), None
-
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-            grads_and_metrics, params, micro[0], step, reference_params, key))
-        total, _ = jax.lax.scan(add, zeros, (micro, jnp.arange(grad_accum)))
-        return jax.tree.map(lambda x: x / grad_accum, total)
-
-    def train_step(state: TrainState, tokens: jax.Array, reference_params=None):
-        compute = grads_and_metrics if grad_accum == 1 else accumulated
-        key = jax.random.fold_in(state.rng, state.step)  # FP4 stochastic rounding
-        metrics, grads = compute(state.params, tokens, state.step, reference_params, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
-                        "training/grad_norm": optax.tree.norm(grads),
-                        "training/update_norm": optax.tree.norm(updates)})
-        # A NaN/inf anywhere skips the update on device (params and optimizer state keep
-        # their values; the step and the data position still advance); the host reads the
-        # counters only when it logs.
-        finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in GUARDED]))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        skipped = state.skipped_steps + (~finite).astype(jnp.int32)
-        in_a_row = jnp.where(finite, 0, state.consecutive_skips + 1)
-        metrics.update({"training/skipped": (~finite).astype(jnp.float32),
-                        "training/skipped_steps": skipped.astype(jnp.float32),
-                        "training/consecutive_skips": in_a_row.astype(jnp.float32)})
-        return state.replace(step=state.step + 1, params=keep(params, state.params),
-                             opt_state=keep(opt_state, state.opt_state),
-                             skipped_steps=skipped, consecutive_skips=in_a_row), metrics
-
+                    *, grad_accum: int = 1, shardings: StepShardings | None = None):
+    """`train_step` with these settings, jitted once, the state buffers donated: call it as
+    `step(state, tokens)`, or `step(state, tokens, reference_params)` when `reference` is
+    given; `step.lower(...)` compiles it ahead of time. `shardings` fix the in/out
+    shardings (train/sharding.py); trace it under `jax.set_mesh(mesh)` so the ternary
+    kernel runs per shard (ternary/linear.py)."""
+    step = functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, objective=objective,
+                             reference=reference, grad_accum=grad_accum)
     if shardings is None:
-        return jax.jit(train_step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0)
     s = shardings
-    jitted = jax.jit(train_step, in_shardings=(s.state, s.batch, s.reference),
-                     out_shardings=(s.state, s.replicated), donate_argnums=0)
-    return lambda state, tokens, reference_params=None: jitted(state, tokens, reference_params)
+    in_shardings = (s.state, s.batch) + ((s.reference,) if reference is not None else ())
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(s.state, s.replicated),
+                   donate_argnums=0)
 
 
-def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,
-                   vocab_chunk: int, shardings: StepShardings | None = None
-                   ) -> Callable[[dict, jax.Array], Metrics]:
-    """eval_step(params, tokens) -> summed CE (nats), token count and byte count of targets.
+def tune_kernel_tiles(step, *args, cache_path: str | None = None,
+                      say: Callable[[str], None] = print) -> dict:
+    """Time the Pallas kernel's tilings for every product `step(*args)` runs, on concrete
+    arrays, before the step is compiled: trace it abstractly (`args` may be
+    `jax.ShapeDtypeStruct`s; a jitted step is traced through its `__wrapped__` function,
+    so its own cache keeps no default-tiled trace), then tune the shapes the trace found no
+    cached tiling for (ternary/kernel.py). Does nothing where the kernel is not compiled
+    (CPU). -> {cache key: tiling}."""
+    if kernel.resolve_impl("auto") != "pallas":
+        return {}
+    jax.eval_shape(getattr(step, "__wrapped__", step), *args)
+    keys = kernel.pending()
+    if not keys:
+        return {}
+    say(f"kernel: tuning the tiles of {len(keys)} shapes"
+        + (f" (cached in {cache_path})" if cache_path else ""))
+    if jax.process_count() == 1:
+        return kernel.tune_pending(cache_path=cache_path, say=say)
+    # Every process must compile the same program: process 0 times, all adopt its choice
+    # (every process traced the same step, so `keys` are the same list everywhere).
+    done = kernel.tune_pending(cache_path=cache_path, say=say) if jax.process_index() == 0 else {}
+    tiles = np.asarray([done.get(k, (0, 0, 0)) for k in keys], np.int32)  # [shapes, 3]
+    tiles = multihost_utils.broadcast_one_to_all(tiles)
+    chosen = {k: tuple(int(b) for b in t) for k, t in zip(keys, tiles, strict=True)
+              if t.all()}  # (0, 0, 0): process 0 tuned none, all keep the same default
+    kernel.adopt(chosen)
+    return chosen
+
+
+def eval_step(params, tokens: jax.Array, *, model: Transformer, token_bytes: jax.Array,
+              pad_id: int, vocab_chunk: int) -> Metrics:
+    """params, tokens [B, T+1] -> summed CE (nats), token count and byte count of targets.
 
     Sums (not means) so batches combine exactly; bits/byte = ce_sum / (ln 2 * bytes).
     """
+    inputs, targets, mask = _split(tokens, pad_id)
+    hidden, head = model.apply({"params": params}, inputs, method=Transformer.hidden_and_head)
+    out = chunked_cross_entropy(hidden, head, targets, mask, chunk_size=vocab_chunk)
+    return {"ce_sum": jnp.sum(out.token_ce), "tokens": jnp.sum(mask),
+            "bytes": jnp.sum(jnp.where(mask, token_bytes[targets], 0))}
 
-    def eval_step(params, tokens: jax.Array):
-        inputs, targets, mask = _split(tokens, pad_id)
-        hidden, head = model.apply({"params": params}, inputs, method=Transformer.hidden_and_head)
-        out = chunked_cross_entropy(hidden, head, targets, mask, chunk_size=vocab_chunk)
-        return {"ce_sum": jnp.sum(out.token_ce), "tokens": jnp.sum(mask),
-                "bytes": jnp.sum(jnp.where(mask, token_bytes[targets], 0))}
 
+def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,
+                   vocab_chunk: int, shardings: StepShardings | None = None):
+    """`eval_step` with these settings, jitted once: `step(params, tokens)`."""
+    step = functools.partial(eval_step, model=model, token_bytes=token_bytes, pad_id=pad_id,
+                             vocab_chunk=vocab_chunk)
     if shardings is None:
-        return jax.jit(eval_step)
+        return jax.jit(step)
     s = shardings
-    return jax.jit(eval_step, in_shardings=(s.state.params, s.batch),
-                   out_shardings=s.replicated)
+    return jax.jit(step, in_shardings=(s.state.params, s.batch), out_shardings=s.replicated)

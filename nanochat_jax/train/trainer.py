@@ -34,11 +34,18 @@ from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import apply_fire
+from nanochat_jax.ternary import kernel
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train import sharding as sharding_lib
 from nanochat_jax.train.checkpoint import Checkpointer, load_run
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import StepShardings, build_objective, make_eval_step, make_train_step
+from nanochat_jax.train.step import (
+    StepShardings,
+    build_objective,
+    make_eval_step,
+    make_train_step,
+    tune_kernel_tiles,
+)
 
 
 class _StopFlag:
@@ -285,6 +292,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ConfigError("collider.score=excess_loss needs collider.reference=WORKDIR, the "
                           "workdir of a trained run with the same tokenizer")
     mesh = sharding_lib.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):  # every step is traced for this mesh's devices and shards
+        return _train_on(mesh, config, workdir, mcfg, started, say)
+
+
+def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdir: str,
+              mcfg: model_config.ModelConfig, started: float, say) -> dict[str, Any]:
+    """`train` once the mesh is made and set."""
+    main_process = jax.process_index() == 0
+    tc, dc = config.training, config.data
+    filtering = config.get("collider")
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if dc.batch_size % (batch_shards * tc.grad_accum):
         raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of mesh.data x "
@@ -343,6 +360,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     shardings = StepShardings.on(mesh, state, reference_params)
     train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id),
                                  reference, grad_accum=tc.grad_accum, shardings=shardings)
+    step_extra = () if reference is None else (reference_params,)
+    if tc.tune_kernel and mcfg.uses_kernel:
+        tokens = jax.ShapeDtypeStruct((dc.batch_size, mcfg.seq_len + 1), jnp.int32)
+        tune_kernel_tiles(train_step, state, tokens, *step_extra, say=say,
+                          cache_path=os.environ.get(kernel.TUNE_CACHE_ENV)
+                          or os.path.join(workdir, "kernel_tiles.json"))
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
                                pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk,
                                shardings=shardings)
@@ -384,7 +407,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     state = fire(state)
                     note(f"step {step}: FIRE re-initialised the hidden matrices "
                          f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
-                state, step_metrics = train_step(state, batch, reference_params)
+                state, step_metrics = train_step(state, batch, *step_extra)
                 step += 1
                 pending.append(step_metrics)
                 bar.update(1)

@@ -61,48 +61,116 @@ def test_float_activation_variant_matches_reference(shape):
 
 def test_auto_uses_the_reference_on_cpu_and_bad_impls_are_rejected():
     assert kernel.resolve_impl("auto") == "reference"
+    assert kernel.resolve_impl("auto", "tpu") == kernel.resolve_impl("auto", "gpu") == "pallas"
     with pytest.raises(ValueError, match="choose one of"):
         kernel.resolve_impl("triton")
     x, w, _ = _operands(4, 128, 32)
     with pytest.raises(ValueError, match="wants x"):
         kernel.ternary_matmul(x[:, :64], w)
+    with pytest.raises(ValueError, match="choose one of"):
+        kernel.ternary_matmul(x, w, impl="triton")
 
 
-def test_candidate_tilings_are_powers_of_two_that_divide_the_packed_shape():
-    for m, k4, n_p in [(1, 32, 32), (1000, 96, 160), (64, 2752, 11008)]:
-        cands = kernel.candidate_blocks(m, k4, n_p)
-        assert cands
-        for bm, bk4, bn in cands:
-            assert k4 % bk4 == 0 and n_p % bn == 0
+def test_auto_follows_the_mesh_platform_not_the_host():
+    """On a CPU mesh 'auto' stages no kernel; with no mesh the lowering decides
+    (platform_dependent); 'pallas' on a CPU mesh is refused with the way out."""
+    x, w, _ = _operands(8, 128, 32)
+    mesh = jax.make_mesh((1,), ("data",))
+    with jax.set_mesh(mesh):
+        traced = str(jax.make_jaxpr(lambda a: kernel.ternary_matmul(a, w))(x))
+        with pytest.raises(ValueError, match="use 'auto' or 'interpret'"):
+            kernel.ternary_matmul(x, w, impl="pallas")
+    assert "pallas_call" not in traced and "platform_index" not in traced
+    unplaced = str(jax.make_jaxpr(lambda a: kernel.ternary_matmul(a, w))(x))
+    assert "platform_index" in unplaced and "pallas_call" in unplaced
+
+
+def test_tilings_follow_each_lowering_rules():
+    """Mosaic: multiples of 128 (or a whole dimension) along lanes, rows in 32s; Triton:
+    powers of two that divide the packed shape."""
+    for m, k4, n_p in [(1, 32, 32), (1000, 96, 160), (64, 2752, 11008), (4096, 512, 768)]:
+        for bm, bk4, bn in kernel.TRITON.candidates(m, k4, n_p):
+            assert k4 % bk4 == 0 and n_p % bn == 0 and bm >= 16
             assert all(b & (b - 1) == 0 for b in (bm, bk4, bn))
-    assert {bm for bm, _, _ in kernel.candidate_blocks(1, 64, 64)} == {16}  # decode: one tile
+        for bm, bk4, bn in kernel.MOSAIC.candidates(m, k4, n_p):
+            assert bm % 32 == 0 and k4 % bk4 == 0 and n_p % bn == 0
+            assert bk4 % 128 == 0 or bk4 == k4
+            assert bn % 128 == 0 or bn == n_p
+        for tiling in (kernel.MOSAIC, kernel.TRITON):
+            bm, bk4, bn = tiling.default(m, k4, n_p)
+            assert bm in tiling.bm and any(c[1:] == (bk4, bn)
+                                           for c in tiling.candidates(m, k4, n_p))
+    assert kernel.MOSAIC.default(1, 192, 768) == (32, 192, 256)  # K4 192: one whole-K step
+    assert {bm for bm, _, _ in kernel.TRITON.candidates(1, 64, 64)} == {16}  # decode: 1 tile
+    with pytest.raises(ValueError, match="not a mosaic tiling"):
+        kernel._pallas_matmul(jnp.zeros((8, 768), jnp.int8), jnp.zeros((192, 768), jnp.uint8),
+                              (32, 64, 256), "mosaic")
 
 
-def test_autotuner_times_once_then_caches_in_memory_and_on_disk(tmp_path, monkeypatch):
+def test_int8_products_through_bf16_dots_stay_exact():
+    """Chips without an int8 matrix unit (TPU v2-v4) get bf16 dots with fp32 accumulation:
+    the same int32 result, here at the extremes (|acc| = 127 K)."""
+    x, w, codes = _operands(40, 768, 256, seed=4)
+    extreme = jnp.full((8, 2048), -127, jnp.int8)
+    w_extreme = packing.PackedTernary(packing.pack_codes(jnp.full((2048, 32), -1, jnp.int8)),
+                                      jnp.float32(1.0), (2048, 32))
+    for a, b in ((x, w), (extreme, w_extreme)):
+        out = kernel._pallas_matmul(a, b.codes, kernel.MOSAIC.default(a.shape[0], *b.codes.shape),
+                                    "interpret", int8_dots=False)[:, : b.shape[1]]
+        assert out.dtype == jnp.int32
+        assert_array_equal(np.asarray(out), np.asarray(kernel.ternary_matmul_reference(a, b)))
+
+
+def test_every_mosaic_tiling_is_exact_in_interpret_mode():
+    """The TPU layout (slabs of x at multiples of 128, whole-K steps) computes the product."""
+    x, w, _ = _operands(40, 768, 256, seed=3)  # K4 = 192: not a multiple of 128
+    ref = np.asarray(kernel.ternary_matmul_reference(x, w))
+    for blocks in kernel.MOSAIC.candidates(40, *w.codes.shape):
+        out = kernel.ternary_matmul(x, w, impl="interpret", blocks=blocks)
+        assert_array_equal(np.asarray(out), ref)
+
+
+def test_tiles_are_looked_up_while_tracing_and_tuned_only_on_concrete_arrays(tmp_path,
+                                                                            monkeypatch):
+    """A trace takes the cached tiling or the default (noting the shape as pending), never
+    times anything; tune_pending times the pending shapes afterwards and caches the winner
+    in memory and on disk; a new process finds it on disk."""
     calls = []
     real = kernel._pallas_matmul
 
-    def counting(x, w, blocks, interpret):
+    def counting(x, codes, blocks, lowering, int8_dots=True):
         calls.append(blocks)
-        return real(x, w, blocks, interpret)
+        return real(x, codes, blocks, lowering, int8_dots)
 
     monkeypatch.setattr(kernel, "_pallas_matmul", counting)
     monkeypatch.setattr(kernel, "_TUNED", {})
-    cache = tmp_path / "tune.json"
-    cands = [(16, 32, 32), (16, 32, 64)]
-    best = kernel.choose_blocks(8, 32, 64, jnp.int8, interpret=True, candidates=cands,
-                                cache_path=str(cache), repeats=1)
-    assert best in cands and set(calls) == set(cands)
-    stored = json.loads(cache.read_text())
-    assert list(stored.values()) == [list(best)]
+    monkeypatch.setattr(kernel, "_PENDING", {})
+    cache = str(tmp_path / "tune.json")
+    kind = jax.devices()[0].device_kind
+    traced = jax.jit(lambda: kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
+                                                  cache_path=cache) and jnp.zeros(()))
+    traced()
+    assert calls == [] and len(kernel.pending()) == 1
+    with pytest.raises(RuntimeError, match="before a step is traced"):
+        jax.jit(lambda: kernel.tune_shape(kernel.MOSAIC, 8, 32, 128, jnp.int8) and 0)()
+
+    done = kernel.tune_pending(cache_path=cache, repeats=1)
+    (key, best), = done.items()
+    assert best in kernel.MOSAIC.candidates(8, 32, 128) and set(calls) == set(
+        kernel.MOSAIC.candidates(8, 32, 128))
+    assert kernel.pending() == [] and json.loads(open(cache).read()) == {key: list(best)}
 
     calls.clear()
-    assert kernel.choose_blocks(8, 32, 64, jnp.int8, interpret=True, candidates=cands,
-                                cache_path=str(cache)) == best
     monkeypatch.setattr(kernel, "_TUNED", {})  # a new process: only the disk cache remains
-    assert kernel.choose_blocks(8, 32, 64, jnp.int8, interpret=True, candidates=cands,
-                                cache_path=str(cache)) == best
-    assert calls == []  # neither lookup timed anything
+    assert kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
+                                cache_path=cache) == best
+    assert calls == [] and kernel.pending() == []
+    # a cache entry this lowering cannot run (a stale file) is not used: retuned instead
+    open(cache, "w").write(json.dumps({key: [32, 64, 128]}))
+    monkeypatch.setattr(kernel, "_TUNED", {})
+    assert kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
+                                cache_path=cache) == kernel.MOSAIC.default(8, 32, 128)
+    assert kernel.pending() == [key]
 
 
 @pytest.mark.skipif(jax.default_backend() == "cpu",

@@ -51,3 +51,21 @@ def test_works_under_jit_and_value_and_grad():
     f = jax.jit(jax.value_and_grad(lambda w: jnp.sum(ternary_dot(x, w, "reference") * cot)))
     value, grad = f(w)
     assert np.isfinite(float(value)) and grad.shape == w.shape
+
+
+def test_backward_runs_in_the_compute_dtype_with_fp32_accumulation():
+    """bf16 activations: both backward matmuls take bf16 operands and accumulate in fp32
+    (no fp32 upcast of the operands, the slow path on a GPU); dW comes out fp32 like W."""
+    x, w, cot = _inputs(3)
+    x, cot = x.astype(jnp.bfloat16), cot.astype(jnp.bfloat16)
+    _, vjp = jax.vjp(lambda x, w: ternary_dot(x, w, "reference"), x, w)
+    jaxpr = jax.make_jaxpr(vjp)(cot)
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16]
+        assert e.params["preferred_element_type"] == jnp.float32
+    dx, dw = vjp(cot)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    ex, ew = jax.vjp(_fake_quant, x.astype(jnp.float32), w)[1](cot.astype(jnp.float32))
+    assert_allclose(np.asarray(dw), np.asarray(ew), rtol=2e-2, atol=2e-2)

@@ -32,3 +32,13 @@ def test_flops_per_token_counts_every_loop_mtp_depth_and_hyper_map():
 def test_tree_bytes_counts_every_leaf():
     tree = {"a": jnp.zeros((3, 4), jnp.float32), "b": [jnp.zeros((5,), jnp.int8)]}
     assert tree_bytes(tree) == 3 * 4 * 4 + 5
+
+
+def test_chip_datasheets_match_device_kinds_exactly_then_by_prefix():
+    from nanochat_jax.train.metrics import GiB, chip
+
+    assert chip("TPU v5 lite").hbm_bytes == 16 * GiB  # v5e, not v5p's "TPU v5"
+    assert chip("TPU v5").hbm_bytes == 95 * GiB
+    assert chip("NVIDIA H100 80GB HBM3").bf16_flops == 989e12
+    assert chip("NVIDIA A100-SXM4-40GB").hbm_bytes == 40e9
+    assert chip("cpu") is None

@@ -1,0 +1,315 @@
+"""Compile the real train step (and the inference engine's decode step) for a TPU topology,
+ahead of time, on any machine: per-device memory, FLOPs, compile time, fits or not.
+
+    python -m experiments.compile --topology=v5e:2x2 --config=base [--config.X=Y ...]
+        [--mesh=data=1,fsdp=4,tensor=1] [--decode_batch=8] [--out=FILE.jsonl]
+
+Needs `libtpu` (`pip install -e '.[tpu]'`), no TPU: `jax.experimental.topologies` describes
+the topology's chips as compile-only devices, the run config's mesh is laid over them, and
+`make_train_step(...).lower(abstract state, abstract batch).compile()` runs XLA's TPU
+compiler on the same step `experiments.run` trains with (MaxText's `train_compile.py` does
+the same). The decode step is `Engine.lower_decode_step` with the packed weights. The
+report gives, per step and per device, the bytes of arguments, outputs and temporaries
+from the compiled executable's memory analysis, its FLOPs (the Pallas kernel's own cost
+estimate included), the time those FLOPs take at the chip's bf16 peak, the number of
+Mosaic kernel calls in the compiled program, and whether the total fits the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nothing runs on a local device: keep JAX on the CPU (no TPU backend start-up, even on a
+# TPU host), and give libtpu the settings that quiet its start-up warnings there.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no device to lock
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from experiments.run import CONFIG, config_argv  # noqa: E402 (defines --config)
+
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5e:2x2", "TPU topology, GENERATION:SHAPE (v5e:2x2, v4:2x2x1, v5p:2x2x1, "
+    "v6e:2x2, v5e:4x4, ...)")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "data=N,fsdp=N,tensor=N (-1: the rest of the chips); default: the config's "
+    "mesh group")
+_DECODE_BATCH = flags.DEFINE_integer(
+    "decode_batch", None, "rows of the decode step compiled after the train step (0: skip "
+    "it; default 8, rounded up to a multiple of mesh.data x mesh.fsdp so the rows and the "
+    "KV cache split over them)")
+_OUT = flags.DEFINE_string("out", None, "append one JSON line per compiled step to this file")
+_RENDER = flags.DEFINE_string(
+    "render", None, "compile nothing: print the markdown table of the rows in this JSONL file "
+    "(written by --out), one row per compiled step with the command that made it")
+
+MEGACORE = ("v4", "v5p")  # generations whose two TensorCores form one device
+
+
+def topology(name: str):
+    """The compile-only description of a TPU topology ("v5e:2x2"): `.devices`."""
+    from jax.experimental import topologies
+
+    generation = name.split(":")[0]
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=name,
+        chip_config_name="megacore" if generation in MEGACORE else "default")
+
+
+def _mesh_fields(text: str) -> dict[str, int]:
+    from nanochat_jax.errors import ConfigError
+    from nanochat_jax.model.axes import AXES
+
+    fields = {}
+    for item in filter(None, text.split(",")):
+        axis, _, size = item.partition("=")
+        if axis not in AXES or not size.lstrip("-").isdigit():
+            raise ConfigError(f"--mesh={text}: expected AXIS=N,... with AXIS in "
+                              f"{', '.join(AXES)}")
+        fields[axis] = int(size)
+    return fields
+
+
+def _memory(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled executable: arguments, outputs, temporaries, and the
+    total live at once (outputs aliased to donated arguments counted once)."""
+    m = compiled.memory_analysis()
+    out = {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+           "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+           "code_bytes": m.generated_code_size_in_bytes}
+    out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                          + out["temp_bytes"] + out["code_bytes"])
+    return out
+
+
+def _flops(stage) -> float:
+    cost = stage.cost_analysis() or {}
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0))
+
+
+def _gigabytes(text: str) -> float:
+    number, unit = float(text[:-1]), text[-1]
+    return number * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+
+
+def _report(name: str, lowered, chip, started: float) -> dict:
+    """One row: the compiled step's memory, FLOPs, kernel calls; or, where XLA refuses it
+    for lack of HBM, the temporaries it asked for."""
+    import jax
+
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = re.search(r"HLO temporaries \(([\d.]+[KMGT])\) exceeds available HBM "
+                         r"\(([\d.]+[KMGT])\)", str(e))
+        row = {"step": name, "compile_s": time.perf_counter() - started, "fits": False,
+               "flops": None, "kernel_calls": None, "total_bytes": None,
+               "error": str(e).splitlines()[0][:300]}
+        if need:
+            row.update(temp_bytes=_gigabytes(need.group(1)), hbm_bytes=_gigabytes(need.group(2)))
+        if chip is not None:
+            row.setdefault("hbm_bytes", chip.hbm_bytes)
+        return row
+    row = {"step": name, "compile_s": time.perf_counter() - started, **_memory(compiled),
+           "flops": _flops(compiled),
+           "kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
+    if chip is not None:
+        row.update(hbm_bytes=chip.hbm_bytes, fits=row["total_bytes"] <= chip.hbm_bytes,
+                   seconds_at_peak=row["flops"] / chip.bf16_flops)
+    return row
+
+
+def compile_steps(config, topology_name: str, decode_batch: int | None = None
+                  ) -> tuple[dict, list[dict]]:
+    """Compile the train step (and the decode step: `decode_batch` rows, None: 8 rounded up
+    to a multiple of the batch shards, 0: none) of `config` for `topology_name`.
+    -> (what was compiled, one report row per step)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nanochat_jax.errors import ConfigError
+    from nanochat_jax.infer.engine import Engine
+    from nanochat_jax.model import config as model_config
+    from nanochat_jax.model.axes import AXES
+    from nanochat_jax.model.packed import pack_params
+    from nanochat_jax.model.transformer import Transformer
+    from nanochat_jax.optim.factory import build_optimizer
+    from nanochat_jax.ternary import kernel
+    from nanochat_jax.train import metrics, sharding
+    from nanochat_jax.train.state import abstract_train_state
+    from nanochat_jax.train.step import StepShardings, build_objective, make_train_step
+
+    filtering = config.get("collider")
+    if filtering and filtering.enabled and filtering.score == "excess_loss":
+        raise ConfigError("collider.score=excess_loss needs a reference run's checkpoint; "
+                          "compile with collider.score=loss (the same step cost)")
+    from jax.experimental import topologies
+
+    described = topology(topology_name)
+    devices = described.devices
+    sizes = sharding.mesh_shape(config.mesh, len(devices))
+    tc, dc = config.training, config.data
+    if decode_batch is None:
+        decode_batch = -(-8 // (sizes["data"] * sizes["fsdp"])) * sizes["data"] * sizes["fsdp"]
+    rows = sizes["data"] * sizes["fsdp"] * tc.grad_accum
+    if dc.batch_size % rows:
+        raise ConfigError(f"data.batch_size={dc.batch_size} is not a multiple of mesh.data x "
+                          f"mesh.fsdp x training.grad_accum = {rows}")
+    laid_out = topologies.make_mesh(described, tuple(sizes.values()), AXES)  # ICI-aware
+    mesh = jax.sharding.Mesh(laid_out.devices, AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    mcfg = model_config.from_run_config(config)
+    chip = metrics.chip(devices[0].device_kind)
+    info = {"config": config.model.preset, "topology": topology_name, "chips": len(devices),
+            "device_kind": devices[0].device_kind, "mesh": sizes,
+            "ternary_impl": mcfg.ternary_impl if not mcfg.uses_kernel else
+            f"{mcfg.ternary_impl} -> {kernel.resolve_impl(mcfg.ternary_impl, 'tpu')}",
+            "ternary": mcfg.ternary, "remat": mcfg.remat, "compute_dtype": mcfg.compute_dtype,
+            "optimizer": config.optimizer.name, "batch": dc.batch_size, "seq_len": mcfg.seq_len}
+    model = Transformer(mcfg)
+    tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
+    state = abstract_train_state(config)
+    placed = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    state_shardings = sharding.train_state_shardings(state, mesh)
+    shardings = StepShardings(state=state_shardings, batch=sharding.batch_sharding(mesh),
+                              reference=None, replicated=sharding.replicated(mesh))
+    tokens = jax.ShapeDtypeStruct((dc.batch_size, mcfg.seq_len + 1), jnp.int32,
+                                  sharding=shardings.batch)
+    reports = []
+    with jax.set_mesh(mesh):
+        step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=0),
+                               grad_accum=tc.grad_accum, shardings=shardings)
+        started = time.perf_counter()
+        lowered = step.lower(placed(state, state_shardings), tokens)
+        row = _report(f"train (batch {dc.batch_size} x {mcfg.seq_len})", lowered, chip, started)
+        row["model_flops"] = (metrics.flops_per_token(mcfg, mcfg.seq_len) * dc.batch_size
+                              * mcfg.seq_len / len(devices))
+        reports.append(row)
+        if decode_batch:
+            replicated = sharding.replicated(mesh)
+            variables = jax.eval_shape(pack_params, state.params)
+            variables = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
+            split = decode_batch % (sizes["data"] * sizes["fsdp"]) == 0
+            rows_sharding = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                ("data", "fsdp") if split else None))
+            started = time.perf_counter()
+            lowered = Engine(model, variables).lower_decode_step(
+                decode_batch, mcfg.seq_len, rows=rows_sharding)
+            reports.append(_report(f"decode (batch {decode_batch}, cache {mcfg.seq_len})",
+                                   lowered, chip, started))
+    return info, reports
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _tflop(flops: float | None) -> str:
+    return "-" if flops is None else f"{flops / 1e12:.2f}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
+def print_report(info: dict, reports: list[dict]) -> None:
+    mesh = ", ".join(f"{k}={v}" for k, v in info["mesh"].items())
+    print(f"{info['config']} ({'ternary ' + info['ternary_impl'] if info['ternary'] else 'dense'}"
+          f", remat {info['remat']}, {info['compute_dtype']}, {info['optimizer']}) on "
+          f"{info['topology']}: {info['chips']} x {info['device_kind']}, mesh {mesh}")
+    header = ("| step | compile s | arguments GiB | temporaries GiB | total GiB / device | "
+              "HBM GiB | fits | TFLOP / device | ms at bf16 peak | Mosaic kernel calls |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in reports:
+        hbm = _gib(r["hbm_bytes"]) if "hbm_bytes" in r else "?"
+        fits = ("yes" if r["fits"] else "NO") if "fits" in r else "?"
+        print(f"| {r['step']} | {r['compile_s']:.1f} | {_gib(r.get('argument_bytes'))} | "
+              f"{_gib(r.get('temp_bytes'))} | {_gib(r['total_bytes'])} | {hbm} | {fits} | "
+              f"{_tflop(r['flops'])} | {_ms(r.get('seconds_at_peak'))} | "
+              f"{_or_dash(r['kernel_calls'])} |")
+    for r in reports:
+        if "error" in r:
+            print(f"{r['step']}: XLA refused it: {r['error']}")
+
+
+def render(path: str) -> str:
+    """The markdown table of a JSONL file of compile rows (BUILD.md's pod table)."""
+    lines = ["| model | topology | mesh | ternary | remat | step | total GiB / device | "
+             "HBM GiB | fits | TFLOP / device | ms at bf16 peak | compile s |",
+             "|" + "---|" * 12]
+    commands = []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        if r["command"] not in commands:
+            commands.append(r["command"])
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v != 1) or "1 chip"
+        fits = "yes" if r.get("fits") else (
+            "**no**" if r["total_bytes"] is not None
+            else f"**no**: temporaries {_gib(r.get('temp_bytes'))}")
+        lines.append(
+            f"| {r['config']} | {r['topology']} | {mesh} | {r['ternary_impl']} | {r['remat']} | "
+            f"{r['step'].split(' ')[0]} | {_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
+            f"{fits} | {_tflop(r['flops'])} | {_ms(r.get('seconds_at_peak'))} | "
+            f"{r['compile_s']:.0f} | [{commands.index(r['command']) + 1}] |")
+    lines[0] += " command |"
+    lines[1] += "---|"
+    lines.append("")
+    lines += [f"[{i + 1}] `{c}`" + "  " for i, c in enumerate(commands)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _RENDER.value:
+        print(render(_RENDER.value))
+        return
+    from nanochat_jax.errors import NanochatError
+
+    config = CONFIG.value
+    try:
+        if _MESH.value:
+            with config.unlocked():
+                config.mesh.update(_mesh_fields(_MESH.value))
+        info, reports = compile_steps(config, _TOPOLOGY.value, _DECODE_BATCH.value)
+    except NanochatError as e:
+        raise SystemExit(f"error: {e}") from None
+    except ImportError as e:
+        raise SystemExit(f"error: {e}: compiling for TPU needs libtpu: pip install -e "
+                         f"'.[tpu]'") from None
+    print_report(info, reports)
+    if _OUT.value:
+        command = " ".join(["python -m experiments.compile", *sys.argv[1:]])
+        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+        with open(_OUT.value, "a") as f:
+            for r in reports:
+                f.write(json.dumps({**info, **r, "command": command}) + "\n")
+        print(f"appended {len(reports)} rows to {_OUT.value}")
+
+
+def run() -> None:
+    argv, _ = config_argv(sys.argv)
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,107 @@
+"""train/step.py: the step is a module-level function jitted once by its caller, and the
+kernel's tiles are tuned on concrete arrays before it is compiled."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from nanochat_jax.losses import Objective
+from nanochat_jax.model.config import model_config
+from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.ternary import kernel
+from nanochat_jax.train.state import init_train_state
+from nanochat_jax.train.step import make_train_step, train_step, tune_kernel_tiles
+
+OBJECTIVE = Objective(pad_id=-1, vocab_chunk=8192)
+
+
+def _setup(impl="reference"):
+    model = Transformer(model_config("tiny", n_layers=1, seq_len=16, ternary_impl=impl))
+    tx = optax.sgd(0.1)
+    return model, tx, init_train_state(model, tx, 0, 16)
+
+
+def test_make_train_step_returns_the_jitted_step_that_lowers_ahead_of_time():
+    model, tx, state = _setup()
+    step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
+    abstract = jax.eval_shape(lambda: state)
+    compiled = step.lower(abstract, jax.ShapeDtypeStruct((2, 17), jnp.int32)).compile()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 384, (2, 17)), jnp.int32)
+    direct = train_step(state, tokens, model=model, tx=tx, lr_fn=lambda _: 0.1,
+                        objective=OBJECTIVE)
+    new, metrics = compiled(state, tokens)
+    assert int(new.step) == 1
+    np.testing.assert_allclose(float(metrics["loss/total"]),
+                               float(direct[1]["loss/total"]), rtol=1e-6)
+
+
+def test_kernel_tiles_are_tuned_on_concrete_arrays_before_the_step_compiles(monkeypatch,
+                                                                             tmp_path):
+    """As on a GPU/TPU (where `auto` compiles the kernel): an abstract trace leaves every
+    product's shape pending with a default tiling, the tuner times them (interpret mode
+    here), writes the cache, and the step then runs with the tuned tiles."""
+    model, tx, state = _setup("interpret")
+    monkeypatch.setattr(kernel, "_TUNED", {})
+    monkeypatch.setattr(kernel, "_PENDING", {})  # what init traced
+    assert tune_kernel_tiles(lambda: 0) == {}  # on the CPU nothing is tuned
+    monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
+    step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
+    cache = tmp_path / "tiles.json"
+    said = []
+    done = tune_kernel_tiles(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32),
+                             cache_path=str(cache), say=said.append)
+    # q, o (128 -> 128), k, v (128 -> 64), w1, w3 (128 -> 384), w2 (384 -> 128), 32 rows
+    assert len(done) == 4 and kernel.pending() == [] and len(said) == 5
+    assert {k: tuple(v) for k, v in json.loads(cache.read_text()).items()} == done
+    _, metrics = step(state, jnp.zeros((2, 17), jnp.int32))
+    assert np.isfinite(float(metrics["loss/total"])) and kernel.pending() == []
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_in_shardings_match_the_arguments_the_step_is_called_with(with_reference):
+    from nanochat_jax.train import sharding
+    from nanochat_jax.train.step import StepShardings
+
+    model, tx, state = _setup()
+    mesh = jax.make_mesh((1, 1, 1), sharding.AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    reference = model if with_reference else None
+    step = make_train_step(model, tx, lambda _: 0.1,
+                           Objective(pad_id=-1, vocab_chunk=8192,
+                                     keep_ratio=0.5 if with_reference else None),
+                           reference, shardings=StepShardings.on(mesh, state, state.params))
+    extra = (jax.tree.map(jnp.copy, state.params),) if with_reference else ()
+    _, metrics = step(state, jnp.zeros((2, 17), jnp.int32), *extra)
+    assert np.isfinite(float(metrics["loss/total"]))
+
+
+def test_on_a_pod_process_zero_tunes_and_every_process_adopts_its_tiles(monkeypatch):
+    """Different tiles on different hosts would be different programs: only process 0
+    times, the others take its choice (broadcast_one_to_all) without timing anything."""
+    from nanochat_jax.train import step as step_lib
+
+    model, tx, state = _setup("interpret")
+    monkeypatch.setattr(kernel, "_TUNED", {})
+    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    timed = []
+    monkeypatch.setattr(kernel, "tune_shape", lambda *a, **k: timed.append(a))
+    sent = {}
+
+    def from_process_zero(tiles):
+        sent["shape"] = tiles.shape
+        return np.tile(np.asarray([[32, 32, 128]], np.int32), (tiles.shape[0], 1))
+
+    monkeypatch.setattr(step_lib.multihost_utils, "broadcast_one_to_all", from_process_zero)
+    step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
+    chosen = tune_kernel_tiles(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32),
+                               say=lambda _: None)
+    assert timed == [] and sent["shape"] == (4, 3) and kernel.pending() == []
+    assert set(chosen.values()) == {(32, 32, 128)} and all(kernel._TUNED[k] == v
+                                                            for k, v in chosen.items())
