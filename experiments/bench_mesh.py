@@ -81,7 +81,8 @@ def main() -> None:
                     ((2, 2, 2) if d == 8 else (d // 2, 1, 2), {}),
                 "1 device, bf16": ((1, 1, 1), {"compute_dtype": "bfloat16"}),
                 "1 device, FP4 backward (nvfp4 + Hadamard)":
-                    ((1, 1, 1), {"fp4_backward": "nvfp4", "fp4_hadamard": True})}
+                    ((1, 1, 1), {"fp4_backward": "nvfp4", "fp4_hadamard": True,
+                                 "fp4_head": True})}
     runs = {}
     for name, (shape, fields) in variants.items():
         mesh, step, state, batch = _variant(config, shape, **fields)

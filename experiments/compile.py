@@ -20,11 +20,8 @@ from __future__ import annotations
 import os
 
 # Nothing runs on a local device: keep JAX on the CPU (no TPU backend start-up, even on a
-# TPU host), and give libtpu the settings that quiet its start-up warnings there.
+# TPU host; nanochat_jax/__init__.py quiets libtpu where there is no TPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no device to lock
 
 import json  # noqa: E402
 import re  # noqa: E402
@@ -33,7 +30,7 @@ import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from experiments.run import CONFIG, config_argv  # noqa: E402 (defines --config)
+from experiments.run import CONFIG, config_argv, parse_flags  # noqa: E402 (--config)
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:2x2", "TPU topology, GENERATION:SHAPE (v5e:2x2, v4:2x2x1, v5p:2x2x1, "
@@ -140,7 +137,6 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
 
     from nanochat_jax.errors import ConfigError
     from nanochat_jax.infer.engine import Engine
-    from nanochat_jax.model import config as model_config
     from nanochat_jax.model.axes import AXES
     from nanochat_jax.model.packed import pack_params
     from nanochat_jax.model.transformer import Transformer
@@ -149,6 +145,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     from nanochat_jax.train import metrics, sharding
     from nanochat_jax.train.state import abstract_train_state
     from nanochat_jax.train.step import StepShardings, build_objective, make_train_step
+    from nanochat_jax.train.validate import validate
 
     filtering = config.get("collider")
     if filtering and filtering.enabled and filtering.score == "excess_loss":
@@ -158,18 +155,14 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
 
     described = topology(topology_name)
     devices = described.devices
+    mcfg = validate(config, len(devices))  # the runner's own checks, for these chips
     sizes = sharding.mesh_shape(config.mesh, len(devices))
     tc, dc = config.training, config.data
     if decode_batch is None:
         decode_batch = -(-8 // (sizes["data"] * sizes["fsdp"])) * sizes["data"] * sizes["fsdp"]
-    rows = sizes["data"] * sizes["fsdp"] * tc.grad_accum
-    if dc.batch_size % rows:
-        raise ConfigError(f"data.batch_size={dc.batch_size} is not a multiple of mesh.data x "
-                          f"mesh.fsdp x training.grad_accum = {rows}")
     laid_out = topologies.make_mesh(described, tuple(sizes.values()), AXES)  # ICI-aware
     mesh = jax.sharding.Mesh(laid_out.devices, AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
-    mcfg = model_config.from_run_config(config)
     chip = metrics.chip(devices[0].device_kind)
     info = {"config": config.model.preset, "topology": topology_name, "chips": len(devices),
             "device_kind": devices[0].device_kind, "mesh": sizes,
@@ -308,7 +301,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     argv, _ = config_argv(sys.argv)
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -152,9 +152,18 @@ def config_argv(argv: list[str]) -> tuple[list[str], str]:
     return argv, name
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad value (`--config.training.steps=abc`) reported as the
+    one `error:` line every other refusal gives, not absl's FATAL banner."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def run() -> None:
     argv, name = config_argv(sys.argv)
-    app.run(lambda a: main(a, name), argv=argv)
+    app.run(lambda a: main(a, name), argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def chunked_cross_entropy(
     n = b * t
     init = _Carry(jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)), jnp.zeros((n,)))
     if fp4 is not None and key is None:
-        key = jax.random.key(0)
+        raise ValueError("chunked_cross_entropy with an FP4 backward needs `key`, a fresh "
+                         "rounding key per step")
     body = jax.checkpoint(lambda c, xs: _chunk_step(h, tgt, vocab, chunk, fp4, key, c, xs))
     carry, _ = jax.lax.scan(body, init, (w_chunks, starts))
     lse = carry.max + jnp.log(carry.sum_exp)  # [N]
@@ -201,10 +202,10 @@ def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Obj
     if depth:
         per_depth = jnp.stack([masked_mean(token_ce[s + k], masks[s + k] & weight)
                                for k in range(depth)])
-        weight = obj.mtp_weight(step)
-        loss = loss + weight * jnp.mean(per_depth)
+        mtp_weight = obj.mtp_weight(step)  # (not `weight`: the z-loss below needs the mask)
+        loss = loss + mtp_weight * jnp.mean(per_depth)
         metrics.update({"loss/mtp": jnp.mean(per_depth),
-                        "loss/mtp_weight": jnp.asarray(weight, jnp.float32)})
+                        "loss/mtp_weight": jnp.asarray(mtp_weight, jnp.float32)})
         metrics.update({f"loss/mtp/depth{k + 1}": per_depth[k] for k in range(depth)})
     if obj.z_loss:
         loss = loss + obj.z_loss * masked_mean(jnp.square(ce.token_lse.reshape(r, b, t)[last]),

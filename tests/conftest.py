@@ -6,13 +6,7 @@ import struct
 
 import pytest
 
-if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
-    # No TPU here: libtpu (the TPU compiler the lowering tests use, `.[tpu]`) then only
-    # needs these to start quietly, in this process and in the commands tests start
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no device to lock
-
+import nanochat_jax  # noqa: F401  (first: libtpu's start-up settings, before JAX loads)
 from experiments.configs import e3_full, tiny, tiny_rust, tiny_rust_gguf
 
 

@@ -62,7 +62,7 @@ def test_impossible_meshes_are_refused_before_compiling():
 
     odd_batch = _tiny(data=1, fsdp=4, tensor=1)
     odd_batch.data.batch_size = 6
-    with pytest.raises(ConfigError, match="not a multiple of mesh.data x mesh.fsdp"):
+    with pytest.raises(ConfigError, match="must be a multiple of mesh.data x mesh.fsdp"):
         compile_steps(odd_batch, "v5e:2x2", 0)
     with pytest.raises(ConfigError, match="devices"):
         compile_steps(_tiny(data=1, fsdp=8, tensor=1), "v5e:2x2", 0)

@@ -209,3 +209,20 @@ def test_every_optimizer_trains_the_model_with_every_feature(optimizer):
     assert losses[-1] < losses[0]  # the same batch: three steps must lower its loss
     for tag in ("loss/mtp", "loop/mean_exit_step", "mhc/composite_gain", "collider/keep_ratio"):
         assert np.isfinite(float(metrics[tag]))
+
+
+@pytest.mark.parametrize("mtp_weight", [0.0, 0.3])
+def test_z_loss_is_the_same_term_with_or_without_mtp(mtp_weight):
+    """total = CE + lambda * MTP + z * mean(lse^2 over the trained tokens), whatever lambda
+    is (the MTP weight once replaced the z-loss's token mask)."""
+    model, params = _model(mtp_depth=1)
+    z = 1e-2
+    obj = Objective(PAD, z_loss=z, mtp_weight=lambda s: jnp.asarray(mtp_weight))
+    inputs, targets, mask = _split(_batch())
+    out = model.apply({"params": params}, inputs, method=Transformer.forward)
+    loss, metrics, _ = lm_objective(out, targets, mask, obj, jnp.asarray(0))
+    logits = out.hidden[-1] @ out.head
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    z_term = z * jnp.sum(jnp.square(lse) * mask) / jnp.sum(mask)
+    want = metrics["loss/ce"] + mtp_weight * metrics["loss/mtp"] + z_term
+    assert_allclose(loss, want, rtol=1e-5)

@@ -61,6 +61,33 @@ def test_impossible_settings_fail_with_one_message_before_training(tmp_path, ove
     assert not os.path.exists(tmp_path / "checkpoints")  # nothing was trained
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.data.batch_size=0"], "data.batch_size must be > 0, got 0"),
+    (["--config.data.vocab_size=10"], "data.vocab_size=10 is below 263"),
+    (["--config.collider.enabled=True", "--config.collider.keep_ratio=0"],
+     "collider.keep_ratio must be in (0, 1], got 0"),
+    (["--config.optimizer.lr=-1"], "optimizer.lr must be > 0, got -1"),
+    (["--config.mtp.enabled=True", "--config.mtp.depth=0"],
+     "mtp.enabled=True with mtp.depth=0"),
+    (["--config.training.steps=abc"], "flag --config.training.steps=abc: invalid literal"),
+    (["--config.model.ternary=False", "--config.model.fp4_backward=nvfp4",
+      "--config.collider.enabled=True"], "Collider's filtered backward and an FP4 backward"),
+    (["--config.model.fp4_backward=nvfp4"], "only non-ternary matmul is the LM head"),
+    (["WORKDIR_IS_A_FILE"], "is a file, not a directory"),
+])
+def test_bad_input_is_one_error_line_and_leaves_nothing_behind(tmp_path, overrides, message):
+    """What a new user tried: each refused before any data, workdir or checkpoint manager."""
+    workdir = tmp_path / "run"
+    if overrides == ["WORKDIR_IS_A_FILE"]:
+        workdir.write_text("notes")
+        overrides = []
+    out = _run("--config=tiny", *overrides, f"--workdir={workdir}", timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[-1]]
+    assert out.stderr.strip().startswith("error: ") and message in out.stderr, out.stderr
+    assert workdir.is_file() or not workdir.exists()  # nothing made, nothing trained
+
+
 @pytest.mark.slow
 def test_runner_trains_and_writes_its_workdir(tmp_path):
     out = _run("--config=tiny", "--config.training.steps=3", "--config.training.log_every=1",

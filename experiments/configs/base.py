@@ -29,10 +29,14 @@ def get_config() -> config_dict.ConfigDict:
     c.model.ffn_activation = "relu2"  # or "silu" (SwiGLU; what llama.cpp's bitnet arch runs)
     c.model.compute_dtype = "float32"  # bfloat16: bf16 activations, fp32 master weights
     c.model.remat = "none"  # full | dots: recompute block activations in the backward
-    # nvfp4 | mxfp4: the backward of the LM head (and of a dense model's linear layers) in
-    # simulated FP4, gradients stochastically rounded; fp4_hadamard: 16x16 random Hadamard
+    # nvfp4 | mxfp4: the backward of a dense model's linear layers in simulated FP4,
+    # gradients stochastically rounded (forward exact; ternary/fp4.py says what is and is not
+    # simulated); fp4_hadamard: 16-point random Hadamard on the weight gradient's operands;
+    # fp4_head: the LM head's backward too (NVIDIA's recipe keeps it in BF16; a ternary
+    # model's fp4_backward needs it, the head being its only non-ternary matmul)
     c.model.fp4_backward = "none"
     c.model.fp4_hadamard = False
+    c.model.fp4_head = False
     c.model.rope_theta = 500_000.0
     c.model.norm_eps = 1e-5
     c.model.init_std = 0.02
@@ -69,7 +73,9 @@ def get_config() -> config_dict.ConfigDict:
     c.training.grad_accum = 1
     c.training.z_loss = 0.0  # coefficient of mean(logsumexp^2); 1e-4 is PaLM's
     c.training.vocab_chunk = 8192  # LM-head columns per chunk of the cross-entropy
-    c.training.peak_flops = config_dict.placeholder(float)  # MFU denominator; None: measure
+    # MFU denominator, FLOP/s of ONE chip (MFU divides by it times the device count); None:
+    # the device kind's bf16 datasheet rate (train/metrics.py CHIPS), measured on a CPU
+    c.training.peak_flops = config_dict.placeholder(float)
     # Before the first step on GPU/TPU, time the Pallas kernel's tilings for the step's
     # shapes (ternary/kernel.py); kept in WORKDIR/kernel_tiles.json or $NANOCHAT_TUNE_CACHE.
     # False: untuned default tiles.
@@ -84,10 +90,13 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.name = "adamw"
     c.optimizer.lr = 1.5e-3  # lr of the hidden matrices (all leaves for adamw / lion)
     c.optimizer.adam_lr = 3e-4  # muon*, galore2*: lr of the AdamW group (embedding, head, norms)
-    c.optimizer.b1 = 0.9
+    c.optimizer.b1 = 0.9  # AdamW (every arm's AdamW group)
     c.optimizer.b2 = 0.95
     c.optimizer.eps = 1e-8
+    # every >= 2-D weight (embedding and head too; not norms) in every arm, times its lr
     c.optimizer.weight_decay = 0.1
+    c.optimizer.lion_b1 = 0.9  # Lion's own (Chen et al. 2023): b1 interpolates the update,
+    c.optimizer.lion_b2 = 0.99  # b2 the momentum; use lr 3-10x below AdamW's (e3_lion)
     c.optimizer.momentum = 0.95  # Muon
     c.optimizer.ns_steps = 5  # Muon Newton-Schulz iterations
     c.optimizer.consistent_rms = config_dict.placeholder(float)  # Muon; 0.2: Moonlight scaling
@@ -96,7 +105,9 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.state_min_size = 4096  # *_8bit: smaller state tensors stay fp32
     c.optimizer.galore_rank = 128  # galore2*: projection rank (SPECS §5: 128 at 60M)
     c.optimizer.galore_update_every = 200  # galore2*: projector refresh period T
-    c.optimizer.galore_scale = 0.25  # galore2*: alpha on the back-projected update
+    # galore2: alpha on the back-projected Adam update (galore2_muon_8bit instead scales its
+    # Muon update to full-rank Muon's RMS: optim/factory.py)
+    c.optimizer.galore_scale = 0.25
     c.optimizer.galore_svd = "randomized"  # galore2*: randomized (GaLore 2) or full
     c.optimizer.fire_step = config_dict.placeholder(int)  # FIRE the hidden matrices here
     c.optimizer.fire_iters = 30  # FIRE Newton-Schulz steps: 10 (SPECS) leaves 768-wide

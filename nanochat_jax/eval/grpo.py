@@ -6,7 +6,7 @@ Training-Free Group Relative Policy Optimization (Tencent Youtu, 2025; SPECS §1
 gradient steps with an experience library, a short numbered list of lessons ("[1]. ...")
 prepended to every prompt. Each epoch, for each problem: roll out a group of G completions
 (G = 5, temperature 0.7) with the library in the prompt, grade them with the verifier, and
-distil at most one new lesson from each group whose mean reward lies strictly between 0 and 1.
+distil at most one new lesson from each group whose rewards differ (max > min).
 
 Our choices (SPECS §12, "for us"):
 
@@ -134,11 +134,12 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]
 
 
 def informative(rewards: Sequence[float]) -> bool:
-    """Whether a group's mean reward is strictly between 0 and 1: only such groups are summarised.
+    """Whether a group's rewards differ (max > min): only such groups are summarised.
 
-    All-fail and all-pass groups say nothing about what separates a good attempt from a bad one.
+    A group whose attempts all scored the same (all fail, all pass, or all compile and fail
+    at 0.5) has all-zero advantages: nothing separates a good attempt from a bad one.
     """
-    return 0.0 < statistics.fmean(rewards) < 1.0
+    return max(rewards) > min(rewards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +359,7 @@ class EpochStats:
     baseline_reward: float | None  # the mean reward without the library; None: not measured
     compile_rate: float
     pass_rate: float
-    informative: int  # groups with a mean reward strictly between 0 and 1
+    informative: int  # groups whose rewards differ (max > min)
     operations: dict[str, int]  # library operations this epoch, by kind
     library_size: int
 

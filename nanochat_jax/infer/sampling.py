@@ -20,7 +20,11 @@ def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
 
 def filter_top_p(logits: jax.Array, p: jax.Array | float) -> jax.Array:
     """logits [..., V] keeping the smallest set of tokens whose probability reaches p
-    (the most likely token always survives); p >= 1 keeps everything."""
+    (the most likely token always survives); p >= 1 keeps everything: a Python p >= 1 returns
+    the logits untouched (no sort), a traced one selects them (fp32's cumulative sum can
+    reach 1 before the tail, which would drop tokens)."""
+    if isinstance(p, (int, float)) and p >= 1:
+        return logits
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -28,7 +32,7 @@ def filter_top_p(logits: jax.Array, p: jax.Array | float) -> jax.Array:
     keep_sorted = (before < p).at[..., 0].set(True)
     keep = jnp.zeros_like(keep_sorted).at[
         tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
-    return jnp.where(keep, logits, -jnp.inf)
+    return jnp.where(keep | (jnp.asarray(p) >= 1), logits, -jnp.inf)
 
 
 def sample(key: jax.Array, logits: jax.Array, *, temperature: jax.Array | float = 1.0,

@@ -19,7 +19,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # fields that change how the model computes, not which model it is: a run may resume with
 # other values
-HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat", "fp4_backward", "fp4_hadamard")
+HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat", "fp4_backward", "fp4_hadamard",
+                   "fp4_head")
 FP4_BACKWARD = ("none", "nvfp4", "mxfp4")
 CHOICES = {"ternary_impl": TERNARY_IMPLS, "ffn_activation": FFN_ACTIVATIONS,
            "compute_dtype": COMPUTE_DTYPES, "fp4_backward": FP4_BACKWARD,
@@ -53,10 +54,11 @@ class ModelConfig:
     # matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
     compute_dtype: str = "float32"
     remat: str = "none"
-    # FP4 (ternary/fp4.py) for the backward pass of the matmuls that are not ternary: the
-    # LM head and, in a dense model, every linear layer (simulated; see SPECS §13)
+    # FP4 (ternary/fp4.py) for the backward pass of a dense model's linear layers and, with
+    # fp4_head, of the LM head (simulated; what is and is not: ternary/fp4.py, SPECS §13)
     fp4_backward: str = "none"
     fp4_hadamard: bool = False  # random 16x16 Hadamard on the weight-gradient operands
+    fp4_head: bool = False  # the LM head's backward in FP4 too (NVIDIA's recipe keeps it BF16)
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -96,6 +98,12 @@ class ModelConfig:
         if self.mtp_kind not in MTP_KINDS:  # set by mtp.kind
             raise ConfigError(f"unknown MTP kind {self.mtp_kind!r}: choose one of "
                               f"{', '.join(MTP_KINDS)}")
+        if self.fp4_backward != "none" and self.ternary and not self.fp4_head:
+            raise ConfigError(f"model.fp4_backward={self.fp4_backward} on a ternary model: its "
+                              f"only non-ternary matmul is the LM head, which stays in full "
+                              f"precision unless model.fp4_head=True")
+        if self.fp4_head and self.fp4_backward == "none":
+            raise ConfigError("model.fp4_head=True needs model.fp4_backward=nvfp4 or mxfp4")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
@@ -109,8 +117,13 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def fp4_head_backward(self):
+        """The LM head's FP4 backward (None: full precision)."""
+        return self.fp4 if self.fp4_head else None
+
+    @property
     def fp4(self):
-        """The FP4 backward of the non-ternary matmuls (None: full precision)."""
+        """The FP4 backward of the dense linear layers (None: full precision)."""
         from nanochat_jax.ternary.fp4 import Backward
 
         return None if self.fp4_backward == "none" else Backward(self.fp4_backward,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax import collider
+from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.axes import kernel_layout
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
@@ -43,18 +44,27 @@ class BitLinear(nn.Module):
         backward then running on the kept rows only (nanochat_jax/collider.py)."""
         kernel_impl = "auto" if self.impl == "fake_quant" else self.impl
         layout = kernel_layout("/".join(self.path + ("kernel",)))
-        if self.ternary and self.has_variable("packed", "kernel"):
+        if self.has_variable("packed", "kernel"):
+            if not self.ternary:
+                raise ConfigError(
+                    f"{'/'.join(self.path)}: packed ternary weights given to a dense model "
+                    f"(model.ternary=False): model.packed.pack_params ternarises weights, "
+                    f"which would change this model; run it from its latent params")
             return packed_dot(x, self.get_variable("packed", "kernel"), kernel_impl, layout)
         w = self.param("kernel", nn.initializers.normal(self.init_std),
                        (x.shape[-1], self.features), jnp.float32)  # [in, out]
         if carrier is not None:
+            if self.fp4 is not None and not self.ternary:
+                raise ConfigError("Collider's filtered backward and an FP4 backward of dense "
+                                  "layers do not combine (it would silently run in full "
+                                  "precision): set collider.enabled=False or "
+                                  "model.fp4_backward=none")
             mode = "dense" if not self.ternary else (
                 "fake_quant" if self.impl == "fake_quant" else "kernel")
             return collider.linear(x, w, carrier, mode, kernel_impl, layout)
         if not self.ternary:
-            if self.fp4 is not None:
-                key = self.make_rng("fp4") if self.has_rng("fp4") else jax.random.key(0)
-                return self.fp4.dot(x, w, key)
+            if self.fp4 is not None:  # no "fp4" rng: inference; its backward is refused
+                return self.fp4.dot(x, w, self.make_rng("fp4") if self.has_rng("fp4") else None)
             return jnp.dot(x, w.astype(x.dtype))
         if self.impl == "fake_quant":
             x_q, w_q = quant.quantize_activations_ste(x), quant.quantize_weights_ste(w)

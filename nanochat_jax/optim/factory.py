@@ -10,7 +10,16 @@ blocks) and everything else (embedding, LM head, norms) form two groups:
 | muon | Muon (lr), `optax.contrib.muon` | AdamW (adam_lr) |
 | muon_8bit | as muon, momentum >= state_min_size stored as blockwise int8 | AdamW (fp32) |
 | galore2 | GaLore 2 (rank-r Adam, lr, scale galore_scale) | AdamW (adam_lr) |
-| galore2_muon_8bit | GaLore 2 with an 8-bit Muon inner (lr) | AdamW (adam_lr) |
+| galore2_muon_8bit | GaLore 2 with an 8-bit Muon inner (lr), Muon's RMS | AdamW (adam_lr) |
+
+Weight decay is one convention in every arm: every weight of two or more dimensions
+(embedding and head included; not norms, biases or mHC's `b_res`) decays by
+`weight_decay` times its group's learning rate, on the same schedule.
+
+`galore2_muon_8bit` gives its back-projected Muon update Muon's own shape factor
+(`_muon_shape_scale`, on the full matrix) and rescales the rank-r update to
+full-rank Muon's RMS (galore `scale="rank"`), so at Muon's lr it steps like the `muon` arm;
+`galore_scale` is GaLore-Adam's (`galore2`).
 
 Hyper-parameters are wrapped in `optax.inject_hyperparams`, so schedules drive both the
 learning rate and the weight decay (BitNet's stage-2 decay of 0) and the current values are
@@ -88,10 +97,24 @@ def _every_matrix(tree):
     return jax.tree.map(lambda _: MuonDimensionNumbers(reduction_axis=0, output_axis=1), tree)
 
 
+def _muon_shape_scale(consistent_rms: float | None) -> optax.GradientTransformation:
+    """What `optax.contrib.muon` multiplies its orthogonalised `[in, out]` updates by:
+    sqrt(max(1, fan_out / fan_in)), or sqrt(max(fan_in, fan_out)) * consistent_rms
+    (Moonlight). optax 0.2.8 keeps its own `scale_by_shape` private, hence this copy."""
+
+    def scale(u):
+        fan_in, fan_out = u.shape
+        factor = (max(fan_in, fan_out) ** 0.5 * consistent_rms if consistent_rms is not None
+                  else max(1.0, fan_out / fan_in) ** 0.5)
+        return factor * u
+
+    return optax.stateless(lambda updates, params: jax.tree.map(scale, updates))
+
+
 def _hybrid_muon(cfg, lr, adam_lr, wd, *, quantize: bool) -> optax.GradientTransformation:
     """Muon (`optax.contrib.muon`) on the hidden matrices, optionally with 8-bit states;
-    AdamW (adam_lr, no decay) on the embedding, head and norms, whose states stay fp32:
-    linear int8 codes zero Adam's small second moments and blow up the update."""
+    AdamW (adam_lr) on the embedding, head and norms, whose states stay fp32: linear int8
+    codes zero Adam's small second moments and blow up the update."""
     matrices = optax.inject_hyperparams(
         optax.contrib.muon,
         static_args=("ns_steps", "muon_weight_dimension_numbers", "consistent_rms"))(
@@ -100,9 +123,16 @@ def _hybrid_muon(cfg, lr, adam_lr, wd, *, quantize: bool) -> optax.GradientTrans
         consistent_rms=cfg["consistent_rms"])
     if quantize:
         matrices = _quantized(cfg, matrices)
-    other = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=adam_lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=0.0)
-    return optax.partition({"matrix": matrices, "other": other}, matrix_labels)
+    return optax.partition({"matrix": matrices, "other": _other_adamw(cfg, adam_lr, wd)},
+                           matrix_labels)
+
+
+def _other_adamw(cfg, adam_lr, wd) -> optax.GradientTransformation:
+    """AdamW on the leaves that are not hidden matrices (embedding, head, norms, ...), with
+    the weight decay every arm applies (module doc)."""
+    return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=adam_lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=wd,
+        mask=_decay_mask)
 
 
 def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -110,22 +140,26 @@ def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransf
                            min_size=int(cfg["state_min_size"]))
 
 
-def _galore_matrices(learning_rate, weight_decay, *, inner, cfg) -> optax.GradientTransformation:
-    """GaLore 2 on the hidden matrices: project, inner step, back-project, decay, lr."""
-    return optax.chain(
-        galore(inner, rank=int(cfg["galore_rank"]), update_every=int(cfg["galore_update_every"]),
-               scale=float(cfg["galore_scale"]), svd=cfg["galore_svd"]),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate))
+def _galore_matrices(learning_rate, weight_decay, *, inner, cfg, muon: bool
+                     ) -> optax.GradientTransformation:
+    """GaLore 2 on the hidden matrices: project, inner step, back-project, (Muon: its shape
+    factor on the full matrix), decay, lr."""
+    projected = galore(inner, rank=int(cfg["galore_rank"]),
+                       update_every=int(cfg["galore_update_every"]),
+                       scale="rank" if muon else float(cfg["galore_scale"]),
+                       svd=cfg["galore_svd"])
+    shape = [_muon_shape_scale(cfg["consistent_rms"])] if muon else []
+    return optax.chain(projected, *shape, optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
-def _galore2(cfg, lr, adam_lr, wd, inner) -> optax.GradientTransformation:
+def _galore2(cfg, lr, adam_lr, wd, inner, *, muon: bool = False
+             ) -> optax.GradientTransformation:
     matrices = optax.inject_hyperparams(
-        functools.partial(_galore_matrices, inner=inner, cfg=cfg))(
+        functools.partial(_galore_matrices, inner=inner, cfg=cfg, muon=muon))(
         learning_rate=lr, weight_decay=wd)
-    other = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=adam_lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=0.0)
-    return optax.partition({"matrix": matrices, "other": other}, matrix_labels)
+    return optax.partition({"matrix": matrices, "other": _other_adamw(cfg, adam_lr, wd)},
+                           matrix_labels)
 
 
 def build_optimizer(cfg: Mapping[str, Any], total_steps: int
@@ -146,7 +180,8 @@ def build_optimizer(cfg: Mapping[str, Any], total_steps: int
             weight_decay=wd, mask=_decay_mask)
     elif name == "lion":
         tx = optax.inject_hyperparams(optax.lion, static_args=("mask",))(
-            learning_rate=lr, b1=cfg["b1"], b2=cfg["b2"], weight_decay=wd, mask=_decay_mask)
+            learning_rate=lr, b1=cfg["lion_b1"], b2=cfg["lion_b2"], weight_decay=wd,
+            mask=_decay_mask)
     elif name in ("muon", "muon_8bit"):
         tx = _hybrid_muon(cfg, lr, adam_lr, wd, quantize=name == "muon_8bit")
     elif name == "galore2":
@@ -156,7 +191,7 @@ def build_optimizer(cfg: Mapping[str, Any], total_steps: int
         inner = _quantized(cfg, optax.contrib.scale_by_muon(
             beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]), eps=cfg["eps"],
             weight_dimension_numbers=_every_matrix))
-        tx = _galore2(cfg, lr, adam_lr, wd, inner)
+        tx = _galore2(cfg, lr, adam_lr, wd, inner, muon=True)
     else:
         raise ConfigError(f"unknown optimizer.name {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg["grad_clip"]:

@@ -91,9 +91,13 @@ def randomized_svd_basis(a: jax.Array, r: int, key: jax.Array, *, power_iters: i
 
 
 def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int = 200,
-           scale: float = 0.25, svd: str = "randomized", power_iters: int = 2,
+           scale: float | str = 0.25, svd: str = "randomized", power_iters: int = 2,
            oversample: int = 8, seed: int = 0) -> optax.GradientTransformation:
     """Run `inner` on rank-`rank` projections of every 2-D leaf; back-project, times `scale`.
+
+    `scale="rank"`: `sqrt(min(m, n) / r)` per leaf, for an orthogonalising inner (Muon):
+    its back-projected update has r unit singular values where full-rank Muon's has
+    min(m, n), so this gives both the same RMS at the same learning rate.
 
     GaLore 2 (SPECS §5). Every 2-D leaf that reaches this transform is projected: choose
     which leaves do with `optax.partition` / `optax.multi_transform`. Leaves of any other
@@ -113,6 +117,8 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
         raise ConfigError(f"galore rank must be a positive int, got {rank!r}")
     if update_every < 1:
         raise ConfigError(f"galore update_every must be >= 1, got {update_every}")
+    if not (scale == "rank" or isinstance(scale, (int, float))):
+        raise ConfigError(f"galore scale must be a number or 'rank', got {scale!r}")
     if svd not in SVD_METHODS:
         raise ConfigError(f"unknown galore svd {svd!r}: choose one of {', '.join(SVD_METHODS)}")
     if power_iters < 0 or oversample < 0:
@@ -121,6 +127,9 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
 
     def eff_rank(shape):
         return min(rank, *shape)
+
+    def leaf_scale(shape) -> float:
+        return (min(shape) / eff_rank(shape)) ** 0.5 if scale == "rank" else scale
 
     def placeholder_or_projector(x):
         if x.ndim != 2:
@@ -165,7 +174,8 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
         if params is not None:
             low_params = treedef.unflatten(project_all(jax.tree.leaves(params), projs))
         inner_updates, inner_state = inner.update(low, state.inner_state, low_params)
-        out = [(scale * _back_project(n, p, g.shape)).astype(g.dtype) if g.ndim == 2 else n
+        out = [(leaf_scale(g.shape) * _back_project(n, p, g.shape)).astype(g.dtype)
+               if g.ndim == 2 else n
                for g, n, p in zip(grads, jax.tree.leaves(inner_updates), projs, strict=True)]
         return treedef.unflatten(out), GaLoreState(
             count=optax.safe_int32_increment(state.count),

@@ -10,6 +10,15 @@ Rounding is round-to-nearest-even (forward) or stochastic (gradients: unbiased, 
 This is simulation: values are rounded to what FP4 would hold and multiplied in fp32. Native
 scaled FP4 matmuls (`jax.nn.scaled_matmul`) need a Blackwell GPU; on CPU, H100 and H200 this
 module gives FP4's numerics, not its speed.
+
+What is and is not simulated, against NVIDIA's NVFP4 pretraining recipe (2025): the recipe
+quantises the forward GEMM's operands too, uses 16x16 2-D blocks for weights (so a weight
+and its transpose share scales), and keeps the last layers, the LM head among them, in BF16.
+Here only the backward pass is FP4 (dgrad and wgrad, gradients stochastically rounded,
+the optional 16-point random Hadamard on wgrad's operands as in the recipe), with 1-D
+blocks of 16 along each product's contraction axis; the forward is exact. It applies to a
+dense model's linear layers and, only with `model.fp4_head=True`, to the LM head (off by
+default, as in the recipe).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nanochat_jax.errors import ConfigError
 
 E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 E2M1_MAX = 6.0
@@ -71,17 +82,41 @@ def block_scales(x: jax.Array, fmt: str, no_clip: bool = False
     amax_b = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
     positive = jnp.where(amax_b > 0, amax_b, 1.0)
     if fmt == "mxfp4":  # E8M0 scales
-        exponent = (jnp.ceil(jnp.log2(positive / E2M1_MAX)) if no_clip
-                    else jnp.floor(jnp.log2(positive)) - 2)  # emax(E2M1) = 2
-        return jnp.exp2(exponent), xb
+        exponent = (ceil_log2(positive / E2M1_MAX) if no_clip
+                    else floor_log2(positive) - 2)  # emax(E2M1) = 2
+        return jnp.ldexp(jnp.ones_like(positive), exponent), xb  # exact (exp2 is not)
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
     s_enc = jnp.where(amax > 0, E2M1_MAX * E4M3_MAX / amax, 1.0)  # per tensor
     wanted = jnp.clip(amax_b / E2M1_MAX * s_enc, 0, E4M3_MAX)
     s_dec_b = wanted.astype(jnp.float8_e4m3fn).astype(jnp.float32)
-    if no_clip:  # one E4M3 ulp (3 mantissa bits) up where nearest rounded down
-        ulp = jnp.exp2(jnp.floor(jnp.log2(jnp.where(s_dec_b > 0, s_dec_b, 1.0))) - 3)
-        s_dec_b = jnp.where(s_dec_b < wanted, s_dec_b + ulp, s_dec_b)
+    if no_clip:  # the next E4M3 value up where nearest rounded down
+        s_dec_b = jnp.where(s_dec_b < wanted, next_e4m3(s_dec_b), s_dec_b)
     return s_dec_b / s_enc, xb
+
+
+def floor_log2(x: jax.Array) -> jax.Array:
+    """floor(log2 x) for x > 0, exact (from the float's exponent: float32 `log2` rounds
+    some exact powers of two down, 8192 -> 12.999999)."""
+    _, exponent = jnp.frexp(x)  # x = m 2^e, m in [0.5, 1)
+    return exponent - 1
+
+
+def ceil_log2(x: jax.Array) -> jax.Array:
+    """ceil(log2 x) for x > 0, exact."""
+    mantissa, exponent = jnp.frexp(x)
+    return jnp.where(mantissa == 0.5, exponent - 1, exponent)
+
+
+E4M3_MIN_NORMAL_EXP = -6  # smallest normal E4M3 exponent; subnormals step by 2^-9
+
+
+def next_e4m3(s: jax.Array) -> jax.Array:
+    """The next E4M3 value above s >= 0 (an E4M3 value): s + 2^(e - 3) for a normal s of
+    exponent e, s + 2^-9 for a subnormal s (below 2^-6) or 0 (3 mantissa bits both)."""
+    exponent = floor_log2(jnp.where(s > 0, s, 1.0))
+    exponent = jnp.where(s > 0, jnp.maximum(exponent, E4M3_MIN_NORMAL_EXP),
+                         E4M3_MIN_NORMAL_EXP)
+    return s + jnp.ldexp(jnp.ones_like(s), exponent - 3)
 
 
 def quantize(x: jax.Array, fmt: str, key: jax.Array | None = None) -> jax.Array:
@@ -146,6 +181,25 @@ def _fp4_dot_bwd(fmt, hadamard, res, g):
 fp4_dot.defvjp(_fp4_dot_fwd, _fp4_dot_bwd)
 
 
+@jax.custom_vjp
+def _dot_without_key(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w for an FP4 layer applied without a rounding key: fine for inference (the
+    forward is exact), refused when differentiated (every step would need its own draws)."""
+    return jnp.dot(x, w.astype(x.dtype))
+
+
+def _no_key_fwd(x, w):
+    return _dot_without_key(x, w), None
+
+
+def _no_key_bwd(_, g):
+    raise ConfigError("the FP4 backward needs a rounding key per step: apply the model with "
+                      "rngs={'fp4': key} (train/step.py folds one from the state's rng)")
+
+
+_dot_without_key.defvjp(_no_key_fwd, _no_key_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Backward:
     """FP4 precision for a matmul's backward pass: format and whether to rotate the weight
@@ -159,5 +213,8 @@ class Backward:
             raise ValueError(f"unknown FP4 format {self.fmt!r}: choose one of "
                              f"{', '.join(FORMATS)}")
 
-    def dot(self, x: jax.Array, w: jax.Array, key: jax.Array) -> jax.Array:
+    def dot(self, x: jax.Array, w: jax.Array, key: jax.Array | None) -> jax.Array:
+        """x [..., K] @ w [K, N] with this backward; `key` None: inference only."""
+        if key is None:
+            return _dot_without_key(x, w)
         return fp4_dot(x, w, key, self.fmt, self.hadamard)

@@ -131,6 +131,25 @@ def chip(device_kind: str) -> Chip | None:
     return next((c for kind, c in CHIPS.items() if device_kind.startswith(kind)), None)
 
 
+def peak_flops_per_chip(set_value: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where it came from): `set_value` (training.peak_flops,
+    per chip) when given; else the bf16 datasheet rate of a device kind in CHIPS; else (a
+    CPU) a measured matmul."""
+    if set_value:
+        return float(set_value), "set"
+    known = chip(jax.devices()[0].device_kind)
+    if known is not None:
+        return known.bf16_flops, "datasheet bf16"
+    return measure_peak_flops(), "measured"
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_chip: float,
+        devices: int) -> float:
+    """Model FLOPs utilisation: the run's model FLOP/s (global tokens/s) over the peak of
+    every device it runs on."""
+    return tokens_per_sec * flops_per_token / (peak_per_chip * devices)
+
+
 def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     """A measured dense-matmul rate (FLOP/s) on the default device: the MFU denominator when
     the user sets none. fp32 on CPU, bf16 on accelerators (their training dtype)."""

@@ -76,7 +76,7 @@ def build_objective(config, pad_id: int) -> Objective:
     return Objective(
         pad_id=pad_id, vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss,
         keep_ratio=keep_ratio, sparse_backward=sparse_backward,
-        fp4=model_config.from_run_config(config).fp4,
+        fp4=model_config.from_run_config(config).fp4_head_backward,
         **({"mtp_weight": two_stage(mtp.weight, mtp.weight_final, mtp.switch_at)}
            if mtp and mtp.enabled else {}),
         **({"loop_entropy": two_stage(loop.entropy, loop.entropy_final, loop.switch_at)}
@@ -157,11 +157,11 @@ def train_step(state: TrainState, tokens: jax.Array, reference_params=None, *,
     metrics.update({"training/lr": jnp.asarray(lr_fn(state.step), jnp.float32),
                     "training/grad_norm": optax.tree.norm(grads),
                     "training/update_norm": optax.tree.norm(updates)})
-    # A NaN/inf anywhere skips the update on device (params and optimizer state keep their
-    # values; the step and the data position still advance); the host reads the counters
-    # only when it logs.
+    # A NaN/inf anywhere skips the update on device (params and moments keep their values;
+    # the step, the data position and the optimizers' own step counts advance); the host
+    # reads the counters only when it logs.
     finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in GUARDED]))
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: jax.tree.map(functools.partial(_keep_unless, finite), new, old)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     in_a_row = jnp.where(finite, 0, state.consecutive_skips + 1)
     metrics.update({"training/skipped": (~finite).astype(jnp.float32),
@@ -170,6 +170,17 @@ def train_step(state: TrainState, tokens: jax.Array, reference_params=None, *,
     return state.replace(step=state.step + 1, params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state),
                          skipped_steps=skipped, consecutive_skips=in_a_row), metrics
+
+
+def _keep_unless(finite: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """One leaf after a step: `new` when the step was finite; else `old`, except for scalar
+    integer leaves: the optimizers' step counts (optax's `count`, which drives schedules,
+    Adam's bias correction, GaLore's refresh) advance with `state.step` either way, so
+    after k skipped steps no schedule runs k steps behind and `training/lr` is the rate
+    applied. (int8 moment codes are arrays, kept like the rest.)"""
+    if new.ndim == 0 and jnp.issubdtype(new.dtype, jnp.integer):
+        return new
+    return jnp.where(finite, new, old)
 
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
@@ -221,15 +232,20 @@ def tune_kernel_tiles(step, *args, cache_path: str | None = None,
 
 def eval_step(params, tokens: jax.Array, *, model: Transformer, token_bytes: jax.Array,
               pad_id: int, vocab_chunk: int) -> Metrics:
-    """params, tokens [B, T+1] -> summed CE (nats), token count and byte count of targets.
+    """params, tokens [B, T+1] -> summed CE (nats) and count of the targets, and the same
+    CE summed over the targets that are text (one byte or more) with their byte count.
 
-    Sums (not means) so batches combine exactly; bits/byte = ce_sum / (ln 2 * bytes).
+    Sums (not means) so batches combine exactly. CE per token counts every target; bits/byte
+    = ce_text / (ln 2 * bytes) leaves out the targets that stand for no bytes (BOS, the
+    other special tokens), so numerator and denominator count the same tokens.
     """
     inputs, targets, mask = _split(tokens, pad_id)
     hidden, head = model.apply({"params": params}, inputs, method=Transformer.hidden_and_head)
     out = chunked_cross_entropy(hidden, head, targets, mask, chunk_size=vocab_chunk)
+    n_bytes = jnp.where(mask, token_bytes[targets], 0)  # [B, T]
     return {"ce_sum": jnp.sum(out.token_ce), "tokens": jnp.sum(mask),
-            "bytes": jnp.sum(jnp.where(mask, token_bytes[targets], 0))}
+            "ce_text": jnp.sum(jnp.where(n_bytes > 0, out.token_ce, 0.0)),
+            "bytes": jnp.sum(n_bytes)}
 
 
 def make_eval_step(model: Transformer, token_bytes: jax.Array, *, pad_id: int,

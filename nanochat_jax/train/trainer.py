@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from nanochat_jax.collider import SCORES
 from nanochat_jax.data import corpus as corpus_lib
 from nanochat_jax.data.loader import BatchSource, Prefetcher, to_device
 from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
@@ -46,6 +45,7 @@ from nanochat_jax.train.step import (
     make_train_step,
     tune_kernel_tiles,
 )
+from nanochat_jax.train.validate import check_workdir, validate
 
 
 class _StopFlag:
@@ -231,15 +231,17 @@ class _SkipWatch:
 
 def evaluate(eval_step, params, batches: BatchSource, n_batches: int,
              sharding: jax.sharding.Sharding | None = None) -> dict[str, float]:
-    """`eval/ce` (nats/token) and `eval/bpb` over the first n_batches of a batch source."""
+    """`eval/ce` (nats per target token) and `eval/bpb` (bits per byte of the text targets:
+    BOS and other zero-byte targets left out of both sums) over the first n_batches."""
     totals = None
     for i in range(n_batches):
         out = eval_step(params, to_device(batches.batch(i), sharding))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     t = jax.device_get(totals)
-    ce_sum, tokens, n_bytes = (float(t[k]) for k in ("ce_sum", "tokens", "bytes"))
+    ce_sum, tokens, ce_text, n_bytes = (float(t[k]) for k in ("ce_sum", "tokens", "ce_text",
+                                                              "bytes"))
     return {"eval/ce": ce_sum / max(tokens, 1.0),
-            "eval/bpb": ce_sum / (math.log(2) * max(n_bytes, 1.0))}
+            "eval/bpb": ce_text / (math.log(2) * max(n_bytes, 1.0))}
 
 
 def _code_evaluator(config: ml_collections.ConfigDict, model: Transformer, tokenizer):
@@ -276,21 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     started = time.perf_counter()  # training/wall_s: seconds since the call, start-up in
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *_, **__: None)
-    mcfg = model_config.from_run_config(config)
-    tc, dc = config.training, config.data
-    if tc.steps <= 0 or tc.log_every <= 0 or tc.eval_every <= 0:
-        raise ConfigError("training.steps, training.log_every and training.eval_every must be > 0")
-    if mcfg.vocab_size < dc.vocab_size:
-        raise ConfigError(f"model.vocab_size={mcfg.vocab_size} is smaller than the tokenizer's "
-                          f"data.vocab_size={dc.vocab_size}")
-    filtering = config.get("collider")
-    if filtering and filtering.enabled and filtering.score not in SCORES:
-        raise ConfigError(f"unknown collider.score {filtering.score!r}: choose one of "
-                          f"{', '.join(SCORES)}")
-    if filtering and filtering.enabled and filtering.score == "excess_loss" and (
-            not filtering.reference):
-        raise ConfigError("collider.score=excess_loss needs collider.reference=WORKDIR, the "
-                          "workdir of a trained run with the same tokenizer")
+    mcfg = validate(config)  # every cross-group check, before anything has side effects
+    check_workdir(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     with jax.set_mesh(mesh):  # every step is traced for this mesh's devices and shards
         return _train_on(mesh, config, workdir, mcfg, started, say)
@@ -302,13 +291,6 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     main_process = jax.process_index() == 0
     tc, dc = config.training, config.data
     filtering = config.get("collider")
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if dc.batch_size % (batch_shards * tc.grad_accum):
-        raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of mesh.data x "
-                          f"mesh.fsdp ({batch_shards}) x training.grad_accum ({tc.grad_accum})")
-    if tc.max_consecutive_skips < 1:
-        raise ConfigError(f"training.max_consecutive_skips must be >= 1, got "
-                          f"{tc.max_consecutive_skips}")
     checkpoints = os.path.join(workdir, "checkpoints")
     saved = _newest_sidecar(checkpoints)
     if saved is not None:
@@ -372,19 +354,21 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     run_eval = lambda params: evaluate(eval_step, params, val_data, eval_batches,
                                        shardings.batch)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    peak = tc.peak_flops or metrics_lib.measure_peak_flops()
+    peak, peak_source = metrics_lib.peak_flops_per_chip(tc.peak_flops)
     flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
     memory = {"memory/params_bytes": metrics_lib.tree_bytes(state.params),
               "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
     code_eval = _code_evaluator(config, model, tokenizer)
     say(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
         f"{n_params:,} params; optimizer {config.optimizer.name}; "
-        f"peak {peak / 1e9:.1f} GFLOP/s ({'set' if tc.peak_flops else 'measured'})")
+        f"peak {peak / 1e9:,.1f} GFLOP/s per chip ({peak_source}) x {jax.device_count()}")
 
     if mcfg.fp4 is not None:
-        say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}): "
-            f"simulated on {jax.devices()[0].device_kind} (ternary/fp4.py; native scaled FP4 "
-            f"matmuls need a Blackwell GPU)")
+        where = " and ".join(["the dense layers"] * (not mcfg.ternary)
+                             + ["the LM head"] * mcfg.fp4_head)
+        say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}) of "
+            f"{where}, forward exact: simulated on {jax.devices()[0].device_kind} "
+            f"(ternary/fp4.py; native scaled FP4 matmuls need a Blackwell GPU)")
     start = int(state.step)
     writer = metrics_lib.MetricWriter(workdir, enabled=main_process, resume_step=start)
     skips = _SkipWatch(tc.max_consecutive_skips)
@@ -424,7 +408,8 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
                     tps = clock.rate(step)
                     if tps is not None:
                         logged.update({"throughput/tokens_per_sec": tps,
-                                       "throughput/mfu": tps * flops_per_token / peak})
+                                       "throughput/mfu": metrics_lib.mfu(
+                                           tps, flops_per_token, peak, jax.device_count())})
                         bar.set_postfix(loss=f"{logged.get('loss/total', math.nan):.3f}",
                                         tok_s=f"{tps:,.0f}")
                     writer.write(step, logged)

@@ -90,10 +90,12 @@ def test_advantages_of_a_constant_group_are_zero():
 
 
 @pytest.mark.parametrize("rewards, expected", [
-    ([0.0, 0.0, 0.0], False), ([1.0, 1.0], False), ([0.0, 1.0], True), ([0.5, 0.5], True),
-    ([1.0, 1.0, 0.5], True)])
-def test_only_groups_with_mean_reward_strictly_between_0_and_1_are_informative(rewards, expected):
+    ([0.0, 0.0, 0.0], False), ([1.0, 1.0], False), ([0.0, 1.0], True),
+    ([0.5] * 5, False),  # all compile and fail: mean 0.5, but every advantage is 0
+    ([1.0, 1.0, 0.5], True), ([0.5, 0.0, 0.5], True)])
+def test_only_groups_whose_rewards_differ_are_informative(rewards, expected):
     assert informative(rewards) is expected
+    assert expected == any(a != 0 for a in group_advantages(rewards))
 
 
 # lessons

@@ -50,3 +50,13 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
         ids = np.asarray(sample(key, logits, temperature=t))
         want = np.asarray(jax.nn.softmax(LOGITS[0] / t))
         assert np.abs(np.bincount(ids, minlength=5) / ids.size - want).max() < 0.015
+
+
+def test_top_p_one_keeps_every_token_and_sorts_nothing():
+    """A peaked 32k-vocabulary row: fp32's cumulative sum reaches 1.0 well before the tail,
+    which once dropped thousands of tokens at top_p=1."""
+    logits = jnp.concatenate([jnp.asarray([30.0]), jnp.linspace(0.0, -5.0, 32767)])[None]
+    assert jnp.array_equal(filter_top_p(logits, 1.0), logits)
+    assert "sort" not in str(jax.make_jaxpr(lambda x: filter_top_p(x, 1.0))(logits))
+    traced = jax.jit(filter_top_p)(logits, jnp.float32(1.0))  # p as a traced scalar
+    assert bool(jnp.all(jnp.isfinite(traced)))

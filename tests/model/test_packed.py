@@ -75,3 +75,13 @@ def test_packed_ternary_layers_take_at_most_a_seventh_of_bf16(preset):
     ratio = packed_bytes(packed) / ternary_weight_bytes(shapes)
     assert ratio <= 1 / 7, ratio
     assert ratio >= 1 / 8.01  # 2 bits vs 16 bits is the floor
+
+
+def test_packed_weights_on_a_dense_model_are_refused_with_the_reason():
+    """pack_params ternarises: applied to a dense model it would change the model, and Flax
+    used to fail deep inside with ScopeParamNotFoundError."""
+    from nanochat_jax.errors import ConfigError
+
+    model, variables, tokens = _model_and_vars(ternary=False)
+    with pytest.raises(ConfigError, match="packed ternary weights given to a dense model"):
+        model.apply(pack_params(variables), tokens)

@@ -171,3 +171,20 @@ def test_reset_moments_keeps_subspace_projectors():
     zeroed = {_path(p) for p, x in jax.tree_util.tree_flatten_with_path(reset.mu)[0]
               if not np.any(x)}
     assert zeroed == _hidden_paths()
+
+
+def test_the_command_and_the_library_default_to_the_runs_iterations():
+    """The command once defaulted to 10 iterations, where a 128x128 kernel is still far
+    from an isometry; the run's default (base.py) is what every entry point uses."""
+    import inspect
+
+    from experiments.configs import base
+    from nanochat_jax.optim import fire
+
+    runs = base.get_config().optimizer.fire_iters
+    assert fire.ITERS == runs
+    for fn in (fire.nearest_isometry, fire.fire_params, fire.apply_fire, fire.fire_checkpoint):
+        assert inspect.signature(fn).parameters["iters"].default == runs
+    assert fire.command_parser().parse_args(["--workdir=a", "--out=b"]).iters == runs
+    assert float(isometry_error(nearest_isometry(_gaussian((128, 128))))) < 1e-3
+    assert float(isometry_error(nearest_isometry(_gaussian((128, 128)), 10))) > 0.1

@@ -106,7 +106,7 @@ def _grads(cfg, tokens):
 
         h, head = model.apply({"params": p}, tokens[:, :-1], method=Transformer.hidden_and_head,
                               rngs={"fp4": jax.random.key(1)})
-        return chunked_cross_entropy(h, head, tokens[:, 1:], fp4=cfg.fp4,
+        return chunked_cross_entropy(h, head, tokens[:, 1:], fp4=cfg.fp4_head_backward,
                                      key=jax.random.key(2)).loss
 
     return jax.jit(jax.value_and_grad(loss))(params)
@@ -117,7 +117,8 @@ def test_model_fp4_backward_changes_gradients_not_the_loss(ternary):
     tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, 384)
     cfg = model_config("tiny", n_layers=2, ternary=ternary)
     (loss, grads), (loss4, grads4) = (_grads(c, tokens) for c in (
-        cfg, dataclasses.replace(cfg, fp4_backward="nvfp4", fp4_hadamard=True)))
+        cfg, dataclasses.replace(cfg, fp4_backward="nvfp4", fp4_hadamard=True,
+                                 fp4_head=True)))
     assert float(loss4) == pytest.approx(float(loss), rel=1e-6)
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     assert 0.01 < rel(grads4["lm_head"], grads["lm_head"]) < 0.3  # the head: FP4 always
@@ -131,3 +132,73 @@ def test_model_fp4_backward_changes_gradients_not_the_loss(ternary):
 def test_an_unknown_fp4_format_is_refused():
     with pytest.raises(ConfigError, match="unknown model.fp4_backward 'fp8'"):
         model_config("tiny", fp4_backward="fp8")
+
+
+def test_nvfp4_scales_rounded_up_reach_every_value_even_below_the_normal_range():
+    """A block 1e-5 the tensor's max has an E4M3 block scale below 2^-6 (subnormal). Rounded
+    up for stochastic rounding, the scale must be the next E4M3 value, so no value lands
+    past 6: a normal-range step (2^(e-3)) is too small there, and the block's max used to
+    come out ~12% low on average."""
+    x = jnp.concatenate([jnp.full((16,), 1000.0),
+                         jnp.linspace(0.003, 0.0117, 16)])[None]  # block 2: ~1e-5 of amax
+    scale, blocks = fp4.block_scales(x, "nvfp4", no_clip=True)
+    s_enc = fp4.E2M1_MAX * fp4.E4M3_MAX / 1000.0
+    s_dec = np.asarray(scale * s_enc).ravel()
+    assert s_dec[1] < 2.0**-6  # the case: a subnormal E4M3 scale
+    assert np.array_equal(s_dec, np.asarray(
+        jnp.asarray(s_dec).astype(jnp.float8_e4m3fn).astype(jnp.float32)))  # representable
+    assert float(jnp.max(jnp.abs(blocks / scale))) <= fp4.E2M1_MAX
+    keys = jax.random.split(jax.random.key(3), 400)
+    means = jnp.mean(jax.vmap(lambda k: fp4.quantize(x, "nvfp4", k))(keys), axis=0)
+    np.testing.assert_allclose(float(means[0, -1]), float(x[0, -1]), rtol=0.03)  # unbiased
+    assert float(fp4.next_e4m3(jnp.zeros(()))) == 2.0**-9
+
+
+@pytest.mark.parametrize("power", [13, 15])
+def test_mxfp4_scales_are_exact_at_powers_of_two(power):
+    """float32 log2(8192) rounds to 12.999999: the block scale came out one binade low and
+    8192 saturated to 6144 (32768 to 24576)."""
+    x = jnp.full((1, 32), 2.0**power)
+    np.testing.assert_array_equal(fp4.quantize(x, "mxfp4"), x)
+    assert int(fp4.floor_log2(jnp.asarray(2.0**power))) == power
+
+
+def test_fp4_on_a_ternary_model_reaches_only_the_head_and_only_when_asked():
+    with pytest.raises(ConfigError, match="only non-ternary matmul is the LM head"):
+        model_config("tiny", fp4_backward="nvfp4")
+    cfg = model_config("tiny", fp4_backward="nvfp4", fp4_head=True)
+    assert cfg.fp4_head_backward is not None
+    dense = model_config("tiny", ternary=False, fp4_backward="nvfp4")
+    assert dense.fp4 is not None and dense.fp4_head_backward is None  # the head stays exact
+    with pytest.raises(ConfigError, match="fp4_head=True needs model.fp4_backward"):
+        model_config("tiny", fp4_head=True)
+
+
+def test_an_fp4_backward_without_a_rounding_key_is_refused_the_forward_is_not():
+    """No "fp4" rng used to mean jax.random.key(0) on every step: the same draws forever."""
+    from nanochat_jax.losses import chunked_cross_entropy
+
+    cfg = model_config("tiny", n_layers=1, ternary=False, fp4_backward="nvfp4")
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 384)
+    params = model.init(jax.random.key(0), tokens[:, :-1])
+    model.apply(params, tokens[:, :-1])  # inference: fine without a key
+    with pytest.raises(ConfigError, match="needs a rounding key"):
+        jax.grad(lambda p: jnp.sum(model.apply(p, tokens[:, :-1])))(params)
+    h = jnp.ones((2, 8, 128))
+    with pytest.raises(ValueError, match="needs `key`"):
+        chunked_cross_entropy(h, jnp.ones((128, 384)), tokens[:, 1:], fp4=cfg.fp4)
+
+
+def test_collider_with_an_fp4_dense_model_is_refused():
+    """Collider's filtered backward would bypass the FP4 backward (dW error 0.0 instead of
+    ~0.18): the combination is refused rather than silently full precision."""
+    from nanochat_jax.collider import Carrier
+
+    cfg = model_config("tiny", n_layers=1, ternary=False, fp4_backward="nvfp4")
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 384)
+    params = model.init(jax.random.key(0), tokens)
+    with pytest.raises(ConfigError, match="Collider's filtered backward and an FP4 backward"):
+        model.apply(params, tokens, carrier=Carrier.start(tokens.shape, 0.5),
+                    method=Transformer.forward, rngs={"fp4": jax.random.key(2)})

@@ -13,6 +13,7 @@ from nanochat_jax.model.config import from_run_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train import sharding
+from nanochat_jax.train.metrics import flops_per_token
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.trainer import train
 
@@ -48,6 +49,8 @@ def main(argv):
     spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
     out = {"summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
            "devices": jax.device_count(), "processes": jax.process_count(),
+           "flops_per_token": flops_per_token(from_run_config(c), c.model.seq_len),
+           "peak_flops": c.training.peak_flops,
            "q_spec": spec(q), "q_shard": list(q.addressable_shards[0].data.shape),
            "mu_spec": spec(mu), "embed_spec": spec(state.params["embed"]["embedding"]),
            "norm_spec": spec(state.params["final_norm"]["scale"])}

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax.numpy as jnp
+import pytest
 
 from nanochat_jax.model.config import model_config
 from nanochat_jax.train.metrics import flops_per_token, tree_bytes
@@ -42,3 +43,19 @@ def test_chip_datasheets_match_device_kinds_exactly_then_by_prefix():
     assert chip("NVIDIA H100 80GB HBM3").bf16_flops == 989e12
     assert chip("NVIDIA A100-SXM4-40GB").hbm_bytes == 40e9
     assert chip("cpu") is None
+
+
+def test_the_mfu_peak_is_per_chip_from_the_setting_the_datasheet_or_a_measurement(
+        monkeypatch):
+    import types
+
+    from nanochat_jax.train import metrics
+
+    assert metrics.peak_flops_per_chip(5e12) == (5e12, "set")
+    monkeypatch.setattr(metrics, "measure_peak_flops", lambda: 1e11)
+    assert metrics.peak_flops_per_chip() == (1e11, "measured")  # a CPU
+    monkeypatch.setattr(metrics.jax, "devices",
+                        lambda: [types.SimpleNamespace(device_kind="TPU v5 lite")])
+    assert metrics.peak_flops_per_chip() == (197e12, "datasheet bf16")
+    # 8 chips at 1e12 each, 100 tokens/s of 4e9 FLOPs: 4e11 / 8e12
+    assert metrics.mfu(100.0, 4e9, 1e12, 8) == pytest.approx(0.05)

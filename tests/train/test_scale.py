@@ -114,6 +114,7 @@ def test_a_run_with_accumulation_remat_bf16_and_fp4_backward_learns(small_config
     small_config.model.compute_dtype = "bfloat16"
     small_config.model.fp4_backward = "nvfp4"
     small_config.model.fp4_hadamard = True
+    small_config.model.fp4_head = True  # a ternary model: the head is what FP4 reaches
     summary = train(small_config, str(tmp_path))
     assert summary["eval/ce"] < 5.0  # ln(384) = 5.95 at the start
 

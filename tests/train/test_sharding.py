@@ -156,6 +156,11 @@ def test_a_2x2x2_mesh_of_8_devices_trains_like_one_device(single_device_run, tmp
     assert result["mu_spec"] == ["fsdp", "tensor"]  # the Adam moment shards like q
     assert result["embed_spec"] == ["tensor", "fsdp"] and result["norm_spec"] == []
     _assert_same_training(tmp_path, single_device_run)
+    # MFU: global tokens/s against the peak of all 8 devices (training.peak_flops is per chip)
+    summary = result["summary"]
+    assert summary["throughput/mfu"] == pytest.approx(
+        summary["throughput/tokens_per_sec"] * result["flops_per_token"]
+        / (8 * result["peak_flops"]), rel=1e-6)
 
 
 def _free_port() -> int:

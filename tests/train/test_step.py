@@ -105,3 +105,59 @@ def test_on_a_pod_process_zero_tunes_and_every_process_adopts_its_tiles(monkeypa
     assert timed == [] and sent["shape"] == (4, 3) and kernel.pending() == []
     assert set(chosen.values()) == {(32, 32, 128)} and all(kernel._TUNED[k] == v
                                                             for k, v in chosen.items())
+
+
+def test_bits_per_byte_counts_the_same_targets_above_and_below_the_line():
+    """A BOS target stands for no bytes: its CE is in `eval/ce` (per token) but not in the
+    bits/byte numerator, whose denominator cannot count it."""
+    from nanochat_jax.train.step import eval_step
+
+    model, _, state = _setup()
+    bos = 1
+    token_bytes = jnp.ones(384, jnp.int32).at[bos].set(0).at[0].set(0)  # 0: pad, 1: BOS
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(2, 384, (2, 17)), jnp.int32).at[:, 5].set(bos)
+    out = eval_step(state.params, tokens, model=model, token_bytes=token_bytes, pad_id=0,
+                    vocab_chunk=8192)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden, head = model.apply({"params": state.params}, inputs,
+                               method=Transformer.hidden_and_head)
+    logits = (hidden @ head).astype(jnp.float32)
+    token_ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    text = targets != bos
+    np.testing.assert_allclose(float(out["ce_sum"]), float(jnp.sum(token_ce)), rtol=1e-5)
+    np.testing.assert_allclose(float(out["ce_text"]), float(jnp.sum(token_ce * text)),
+                               rtol=1e-5)
+    assert int(out["bytes"]) == int(jnp.sum(text)) == 2 * 16 - 2
+    assert float(out["ce_text"]) < float(out["ce_sum"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon_8bit", "galore2_muon_8bit"])
+def test_after_a_skipped_step_the_schedule_applies_the_logged_rate(name):
+    """A poisoned first step under a warmup: the next update uses lr(1), the rate logged as
+    `training/lr`, not lr(0) = 0 (the optimizers' counts stopped while state.step moved)."""
+    from experiments.configs import base
+    from nanochat_jax.optim.factory import build_optimizer
+
+    cfg = base.get_config().optimizer
+    cfg.name, cfg.warmup_steps, cfg.state_min_size, cfg.galore_rank = name, 4, 64, 8
+    model = Transformer(model_config("tiny", n_layers=1, seq_len=16, ternary_impl="reference"))
+    tx, lr_fn = build_optimizer(cfg, 100)
+    state = init_train_state(model, tx, 0, 16)
+    step = make_train_step(model, tx, lr_fn, OBJECTIVE)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 384, (2, 17)), jnp.int32)
+    good = jax.tree.map(jnp.copy, state.params)
+    poisoned = state.replace(params=jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan),
+                                                 state.params))
+    state, metrics = step(poisoned, tokens)
+    assert float(metrics["training/skipped"]) == 1
+    state, metrics = step(state.replace(params=good), tokens)
+    assert float(metrics["training/skipped"]) == 0 and int(state.step) == 2
+    counts = [int(x) for x in jax.tree.leaves(state.opt_state)
+              if x.ndim == 0 and jnp.issubdtype(x.dtype, jnp.integer)]
+    assert counts and set(counts) == {2}  # every optimizer count is the state's step
+    applied = [float(v) for path, v in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+               if "learning_rate" in jax.tree_util.keystr(path)]
+    logged = float(metrics["training/lr"])
+    assert logged == pytest.approx(float(lr_fn(1))) and logged > 0
+    assert applied and applied[0] == pytest.approx(logged)
