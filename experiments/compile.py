@@ -34,7 +34,7 @@ from experiments.run import CONFIG, config_argv, parse_flags  # noqa: E402 (--co
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:2x2", "TPU topology, GENERATION:SHAPE (v5e:2x2, v4:2x2x1, v5p:2x2x1, "
-    "v6e:2x2, v5e:4x4, ...)")
+    "v6e:2x2, v5e:4x4, ...), or cpu: this host's CPU devices (what a CPU run compiles)")
 _MESH = flags.DEFINE_string(
     "mesh", None, "data=N,fsdp=N,tensor=N (-1: the rest of the chips); default: the config's "
     "mesh group")
@@ -153,21 +153,28 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
                           "compile with collider.score=loss (the same step cost)")
     from jax.experimental import topologies
 
-    described = topology(topology_name)
-    devices = described.devices
-    mcfg = validate(config, len(devices))  # the runner's own checks, for these chips
-    sizes = sharding.mesh_shape(config.mesh, len(devices))
+    if topology_name == "cpu":  # this host: the step `experiments.run` would compile here
+        mesh = sharding.make_mesh(config.mesh)
+        devices = list(mesh.devices.flat)
+        sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+        mcfg = validate(config, len(devices))
+    else:
+        described = topology(topology_name)
+        devices = described.devices
+        mcfg = validate(config, len(devices))  # the runner's own checks, for these chips
+        sizes = sharding.mesh_shape(config.mesh, len(devices))
+        laid_out = topologies.make_mesh(described, tuple(sizes.values()), AXES)  # ICI-aware
+        mesh = jax.sharding.Mesh(laid_out.devices, AXES,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
     tc, dc = config.training, config.data
     if decode_batch is None:
         decode_batch = -(-8 // (sizes["data"] * sizes["fsdp"])) * sizes["data"] * sizes["fsdp"]
-    laid_out = topologies.make_mesh(described, tuple(sizes.values()), AXES)  # ICI-aware
-    mesh = jax.sharding.Mesh(laid_out.devices, AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
     chip = metrics.chip(devices[0].device_kind)
     info = {"config": config.model.preset, "topology": topology_name, "chips": len(devices),
             "device_kind": devices[0].device_kind, "mesh": sizes,
             "ternary_impl": mcfg.ternary_impl if not mcfg.uses_kernel else
-            f"{mcfg.ternary_impl} -> {kernel.resolve_impl(mcfg.ternary_impl, 'tpu')}",
+            f"{mcfg.ternary_impl} -> "
+            f"{kernel.resolve_impl(mcfg.ternary_impl, devices[0].platform)}",
             "ternary": mcfg.ternary, "remat": mcfg.remat, "compute_dtype": mcfg.compute_dtype,
             "optimizer": config.optimizer.name, "batch": dc.batch_size, "seq_len": mcfg.seq_len}
     model = Transformer(mcfg)

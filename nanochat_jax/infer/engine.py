@@ -20,6 +20,7 @@ so the output is plain greedy decoding's, token for token, in fewer main-model p
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -29,6 +30,7 @@ import numpy as np
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.infer.sampling import sample
 from nanochat_jax.model.kv_cache import KVCache
+from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
 
 BUCKET = 64  # prompt and cache lengths are rounded up to a multiple of this
@@ -70,6 +72,8 @@ class Result:
     main_passes: int  # decode-step forward passes of the main model after the prefill
     drafted: int = 0  # speculative: draft tokens proposed, summed over rows
     accepted: int = 0  # speculative: draft tokens accepted
+    prefill_seconds: float = 0.0  # wall time of the prefill (compilation included if any)
+    decode_seconds: float = 0.0  # wall time of the decode loop, to the tokens on the host
 
     @property
     def acceptance(self) -> float:
@@ -82,11 +86,21 @@ def _round_up(n: int, multiple: int) -> int:
 
 class Engine:
     """Generation from a Transformer and its variables (latent `{'params'}` or the packed
-    ternary weights of `model.packed.pack_params`)."""
+    ternary weights of `model.packed.pack_params`).
 
-    def __init__(self, model: Transformer, variables: dict, cache_dtype=jnp.float32):
+    `pack` (default): a ternary model's latent BitLinear kernels are packed once, here
+    (2-bit codes + scale, the exact same products), instead of being ternarised again in
+    every decode step; a `fake_quant` model (float products) and a dense one keep theirs.
+    """
+
+    def __init__(self, model: Transformer, variables: dict, cache_dtype=jnp.float32,
+                 pack: bool = True):
+        cfg = model.cfg
+        if (pack and cfg.ternary and cfg.ternary_impl != "fake_quant"
+                and "packed" not in variables):
+            variables = pack_params(variables)
         self.model, self.variables, self.cache_dtype = model, variables, cache_dtype
-        self.cfg = model.cfg
+        self.cfg = cfg
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("gen", "length"))
         self._step = jax.jit(self._step_fn, static_argnames=("gen",), donate_argnums=(1,))
         self._verify = jax.jit(self._verify_fn, donate_argnums=(1,))
@@ -97,13 +111,18 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], gen: Generation = Generation(),
                  key: jax.Array | None = None) -> Result:
         """Complete every prompt (lists of token ids) in one batch; the loop runs on device."""
+        started = time.perf_counter()
         key, lengths, (cache, first, drafts) = self._start(prompts, gen, key)
+        first.block_until_ready()  # the one wait between the two phases, for their timings
+        prefilled = time.perf_counter()
         out, count, passes, drafted, accepted = self._loop(self.variables, cache, first,
                                                            drafts, lengths, key, gen=gen)
         out, count = np.asarray(out), np.asarray(count)
+        decoded = time.perf_counter()
         rows = [_until_stop(out[b, :min(int(count[b]), gen.max_new_tokens)], gen.stop_tokens)
                 for b in range(len(prompts))]
-        return Result(rows, int(passes), int(drafted), int(accepted))
+        return Result(rows, int(passes), int(drafted), int(accepted), prefilled - started,
+                      decoded - prefilled)
 
     def stream(self, prompt: Sequence[int], gen: Generation = Generation(),
                key: jax.Array | None = None) -> Iterator[list[int]]:
@@ -138,17 +157,15 @@ class Engine:
         `length` slots, lowered ahead of time from abstract operands (experiments/compile.py:
         `self.variables` may hold `jax.ShapeDtypeStruct`s). `rows`: the sharding of a [B]
         vector (tokens, positions; the cache follows it along its row dimension)."""
-        def placed(x, lead: int = 0):
+        def placed(x):  # rows lead every operand
             if rows is None:
                 return jax.ShapeDtypeStruct(x.shape, x.dtype)
-            spec = jax.sharding.PartitionSpec(*(None,) * lead, *rows.spec)
+            spec = jax.sharding.PartitionSpec(*rows.spec)
             return jax.ShapeDtypeStruct(x.shape, x.dtype,
                                         sharding=jax.NamedSharding(rows.mesh, spec))
 
         cache = jax.eval_shape(lambda: KVCache.zeros(self.cfg, batch, length, self.cache_dtype))
-        cache = cache.replace(k=placed(cache.k, 2), v=placed(cache.v, 2),  # [R, L, B, ...]
-                              mtp_k=cache.mtp_k and placed(cache.mtp_k, 1),  # [M, B, ...]
-                              mtp_v=cache.mtp_v and placed(cache.mtp_v, 1))
+        cache = jax.tree.map(placed, cache)  # every array [B, Hkv, S, Dh]
         vector = placed(jax.ShapeDtypeStruct((batch,), jnp.int32))
         key = jax.eval_shape(lambda: jax.random.key(0))
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rows and jax.NamedSharding(

@@ -40,6 +40,8 @@ def sample(key: jax.Array, logits: jax.Array, *, temperature: jax.Array | float 
     """One token id per row of logits [..., V] -> int32 [...]; temperature 0 is greedy."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return greedy  # known greedy at trace time: no random draw, no filters
     t = jnp.asarray(temperature, jnp.float32)
     scaled = filter_top_p(filter_top_k(logits / jnp.maximum(t, 1e-6), top_k), top_p)
     drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)

@@ -4,6 +4,12 @@ Slots are token positions; row b holds its own sequence, so prompts of different
 one cache (right-padded: a pad's slot is overwritten by the row's next real token before any
 query can see it, since a query at position p sees only slots <= p). LoopLM runs the same
 layers once per loop with different inputs, so each loop step has its own cache (SPECS §9).
+
+Each attention layer has its own `[B, Hkv, S, Dh]` array, in the layout attention reads
+(heads before slots: the score and value products need no transpose). Separate arrays let a
+decode step write its slots in place (`dynamic_update_slice` on a donated buffer): the step
+does no work proportional to the cache length except the attention itself. A single
+`[R, L, ...]` array would be sliced and re-stacked every step, copying all of it.
 """
 
 from __future__ import annotations
@@ -17,29 +23,53 @@ from nanochat_jax.model.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """R = loops, L = layers, M = MTP depth, B = rows, S = slots (positions)."""
+    """R = loops, L = layers, M = MTP depth, B = rows, S = slots (positions).
 
-    k: jax.Array  # [R, L, B, S, Hkv, Dh]
-    v: jax.Array  # [R, L, B, S, Hkv, Dh]
-    mtp_k: jax.Array | None  # [M, B, S, Hkv, Dh], None without MTP
-    mtp_v: jax.Array | None
+    `k[t * L + i]`, `v[...]`: loop step t, layer i; `mtp_k[d]`, `mtp_v[d]`: MTP depth d
+    (empty without MTP); every array [B, Hkv, S, Dh]."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mtp_k: tuple[jax.Array, ...]
+    mtp_v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-        main = jnp.zeros((cfg.loops, cfg.n_layers) + shape, dtype)
-        mtp = jnp.zeros((cfg.mtp_depth,) + shape, dtype) if cfg.mtp_depth else None
-        return cls(main, main, mtp, mtp)
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        arrays = lambda n: tuple(jnp.zeros(shape, dtype) for _ in range(n))
+        main, mtp = cfg.loops * cfg.n_layers, cfg.mtp_depth
+        return cls(arrays(main), arrays(main), arrays(mtp), arrays(mtp))
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in jax.tree.leaves(self))
 
 
+def write_slots(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B, Hkv, S, Dh] with row b's slots start[b] .. start[b] + T - 1 set to
+    new [B, T, Hkv, Dh]. The caller keeps start + T <= S (dynamic_update_slice would clamp,
+    not fail)."""
+    b, t, hkv, _ = new.shape
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, Hkv, T, Dh]
+    rows = jnp.arange(b)[:, None, None]
+    heads = jnp.arange(hkv)[None, :, None]
+    slots = (start[:, None] + jnp.arange(t))[:, None, :]  # [B, 1, T]
+    # One scatter the caller promises in bounds: XLA updates the donated buffer in place
+    # (a vmapped dynamic_update_slice became a bounds-checked select that copied the cache).
+    return cache.at[rows, heads, slots].set(new, mode="promise_in_bounds",
+                                           unique_indices=True)
+
+
 def copy_slots(src: jax.Array, dst: jax.Array, positions: jax.Array) -> jax.Array:
-    """dst [L, B, S, ...] with each row's slots at positions [B, T] taken from src (same shape)."""
-    rows = jnp.arange(src.shape[1])[:, None]  # [B, 1]
-    return dst.at[:, rows, positions].set(src[:, rows, positions])
+    """dst [B, Hkv, S, Dh] with each row's slots at positions [B, T] (consecutive per row)
+    taken from src (same shape)."""
+    width = positions.shape[1]
+
+    def row(s, d, start):
+        piece = jax.lax.dynamic_slice_in_dim(s, start, width, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(d, piece, start, axis=1)
+
+    return jax.vmap(row)(src, dst, positions[:, 0])

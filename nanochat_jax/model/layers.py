@@ -17,6 +17,7 @@ from nanochat_jax import collider
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.axes import kernel_layout
 from nanochat_jax.model.config import ModelConfig
+from nanochat_jax.model.kv_cache import write_slots
 from nanochat_jax.ternary import quant
 from nanochat_jax.ternary.linear import packed_dot, ternary_dot
 
@@ -100,22 +101,34 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache [B, S, ...] with row b's slots start[b] .. start[b] + T - 1 set to new [B, T, ...].
-
-    The caller keeps start + T <= S (dynamic_update_slice would clamp, not fail).
-    """
-    put = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)
-    return jax.vmap(put)(cache, new, start)
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
+                     ) -> jax.Array:
+    """Attention of new queries to a KV cache: q [B, T, N, Dh] at positions [B, T];
+    k, v [B, Hkv, S, Dh] (model/kv_cache.py layout); each query sees the slots at or before
+    its position. Scores and softmax in float32. -> [B, T, N, Dh] in q's dtype."""
+    b, t, n, dh = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, t, hkv, n // hkv, dh).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+    q = q.reshape(b, hkv, -1, dh)  # [B, Hkv, G T, Dh]
+    scores = jnp.einsum("bhqd,bhsd->bhqs", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * dh ** -0.5
+    visible = jnp.arange(k.shape[2]) <= positions[:, :, None]  # [B, T, S]
+    visible = jnp.tile(visible, (1, n // hkv, 1))[:, None]  # [B, 1, G T, S]
+    weights = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhqs,bhsd->bhqd", weights.astype(q.dtype), v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)  # [B, Hkv, G T, Dh]
+    out = out.reshape(b, hkv, n // hkv, t, dh).transpose(0, 3, 1, 2, 4)  # [B, T, Hkv, G, Dh]
+    return out.reshape(b, t, n, dh).astype(q.dtype)
 
 
 class Attention(nn.Module):
     """Causal grouped-query attention with rotary embeddings and BitNet's attn_sub_norm.
 
     Without `kv` it attends within x (training, full-sequence evaluation). With `kv` =
-    (k_cache, v_cache), each [B, S, Hkv, Dh], the new keys and values are written at their
-    `positions` [B, T] (consecutive per row, rows may differ) and every query attends to the
-    slots at or before its own position: the KV-cache path of prefill and decode.
+    (k_cache, v_cache), each [B, Hkv, S, Dh] (model/kv_cache.py), the new keys and values
+    are written at their `positions` [B, T] (consecutive per row, rows may differ) and
+    every query attends to the slots at or before its own position: the KV-cache path of
+    prefill and decode.
     """
 
     cfg: ModelConfig
@@ -143,11 +156,9 @@ class Attention(nn.Module):
         if kv is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, H]
         else:
-            kv = (write_rows(kv[0], k, positions[:, 0]), write_rows(kv[1], v, positions[:, 0]))
-            k, v = kv  # [B, S, Hkv, Dh]
-            visible = jnp.arange(k.shape[1]) <= positions[:, :, None]  # [B, T, S]
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                               mask=visible[:, None])
+            kv = tuple(write_slots(cache, new, positions[:, 0]) for cache, new in
+                       zip(kv, (k, v), strict=True))  # each [B, Hkv, S, Dh]
+            out = cached_attention(q, *kv, positions)
         out = rms_norm(c, "attn_sub_norm")(out.reshape(b, t, -1))
         out, carrier = dense(out, c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)
         return out, carrier, kv

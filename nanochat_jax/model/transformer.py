@@ -160,7 +160,8 @@ class Transformer(nn.Module):
         """
         c = self.cfg
         x = self._embed_stream(tokens)
-        k, v = cache.k, cache.v  # [R, L, B, S, Hkv, Dh]
+        n_layers = c.n_layers
+        k, v = list(cache.k), list(cache.v)  # loop t, layer i at t * L + i: [B, Hkv, S, Dh]
         hidden, gates = [], []
 
         def run_loop(mdl, x, k_t, v_t, t):
@@ -171,20 +172,22 @@ class Transformer(nn.Module):
                 x, _, _, (k_i, v_i) = block(x, None, (k_t[i], v_t[i]), positions)
                 ks.append(k_i)
                 vs.append(v_i)
-            return x, jnp.stack(ks), jnp.stack(vs)
+            return x, ks, vs
 
         for t in range(c.loops):
+            now = slice(t * n_layers, (t + 1) * n_layers)
             if t and exit_threshold is not None:
                 cdf = jnp.cumsum(exit_distribution(jnp.stack(gates)), axis=0)[:t]  # [t, B, W]
                 all_exited = jnp.all(jnp.any(cdf >= exit_threshold, axis=0))
                 skip = lambda mdl, x, k_t, v_t, k_prev, v_prev: (
-                    x, copy_slots(k_prev, k_t, positions), copy_slots(v_prev, v_t, positions))
+                    x, [copy_slots(a, b, positions) for a, b in zip(k_prev, k_t, strict=True)],
+                    [copy_slots(a, b, positions) for a, b in zip(v_prev, v_t, strict=True)])
                 run = lambda mdl, x, k_t, v_t, k_prev, v_prev, t=t: run_loop(mdl, x, k_t, v_t, t)
-                x, k_t, v_t = nn.cond(all_exited, skip, run, self, x, k[t], v[t], k[t - 1],
-                                      v[t - 1])
+                before = slice((t - 1) * n_layers, t * n_layers)
+                x, k[now], v[now] = nn.cond(all_exited, skip, run, self, x, k[now], v[now],
+                                            k[before], v[before])
             else:
-                x, k_t, v_t = run_loop(self, x, k[t], v[t], t)
-            k, v = k.at[t].set(k_t), v.at[t].set(v_t)
+                x, k[now], v[now] = run_loop(self, x, k[now], v[now], t)
             flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, W, D]
             hidden.append(self.final_norm(flat))
             if t < c.loops - 1:
@@ -193,7 +196,7 @@ class Transformer(nn.Module):
         chosen = hidden[-1]
         if exit_threshold is not None and gates:
             chosen, exit_step = exit_hidden(jnp.stack(hidden), jnp.stack(gates), exit_threshold)
-        return Decoded(chosen, flat, exit_step, cache.replace(k=k, v=v))
+        return Decoded(chosen, flat, exit_step, cache.replace(k=tuple(k), v=tuple(v)))
 
     def draft(self, trunk: jax.Array, fed: jax.Array, greedy: jax.Array, last: jax.Array,
               positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -212,7 +215,7 @@ class Transformer(nn.Module):
         pick = lambda a, idx: jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), 1)
         bonus = pick(greedy, last)  # [B, 1]
         h, drafts = trunk, []
-        mtp_k, mtp_v = cache.mtp_k, cache.mtp_v
+        mtp_k, mtp_v = list(cache.mtp_k), list(cache.mtp_v)
         for d, module in enumerate(self.mtp, start=1):
             m = window + d - 1  # stream index each window slot reads
             later = pick(jnp.stack(drafts, 1), m - last - 1) if drafts else bonus
@@ -222,8 +225,8 @@ class Transformer(nn.Module):
                 h, normed, _, kv = module(h, self.embed(nxt), None, kv, positions)
             else:
                 _, normed, _, kv = module(trunk, None, None, kv, positions)
-            mtp_k, mtp_v = mtp_k.at[d - 1].set(kv[0]), mtp_v.at[d - 1].set(kv[1])
+            mtp_k[d - 1], mtp_v[d - 1] = kv
             at_last = jnp.take_along_axis(normed, last[:, :, None], axis=1)[:, 0]  # [B, D]
             logits = jnp.dot(at_last, self._head().astype(at_last.dtype))  # [B, V]
             drafts.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        return jnp.stack(drafts, 1), cache.replace(mtp_k=mtp_k, mtp_v=mtp_v)
+        return jnp.stack(drafts, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))

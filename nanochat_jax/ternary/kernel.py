@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from nanochat_jax.ternary import cpu_kernel
 from nanochat_jax.ternary.packing import PackedTernary, pack_codes, unpack_codes
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
@@ -359,9 +360,10 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
 
 
 def _dispatch(impl: str, x: jax.Array, codes: jax.Array, n: int, reference, kernel_input,
-              blocks: Blocks | None) -> jax.Array:
+              blocks: Blocks | None, cpu=None) -> jax.Array:
     """Run `reference(x, codes)` -> [M, n] or the kernel on `kernel_input(codes)` (packed),
-    cropped to [M, n], as `impl` and the target platform say."""
+    cropped to [M, n], as `impl` and the target platform say; `cpu(x, codes)`, when given,
+    replaces the reference for 'auto' on the CPU."""
     if impl not in IMPLS:
         raise ValueError(f"unknown ternary matmul impl {impl!r}: choose one of {IMPLS}")
     if impl == "reference":
@@ -378,10 +380,12 @@ def _dispatch(impl: str, x: jax.Array, codes: jax.Array, n: int, reference, kern
         if platform in TILINGS:
             return compiled(platform)(x, codes)
         if impl == "auto":
-            return reference(x, codes)
+            return (cpu or reference)(x, codes) if platform == "cpu" else reference(x, codes)
         raise ValueError(f"ternary impl 'pallas' compiles for GPU or TPU, but the mesh's "
                          f"devices are {platform}: use 'auto' or 'interpret'")
     branches = {platform: compiled(platform) for platform in ACCELERATORS}
+    if impl == "auto" and cpu is not None:
+        branches["cpu"] = cpu
     return jax.lax.platform_dependent(x, codes, default=reference if impl == "auto" else None,
                                       **branches)
 
@@ -410,10 +414,14 @@ def ternary_matmul(x: jax.Array, w: PackedTernary, *, impl: str = "auto",
     """Unscaled `x [M, K] @ codes [K, N]`: int32 for int8 x, float32 for float x.
 
     `impl`: 'auto' | 'pallas' | 'interpret' (the Pallas kernel in interpret mode) |
-    'reference'; `blocks` = (bm, bk4, bn) overrides the cached tiling.
+    'reference'; `blocks` = (bm, bk4, bn) overrides the cached tiling. 'auto' on the CPU
+    multiplies int8 x with the native kernel (cpu_kernel.py) when this host has one.
     """
     if x.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"ternary_matmul wants x [M, {w.shape[0]}], got {x.shape}")
     k, n = w.shape
     reference = lambda a, c: ternary_matmul_reference(a, PackedTernary(c, w.scale, (k, n)))
-    return _dispatch(impl, x, w.codes, n, reference, lambda c: c, blocks)
+    cpu = None
+    if x.dtype == jnp.int8 and cpu_kernel.available():
+        cpu = lambda a, c: cpu_kernel.matmul(a, c)[:, :n]
+    return _dispatch(impl, x, w.codes, n, reference, lambda c: c, blocks, cpu)

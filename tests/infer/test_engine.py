@@ -1,6 +1,7 @@
 """The generation engine: the KV-cache path computes the full forward's logits, speculative
 decoding reproduces plain greedy decoding, and LoopLM early exit behaves as SPECS §9 says."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,7 +14,8 @@ from numpy.testing import assert_allclose
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.model.config import model_config
-from nanochat_jax.model.kv_cache import KVCache
+from nanochat_jax.model.kv_cache import KVCache, write_slots
+from nanochat_jax.model.layers import cached_attention
 from nanochat_jax.model.loop import early_exit_step
 from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
@@ -152,8 +154,9 @@ def test_sampling_is_reproducible_and_stream_matches_generate():
 def test_packed_weights_generate_what_the_latent_weights_do():
     model, variables = _model()
     gen = Generation(max_new_tokens=12)
-    latent = Engine(model, variables).generate(PROMPTS, gen).tokens
+    latent = Engine(model, variables, pack=False).generate(PROMPTS, gen).tokens
     assert Engine(model, pack_params(variables)).generate(PROMPTS, gen).tokens == latent
+    assert Engine(model, variables).generate(PROMPTS, gen).tokens == latent  # packs itself
 
 
 def test_early_exit_threshold_zero_runs_one_loop_and_one_runs_them_all():
@@ -198,3 +201,42 @@ def test_engine_rejects_what_it_cannot_do():
         engine.generate([[]])
     with pytest.raises(ConfigError, match="greedy"):
         Generation(temperature=0.7, speculative=True)
+
+
+def test_cached_attention_equals_causal_attention_with_grouped_heads():
+    """8 query heads on 2 KV heads, 5 new tokens per row, rows at different positions."""
+    keys = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(keys[0], (2, 9, 8, 16))
+    k, v = (jax.random.normal(key, (2, 9, 2, 16)) for key in keys[1:])
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, Dh]
+    starts = jnp.asarray([4, 2])  # row b's new tokens sit at starts[b] .. starts[b] + 4
+    cache = [write_slots(jnp.zeros((2, 2, 16, 16)), a[:, :4], jnp.zeros(2, jnp.int32))
+             for a in (k, v)]  # the first four tokens, at slots 0..3 of both rows
+    fed = [jnp.stack([a[0, 4:], a[1, 2:7]]) for a in (q, k, v)]  # what row b feeds
+    positions = starts[:, None] + jnp.arange(5)
+    cache = [write_slots(c, a, starts) for c, a in zip(cache, fed[1:], strict=True)]
+    got = cached_attention(fed[0], *cache, positions)
+    # row 0 sees tokens 0..8 as in the causal reference; row 1 overwrote slots 2..6 with
+    # tokens 2..6, so it is the causal attention over its first 7 tokens
+    assert_allclose(got[0], want[0, 4:], atol=1e-6)
+    want1 = jax.nn.dot_product_attention(q[1:, :7], k[1:, :7], v[1:, :7], is_causal=True)
+    assert_allclose(got[1], want1[0, 2:7], atol=1e-6)
+
+
+def test_a_decode_step_updates_the_cache_in_place():
+    """No copy of a cache array in the compiled decode step: its work does not grow with the
+    cache length beyond the attention's reads (the [R, L, ...] cache copied all of it)."""
+    model, variables = _model(loops=2)
+    engine = Engine(model, variables)
+    compiled = engine.lower_decode_step(batch=1, length=256).compile().as_text()
+    cache_shape = f"[1,{model.cfg.n_kv_heads},256,{model.cfg.head_dim}]"
+    copies = [line for line in compiled.splitlines() if " copy(" in line and cache_shape in line]
+    assert not copies, copies[:3]
+
+
+def test_the_engine_packs_a_ternary_model_once_and_keeps_fake_quant_latent():
+    model, variables = _model()
+    assert "packed" in Engine(model, variables).variables
+    assert "packed" not in Engine(model, variables, pack=False).variables
+    fake = Transformer(dataclasses.replace(model.cfg, ternary_impl="fake_quant"))
+    assert "packed" not in Engine(fake, variables).variables
