@@ -13,14 +13,14 @@ Compilation is excluded (one untimed warm-up per case).
 
 Our weight variants: "packed" (what `Engine` does by default: the ternary kernels packed to
 2 bits once, run by the native CPU kernel where there is one), "latent" (`pack=False`: fp32
-kernels ternarised again in every step, the training path) and "fake_quant" (float
-products of the dequantised weights). With MTP each also runs self-speculative decoding
-(output equal to plain greedy decoding); a looped model also decodes with LoopLM early exit
-at each of `--exit_thresholds`. Rounds alternate over every case, llama.cpp included, so
-noise hits all alike. Printed and written as JSON: median prefill ms, decode tokens/s and
-ms per step, the ratio to llama.cpp's batch-1 decode, main-model passes, draft acceptance,
-and whether the tokens equal our plain packed decoding's (and llama.cpp's).
-"""
+kernels ternarised inside each compiled call and multiplied by XLA's int8 dot, the engine's
+old path) and "fake_quant" (float products of the dequantised weights). With MTP each also
+runs self-speculative decoding (output equal to plain greedy decoding); a looped model also
+decodes with LoopLM early exit at each of `--exit_thresholds`. Rounds alternate over every
+case, llama.cpp included, so noise hits all alike. Printed and written as JSON: median
+prefill ms, decode tokens/s and ms per step, the ratio to llama.cpp's batch-1 decode,
+main-model passes, draft acceptance, and whether the tokens equal plain decoding with the
+first `--weights` variant (and llama.cpp's)."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def main() -> None:
             "decode_tokens_per_sec": rate, "ms_per_step": 1e3 * case.batch / rate,
             "vs_llama_cpp": rate / llama_rate if llama_rate else None,
             "main_passes": passes, "acceptance": acceptance,
-            "same_tokens_as_packed": (ours_plain is not None and tokens
+            "same_tokens_as_plain": (ours_plain is not None and tokens
                                       == ours_plain[0][:len(tokens)]),
             "same_tokens_as_llama_cpp": (tokens[0] == first[cases[0]][0][0]) if llama else None,
             "prefill_samples_s": [t[0] for t in times[case]],
@@ -199,7 +199,7 @@ def main() -> None:
     for row in rows:
         q = "-" if row["exit_threshold"] is None else row["exit_threshold"]
         vs = "-" if row["vs_llama_cpp"] is None else f"{row['vs_llama_cpp']:.2f}"
-        same = "yes" if row["same_tokens_as_packed"] else "no"
+        same = "yes" if row["same_tokens_as_plain"] else "no"
         if row["same_tokens_as_llama_cpp"] is not None:
             same += f" (llama.cpp: {'yes' if row['same_tokens_as_llama_cpp'] else 'no'})"
         print(f"| {row['engine']} | {row['weights']} | {row['batch']} | "

@@ -19,6 +19,7 @@ integer dot (kernel.py's reference): slower, same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -43,15 +44,12 @@ _state: dict = {}  # "lib": ctypes.CDLL | None once loading was tried, "why": st
 
 def _host_id() -> str:
     """What -march=native compiles for: the CPU model and its feature flags."""
-    flags = ""
-    try:
+    lines: list[str] = []
+    with contextlib.suppress(OSError):  # no /proc (macOS): the machine name must do
         with open("/proc/cpuinfo") as f:
             lines = f.read().splitlines()
-        flags = " ".join(sorted({line for line in lines
-                                 if line.startswith(("flags", "model name", "Features"))}))
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()} {flags}"
+    flags = sorted({line for line in lines if line.startswith(("flags", "model name", "Features"))})
+    return f"{platform.machine()} {platform.processor()} {' '.join(flags)}"
 
 
 def _library_path() -> str:
