@@ -421,7 +421,9 @@ def ternary_matmul(x: jax.Array, w: PackedTernary, *, impl: str = "auto",
         raise ValueError(f"ternary_matmul wants x [M, {w.shape[0]}], got {x.shape}")
     k, n = w.shape
     reference = lambda a, c: ternary_matmul_reference(a, PackedTernary(c, w.scale, (k, n)))
+    found = target()
+    on_cpu = (found[0] if found else jax.default_backend()) == "cpu"  # GPU/TPU hosts: no build
     cpu = None
-    if x.dtype == jnp.int8 and cpu_kernel.available():
+    if x.dtype == jnp.int8 and on_cpu and cpu_kernel.available():
         cpu = lambda a, c: cpu_kernel.matmul(a, c)[:, :n]
     return _dispatch(impl, x, w.codes, n, reference, lambda c: c, blocks, cpu)
