@@ -216,8 +216,8 @@ void Columns(const int32_t* xi, int64_t k4, const uint8_t* codes, int64_t np, in
 // ---- one call: units shared by the caller and the pool ------------------------------------
 
 struct Shared {
-  std::vector<int32_t> xi, row_sums, partial;  // partial: [units, M, Np] for streaming
-  int64_t m, k4, np, units;
+  std::vector<int32_t> xi, row_sums, partial;  // partial: [units, M, Np] (several streams)
+  int64_t m, k4, np, units, stream_rows;
   bool stream;
   const uint8_t* codes;
   int32_t* out;
@@ -227,9 +227,9 @@ struct Shared {
   std::condition_variable all_done;
 
   void Run(int64_t u) {
-    if (stream) {  // packed rows u*step .. : partial sums of every row and column
-      int32_t* acc = partial.data() + u * m * np;
-      const int64_t i0 = u * kStreamStep, i1 = std::min(k4, i0 + kStreamStep);
+    if (stream) {  // packed rows u*stream_rows .. : partial sums of every row and column
+      int32_t* acc = units == 1 ? out : partial.data() + u * m * np;
+      const int64_t i0 = u * stream_rows, i1 = std::min(k4, i0 + stream_rows);
       for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
         const int32_t* x = xi.data() + r0 * k4;
         int32_t* a = acc + r0 * np;
@@ -266,13 +266,15 @@ struct Shared {
     }
   }
 
-  // out = the sum of the stream units' partials, minus the row sums of x.
+  // out = the sum of the stream units' partials (one unit: out itself), minus the row
+  // sums of x.
   void Reduce() {
     for (int64_t r = 0; r < m; ++r) {
       const Vec sum = Set1(row_sums[r]);
       for (int64_t n = 0; n < np; n += kLanes) {
-        Vec a = Sub(Zero(), sum);
-        for (int64_t u = 0; u < units; ++u) a = Add(a, Load(partial.data() + (u * m + r) * np + n));
+        Vec a = Sub(units == 1 ? Load(out + r * np + n) : Zero(), sum);
+        for (int64_t u = 0; units > 1 && u < units; ++u)
+          a = Add(a, Load(partial.data() + (u * m + r) * np + n));
         Store(out + r * np + n, a);
       }
     }
@@ -292,10 +294,17 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   auto shared = std::make_shared<Shared>();
   shared->m = m, shared->k4 = k4, shared->np = np, shared->codes = codes.typed_data();
   shared->out = out->typed_data();
+  // Share the work with the pool only when the call is long: handing a unit to a pool
+  // thread costs more than a decode-sized product (measured: 84 batch-1 products of the
+  // 125m geometry took 5.2 ms with helpers, 3.1-3.9 ms without). Alone, the stream is one
+  // unit accumulating straight into `out`.
+  const bool threaded = m * k4 * np >= (int64_t{1} << 22) && pool.num_threads() > 0;
   shared->stream = m <= kStreamRows;
-  shared->units = shared->stream ? (k4 + kStreamStep - 1) / kStreamStep
+  shared->stream_rows = threaded ? kStreamStep : k4;
+  shared->units = shared->stream ? (k4 + shared->stream_rows - 1) / shared->stream_rows
                                  : (np + kBlock - 1) / kBlock;
-  if (shared->stream) shared->partial.assign(shared->units * m * np, 0);
+  if (shared->stream && shared->units > 1) shared->partial.assign(shared->units * m * np, 0);
+  if (shared->stream && shared->units == 1) std::fill(shared->out, shared->out + m * np, 0);
   // x [M, K] -> xi [M, K4]: lane i of row r packs x[r, i + j*K4] for j = 0..3 (0 past K).
   shared->xi.assign(m * k4, 0);
   shared->row_sums.assign(m, 0);
@@ -312,11 +321,8 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     }
     shared->row_sums[r] = sum;
   }
-  // Spread over the pool only when the call is long: handing a unit to a pool thread costs
-  // more than a decode-sized product (measured: 84 batch-1 products of the 125m geometry
-  // took 5.2 ms with helpers, 3.1-3.9 ms without).
-  const int64_t helpers = std::min<int64_t>(
-      pool.num_threads(), std::min<int64_t>(shared->units - 1, m * k4 * np / (1 << 22)));
+  const int64_t helpers =
+      threaded ? std::min<int64_t>(pool.num_threads(), shared->units - 1) : 0;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared] { shared->Work(); });
   shared->Work();
   {
