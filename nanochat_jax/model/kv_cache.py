@@ -7,7 +7,7 @@ layers once per loop with different inputs, so each loop step has its own cache 
 
 Each attention layer has its own `[B, Hkv, S, Dh]` array, in the layout attention reads
 (heads before slots: the score and value products need no transpose). Separate arrays let a
-decode step write its slots in place (`dynamic_update_slice` on a donated buffer): the step
+decode step write its slots in place (one in-bounds scatter on a donated buffer): the step
 does no work proportional to the cache length except the attention itself. A single
 `[R, L, ...]` array would be sliced and re-stacked every step, copying all of it.
 """
@@ -48,28 +48,27 @@ class KVCache:
         return sum(a.nbytes for a in jax.tree.leaves(self))
 
 
-def write_slots(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+def _put(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """cache [B, Hkv, S, Dh] with row b's slots start[b] .. start[b] + T - 1 set to
-    new [B, T, Hkv, Dh]. The caller keeps start + T <= S (dynamic_update_slice would clamp,
-    not fail)."""
-    b, t, hkv, _ = new.shape
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)  # [B, Hkv, T, Dh]
+    new [B, Hkv, T, Dh]. One scatter the caller promises in bounds (start + T <= S; out of
+    bounds is undefined): XLA updates a donated buffer in place, where a vmapped
+    dynamic_update_slice became a bounds-checked select that copied the whole cache."""
+    b, hkv, t, _ = new.shape
     rows = jnp.arange(b)[:, None, None]
     heads = jnp.arange(hkv)[None, :, None]
     slots = (start[:, None] + jnp.arange(t))[:, None, :]  # [B, 1, T]
-    # One scatter the caller promises in bounds: XLA updates the donated buffer in place
-    # (a vmapped dynamic_update_slice became a bounds-checked select that copied the cache).
-    return cache.at[rows, heads, slots].set(new, mode="promise_in_bounds",
+    return cache.at[rows, heads, slots].set(new.astype(cache.dtype), mode="promise_in_bounds",
                                            unique_indices=True)
+
+
+def write_slots(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B, Hkv, S, Dh] with row b's slots start[b] .. start[b] + T - 1 set to
+    new [B, T, Hkv, Dh] (the attention's layout), in place (`_put`)."""
+    return _put(cache, jnp.swapaxes(new, 1, 2), start)
 
 
 def copy_slots(src: jax.Array, dst: jax.Array, positions: jax.Array) -> jax.Array:
     """dst [B, Hkv, S, Dh] with each row's slots at positions [B, T] (consecutive per row)
-    taken from src (same shape)."""
-    width = positions.shape[1]
-
-    def row(s, d, start):
-        piece = jax.lax.dynamic_slice_in_dim(s, start, width, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(d, piece, start, axis=1)
-
-    return jax.vmap(row)(src, dst, positions[:, 0])
+    taken from src (same shape), in place (`_put`)."""
+    piece = jnp.take_along_axis(src, positions[:, None, :, None], axis=2)  # [B, Hkv, T, Dh]
+    return _put(dst, piece, positions[:, 0])
