@@ -30,7 +30,8 @@ import numpy as np
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.infer.sampling import sample
 from nanochat_jax.model.kv_cache import KVCache
-from nanochat_jax.model.packed import pack_params
+from nanochat_jax.model.layers import greedy_tokens
+from nanochat_jax.model.packed import for_cpu, pack_params
 from nanochat_jax.model.transformer import Transformer
 
 BUCKET = 64  # prompt and cache lengths are rounded up to a multiple of this
@@ -91,6 +92,7 @@ class Engine:
     `pack` (default): a ternary model's latent BitLinear kernels are packed once, here
     (2-bit codes + scale, the exact same products), instead of being ternarised again in
     every decode step; a `fake_quant` model (float products) and a dense one keep theirs.
+    On a CPU with the native kernel the packed codes are put in its tile order, also once.
     """
 
     def __init__(self, model: Transformer, variables: dict, cache_dtype=jnp.float32,
@@ -99,6 +101,8 @@ class Engine:
         if (pack and cfg.ternary and cfg.ternary_impl != "fake_quant"
                 and "packed" not in variables):
             variables = pack_params(variables)
+        if "packed" in variables:
+            variables = for_cpu(variables)
         self.model, self.variables, self.cache_dtype = model, variables, cache_dtype
         self.cfg = cfg
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("gen", "length"))
@@ -224,7 +228,7 @@ class Engine:
                        top_k=gen.top_k, top_p=gen.top_p)
         if not gen.speculative:
             return out.cache, first, None
-        greedy = jnp.argmax(self._logits(variables, out.hidden), -1).astype(jnp.int32)
+        greedy = greedy_tokens(self._logits(variables, out.hidden))
         greedy = greedy.at[jnp.arange(b), last].set(first)
         drafts, cache = self.model.apply(variables, out.trunk, tokens, greedy, last,
                                          positions, out.cache, method=Transformer.draft)
@@ -246,7 +250,7 @@ class Engine:
         fed = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, M+1]
         positions = position[:, None] + jnp.arange(fed.shape[1], dtype=jnp.int32)
         out = self.model.apply(variables, fed, positions, cache, method=Transformer.decode)
-        greedy = jnp.argmax(self._logits(variables, out.hidden), -1).astype(jnp.int32)
+        greedy = greedy_tokens(self._logits(variables, out.hidden))
         matches = (drafts == greedy[:, :-1]).astype(jnp.int32)  # [B, M]
         accepted = jnp.sum(jnp.cumprod(matches, axis=1), axis=1)  # [B] leading matches
         new_drafts, cache = self.model.apply(variables, out.trunk, fed, greedy, accepted,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.model.layers import greedy_tokens
+
 
 def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
     """logits [..., V] with all but the k largest set to -inf (ties at the k-th kept)."""
@@ -39,7 +41,7 @@ def sample(key: jax.Array, logits: jax.Array, *, temperature: jax.Array | float 
            top_k: int = 0, top_p: jax.Array | float = 1.0) -> jax.Array:
     """One token id per row of logits [..., V] -> int32 [...]; temperature 0 is greedy."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     if isinstance(temperature, (int, float)) and temperature == 0:
         return greedy  # known greedy at trace time: no random draw, no filters
     t = jnp.asarray(temperature, jnp.float32)

@@ -101,6 +101,17 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """The first index of the largest logit over the last axis: logits [..., V] -> int32 [...],
+    `jnp.argmax`'s answer for finite logits (a row holding NaN gives 0). Two plain reductions
+    (the max, then the first index holding it), because XLA:CPU lowers argmax's (value,
+    index) reduce to a scalar loop: 40-100 us per decode step at V = 8192 (BUILD.md)."""
+    n = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+    return jnp.where(first == n, 0, first)
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array
                      ) -> jax.Array:
     """Attention of new queries to a KV cache: q [B, T, N, Dh] at positions [B, T];

@@ -3,6 +3,8 @@
 `pack_params(params)` moves every BitLinear kernel (the 2-D kernels inside blocks) out of
 `params` into a `packed` collection of `PackedTernary` (2 bits per weight + one scale), so
 `model.apply(pack_params(params), tokens)` runs with no latent weights in memory.
+`for_cpu(variables)` puts the packed codes in the CPU kernel's tile order once (the Engine
+does it when it decodes on a CPU with the kernel), instead of in every product.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 import jax
 
 from nanochat_jax.model.transformer import is_block_kernel, path_names
-from nanochat_jax.ternary.packing import PackedTernary, pack
+from nanochat_jax.ternary import cpu_kernel
+from nanochat_jax.ternary.packing import PackedTernary, pack, to_layout
 
 
 def pack_params(params: dict) -> dict[str, Any]:
@@ -33,6 +36,16 @@ def pack_params(params: dict) -> dict[str, Any]:
         else:
             place(rest, keys, leaf)
     return {"params": rest, "packed": packed}
+
+
+def for_cpu(variables: dict) -> dict[str, Any]:
+    """Packed variables with every kernel's codes as CPU tiles when this process computes on
+    a CPU that has the native kernel (`cpu_kernel.available()`); unchanged otherwise."""
+    if jax.default_backend() != "cpu" or not cpu_kernel.available():
+        return variables
+    tiled = jax.tree.map(lambda p: jax.jit(to_layout, static_argnums=1)(p, "cpu_tiles"),
+                         variables["packed"], is_leaf=lambda x: isinstance(x, PackedTernary))
+    return {**variables, "packed": tiled}
 
 
 def ternary_weight_bytes(params: dict, dtype_bytes: int = 2) -> int:

@@ -18,7 +18,7 @@ from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.block import block_class
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache, copy_slots
-from nanochat_jax.model.layers import rms_norm
+from nanochat_jax.model.layers import greedy_tokens, rms_norm
 from nanochat_jax.model.loop import exit_distribution, exit_hidden
 from nanochat_jax.model.mtp import MTPModule, shift_left
 
@@ -228,5 +228,5 @@ class Transformer(nn.Module):
             mtp_k[d - 1], mtp_v[d - 1] = kv
             at_last = jnp.take_along_axis(normed, last[:, :, None], axis=1)[:, 0]  # [B, D]
             logits = jnp.dot(at_last, self._head().astype(at_last.dtype))  # [B, V]
-            drafts.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            drafts.append(greedy_tokens(logits))
         return jnp.stack(drafts, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))

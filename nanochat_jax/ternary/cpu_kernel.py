@@ -1,13 +1,14 @@
 """The CPU ternary matmul (cpu_kernel.cc): built for this host on first use, called via XLA FFI.
 
-    acc = cpu_kernel.matmul(x_codes, packed.codes)   # int8 [M, K], uint8 [K4, Np] -> int32 [M, Np]
+    acc = cpu_kernel.matmul(x, tiles)  # int8 [M, K], uint8 [NB, K4/4, 256] -> int32 [M, 64 NB]
 
 XLA:CPU multiplies int8 and bf16 matrices several times slower than float32 ones and has no
 2-bit format, so batch-1 decoding from packed weights was bound by float32 weight traffic
 (BUILD.md "CPU decode kernel" has the measurements). `cpu_kernel.cc` is a small XLA FFI
-handler that reads the I2-packed weights as they are (2 bits each) and multiplies them with
-int8 activations using the host's u8 x s8 dot-product instructions (AVX-512 VNNI, AVX-VNNI
-or AVX2; a portable loop elsewhere), on XLA's intra-op thread pool.
+handler that reads the packed weights at 2 bits each, in the order it streams them (CPU
+tiles, `packing.cpu_tiles`), and multiplies them with int8 activations using the host's
+u8 x s8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AVX2; a portable loop
+elsewhere), sharing long calls with XLA's intra-op thread pool.
 
 The library is compiled with the system C++ compiler (`$CXX`, else `c++`) and
 `-march=native` against the FFI headers jaxlib ships (`jax.ffi.include_dir()`), once per
@@ -31,6 +32,8 @@ import threading
 
 import jax
 import jax.numpy as jnp
+
+from nanochat_jax.ternary.packing import TILE_COLUMNS
 
 SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernel.cc")
 TARGET = "nanochat_ternary_matmul"
@@ -125,15 +128,18 @@ def instruction_path() -> str:
     return lib.NanochatTernaryPath().decode() if lib is not None else "unavailable"
 
 
-def matmul(x: jax.Array, codes: jax.Array) -> jax.Array:
-    """Unscaled x [M, K] int8 @ unpack(codes [K4, Np] uint8) -> int32 [M, Np] (exact), on
-    the CPU. Raises RuntimeError when the kernel is not `available()`."""
+def matmul(x: jax.Array, tiles: jax.Array) -> jax.Array:
+    """Unscaled x [M, K] int8 @ the weights of CPU tiles [NB, K4 / 4, 256] uint8
+    (`packing.cpu_tiles`) -> int32 [M, 64 NB] (exact), on the CPU. Raises RuntimeError when
+    the kernel is not `available()`."""
     if load() is None:
         raise RuntimeError(f"the CPU ternary kernel is unavailable: {why()}")
-    if x.dtype != jnp.int8 or codes.dtype != jnp.uint8 or x.ndim != 2 or codes.ndim != 2:
-        raise ValueError(f"cpu_kernel.matmul wants int8 x [M, K] and uint8 codes [K4, Np], "
-                         f"got {x.dtype}{list(x.shape)} and {codes.dtype}{list(codes.shape)}")
-    if x.shape[1] > 4 * codes.shape[0]:
-        raise ValueError(f"x has {x.shape[1]} columns, the codes hold {4 * codes.shape[0]}")
-    out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, codes)
+    if (x.dtype != jnp.int8 or tiles.dtype != jnp.uint8 or x.ndim != 2 or tiles.ndim != 3
+            or tiles.shape[2] != 4 * TILE_COLUMNS):
+        raise ValueError(f"cpu_kernel.matmul wants int8 x [M, K] and uint8 CPU tiles "
+                         f"[NB, G, {4 * TILE_COLUMNS}], got {x.dtype}{list(x.shape)} and "
+                         f"{tiles.dtype}{list(tiles.shape)}")
+    if x.shape[1] > 16 * tiles.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} columns, the tiles hold {16 * tiles.shape[1]}")
+    out = jax.ShapeDtypeStruct((x.shape[0], TILE_COLUMNS * tiles.shape[0]), jnp.int32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, tiles)

@@ -41,7 +41,13 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from nanochat_jax.ternary import cpu_kernel
-from nanochat_jax.ternary.packing import PackedTernary, pack_codes, unpack_codes
+from nanochat_jax.ternary.packing import (
+    PackedTernary,
+    cpu_tiles,
+    i2_codes,
+    pack_codes,
+    unpack_codes,
+)
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 TUNE_CACHE_ENV = "NANOCHAT_TUNE_CACHE"
@@ -405,7 +411,7 @@ def codes_matmul(x: jax.Array, codes: jax.Array, *, impl: str = "auto",
 
 def ternary_matmul_reference(x: jax.Array, w: PackedTernary) -> jax.Array:
     """x [M, K] @ codes [K, N] with whole-matrix unpacking: the semantics of the kernel."""
-    codes = unpack_codes(w.codes, w.shape)  # [K, N] int8
+    codes = unpack_codes(i2_codes(w), w.shape)  # [K, N] int8
     return jnp.dot(x, codes.astype(x.dtype), preferred_element_type=_acc_dtype(x.dtype))
 
 
@@ -415,15 +421,24 @@ def ternary_matmul(x: jax.Array, w: PackedTernary, *, impl: str = "auto",
 
     `impl`: 'auto' | 'pallas' | 'interpret' (the Pallas kernel in interpret mode) |
     'reference'; `blocks` = (bm, bk4, bn) overrides the cached tiling. 'auto' on the CPU
-    multiplies int8 x with the native kernel (cpu_kernel.py) when this host has one.
+    multiplies int8 x with the native kernel (cpu_kernel.py) when this host has one: I2
+    codes are put in its tile order in the call (a pass over the codes each time), CPU
+    tiles (`packing.to_layout`, done once by `model.packed.for_cpu`) are used as they are.
+    CPU tiles take 'auto' or 'reference' only.
     """
     if x.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"ternary_matmul wants x [M, {w.shape[0]}], got {x.shape}")
     k, n = w.shape
-    reference = lambda a, c: ternary_matmul_reference(a, PackedTernary(c, w.scale, (k, n)))
     found = target()
     on_cpu = (found[0] if found else jax.default_backend()) == "cpu"  # GPU/TPU hosts: no build
-    cpu = None
-    if x.dtype == jnp.int8 and on_cpu and cpu_kernel.available():
-        cpu = lambda a, c: cpu_kernel.matmul(a, c)[:, :n]
+    native = x.dtype == jnp.int8 and on_cpu and cpu_kernel.available()
+    if w.layout == "cpu_tiles":
+        if impl not in ("auto", "reference"):
+            raise ValueError(f"ternary impl {impl!r} reads I2 codes; these are CPU tiles "
+                             f"(packing.to_layout(w, 'i2') gives them back)")
+        if impl == "auto" and native:
+            return cpu_kernel.matmul(x, w.codes)[:, :n]
+        return ternary_matmul_reference(x, w)
+    reference = lambda a, c: ternary_matmul_reference(a, PackedTernary(c, w.scale, (k, n)))
+    cpu = (lambda a, c: cpu_kernel.matmul(a, cpu_tiles(c))[:, :n]) if native else None
     return _dispatch(impl, x, w.codes, n, reference, lambda c: c, blocks, cpu)

@@ -88,7 +88,8 @@ def int8_ternary_product(x: jax.Array, w: jax.Array, impl: str = "auto",
 def packed_dot(x: jax.Array, w: packing.PackedTernary, impl: str = "auto",
                layout: Layout | None = None) -> jax.Array:
     """x [..., K] @ a packed ternary weight -> [..., N], activations int8 per token. Under a
-    mesh the packed codes are split over N only (their rows interleave four K-slabs)."""
+    mesh I2 codes are split over N only (their rows interleave four K-slabs); CPU tiles
+    are not split."""
     lead, k = x.shape[:-1], x.shape[-1]
     x_codes, absmax = quant.int8_codes(x.reshape(-1, k))  # [M, K] int8, [M, 1]
 
@@ -96,8 +97,11 @@ def packed_dot(x: jax.Array, w: packing.PackedTernary, impl: str = "auto",
         shard = packing.PackedTernary(codes, w.scale, (k, codes.shape[1]))
         return kernel.ternary_matmul(a, shard, impl=impl)
 
-    acc = _per_shard(matmul, x_codes, w.codes, layout, split_k=False,
-                     n_unit=packing.N_ALIGN)[:, : w.shape[1]]  # [M, N] int32, exact
+    if w.layout == "i2":
+        acc = _per_shard(matmul, x_codes, w.codes, layout, split_k=False,
+                         n_unit=packing.N_ALIGN)[:, : w.shape[1]]  # [M, N] int32, exact
+    else:  # CPU tiles: one device's kernel, whole (model.packed.for_cpu makes them)
+        acc = kernel.ternary_matmul(x_codes, w, impl=impl)
     y = acc.astype(jnp.float32) * (absmax / quant.INT8_MAX) * w.scale
     return y.astype(x.dtype).reshape(*lead, w.shape[1])
 

@@ -19,6 +19,8 @@ from nanochat_jax.model.layers import cached_attention
 from nanochat_jax.model.loop import early_exit_step
 from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.ternary import cpu_kernel
+from nanochat_jax.ternary.packing import PackedTernary
 
 PROMPTS = [[1, 5, 9, 3, 4], [1, 7], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
@@ -240,3 +242,11 @@ def test_the_engine_packs_a_ternary_model_once_and_keeps_fake_quant_latent():
     assert "packed" not in Engine(model, variables, pack=False).variables
     fake = Transformer(dataclasses.replace(model.cfg, ternary_impl="fake_quant"))
     assert "packed" not in Engine(fake, variables).variables
+
+
+def test_on_a_cpu_with_the_kernel_the_engine_keeps_its_codes_as_cpu_tiles():
+    model, variables = _model()
+    layouts = {p.layout for p in jax.tree.leaves(
+        Engine(model, variables).variables["packed"],
+        is_leaf=lambda x: isinstance(x, PackedTernary))}
+    assert layouts == ({"cpu_tiles"} if cpu_kernel.available() else {"i2"})

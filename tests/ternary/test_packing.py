@@ -66,3 +66,34 @@ def test_packed_ternary_is_a_pytree_with_static_shape():
     assert q.shape == (8, 8)
     doubled = jax.jit(lambda t: t.replace(scale=t.scale * 2))(p)
     assert float(doubled.scale) == 2 * float(p.scale) and doubled.shape == (8, 8)
+
+
+@pytest.mark.parametrize("shape", [(128, 32), (100, 70), (768, 200)])
+def test_cpu_tiles_hold_the_same_bytes_and_round_trip(shape):
+    codes = packing.pack_codes(_codes(*shape, seed=3))  # [K4, Np]
+    tiles = packing.cpu_tiles(codes)
+    k4, n_p = codes.shape
+    assert tiles.shape == (-(-n_p // 64), k4 // 4, 256) and tiles.dtype == jnp.uint8
+    back = np.asarray(packing.from_cpu_tiles(tiles))
+    assert_array_equal(back[:, :n_p], np.asarray(codes))
+    assert (back[:, n_p:] == packing.PAD_BYTE).all()  # padding columns: weights 0
+
+
+def test_cpu_tile_byte_order():
+    """tiles[b, g, 4 c + t] = I2 byte (4 g + t, 64 b + c)."""
+    codes = jnp.asarray(np.random.default_rng(4).integers(0, 256, size=(64, 128)), jnp.uint8)
+    tiles = np.asarray(packing.cpu_tiles(codes))
+    for b, g, c, t in [(0, 0, 0, 0), (1, 3, 5, 2), (0, 15, 63, 3), (1, 7, 17, 1)]:
+        assert tiles[b, g, 4 * c + t] == codes[4 * g + t, 64 * b + c]
+
+
+def test_layout_is_static_and_unpack_reads_either():
+    w = jnp.asarray(np.random.default_rng(5).normal(size=(96, 40)), jnp.float32)
+    i2 = packing.pack(w)
+    tiled = packing.to_layout(i2, "cpu_tiles")
+    assert tiled.layout == "cpu_tiles" and tiled.shape == (96, 40)
+    assert len(jax.tree.leaves(tiled)) == 2
+    assert_array_equal(np.asarray(packing.unpack(tiled)), np.asarray(packing.unpack(i2)))
+    assert packing.to_layout(tiled, "i2").codes.shape[0] == i2.codes.shape[0]
+    with pytest.raises(ValueError, match="layout"):
+        packing.to_layout(i2, "tq2_0")
