@@ -284,9 +284,12 @@ def main(argv: list[str]) -> None:
         print(render(_RENDER.value))
         return
     from nanochat_jax.errors import NanochatError
+    from nanochat_jax.train.step import cpu_schedule_flags
 
     config = CONFIG.value
-    try:
+    try:  # before JAX starts its CPU backend (as experiments.run does)
+        os.environ["XLA_FLAGS"] = cpu_schedule_flags(config.training.cpu_schedule,
+                                                     os.environ.get("XLA_FLAGS", ""))
         if _MESH.value:
             with config.unlocked():
                 config.mesh.update(_mesh_fields(_MESH.value))

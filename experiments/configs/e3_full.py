@@ -20,6 +20,11 @@ def get_config():
     c.loop.enabled = True
     c.mhc.enabled = True
     c.collider.enabled = True
+    # Memory (BUILD.md "Where e3_full's memory goes"): recompute each loop's pass in the
+    # backward instead of keeping 4 loops x 4 streams of activations, and take the loss of
+    # the 4 loops + MTP ([5 x 2048, V] logits) in 1024-wide vocabulary chunks.
+    c.model.remat = "loop"
+    c.training.vocab_chunk = 1024
     c.training.steps = 300
     c.training.eval_every = 50
     c.checkpoint.every = 100

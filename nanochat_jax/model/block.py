@@ -62,6 +62,6 @@ REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_s
 def block_class(cfg: ModelConfig) -> type[Block]:
     """Block, or Block under `nn.remat` with the config's policy (activations recomputed in
     the backward pass instead of stored)."""
-    if cfg.remat == "none":
+    if cfg.remat in ("none", "loop"):  # "loop": Transformer remats whole stack passes
         return Block
     return nn.remat(Block, policy=REMAT[cfg.remat])

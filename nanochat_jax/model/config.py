@@ -15,7 +15,7 @@ from nanochat_jax.errors import ConfigError
 TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
 MTP_KINDS = ("sequential", "parallel")
 FFN_ACTIVATIONS = ("relu2", "silu")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "loop")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # fields that change how the model computes, not which model it is: a run may resume with
 # other values
@@ -51,7 +51,9 @@ class ModelConfig:
     # bfloat16: activations and matmuls in bf16, parameters (the fp32 master weights),
     # norms' statistics, softmax and the loss in fp32. `remat`: recompute each block's
     # activations in the backward pass: "full" saves only block inputs, "dots" also the
-    # matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable).
+    # matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable); "loop"
+    # saves only the input of each pass through the block stack (each LoopLM loop) and
+    # recomputes the pass in the backward.
     compute_dtype: str = "float32"
     remat: str = "none"
     # FP4 (ternary/fp4.py) for the backward pass of a dense model's linear layers and, with

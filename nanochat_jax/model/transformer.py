@@ -105,12 +105,14 @@ class Transformer(nn.Module):
             raise ConfigError(f"loops must be in 1..{c.loops} for this model, got {n_loops}")
         x = self._embed_stream(tokens)
         hidden, gates, rms, maps = [], [], [], []
+        stack_pass = Transformer._stack_pass
+        if c.remat == "loop":  # keep each pass's input, recompute the pass in the backward
+            stack_pass = nn.remat(stack_pass)
         for t in range(n_loops):
             if t:
                 x = self.loop_norm(x)  # hidden norms grow across loops (SPECS §9)
-            for block in self.blocks:
-                x, res, carrier, _ = block(x, carrier)
-                maps.append(res)
+            x, res, carrier = stack_pass(self, x, carrier)
+            maps += res
             flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, T, D]
             rms.append(jnp.sqrt(jnp.mean(jnp.square(flat.astype(jnp.float32)))))
             hidden.append(self.final_norm(flat))
@@ -129,6 +131,14 @@ class Transformer(nn.Module):
                            exit_logits=stack(gates), mtp_hidden=stack(mtp_hidden),
                            res_maps=jnp.concatenate(maps) if c.mhc_streams else None,
                            carrier=carrier)
+
+    def _stack_pass(self, x: jax.Array, carrier: Carrier | None):
+        """One pass of the block stack (one LoopLM loop) -> (x, per-block res maps, carrier)."""
+        maps = []
+        for block in self.blocks:
+            x, res, carrier, _ = block(x, carrier)
+            maps.append(res)
+        return x, maps, carrier
 
     def hidden_and_head(self, tokens: jax.Array, loops: int | None = None,
                         exit_threshold: float | None = None) -> tuple[jax.Array, jax.Array]:

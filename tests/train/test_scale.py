@@ -16,6 +16,7 @@ from nanochat_jax.losses import Objective
 from nanochat_jax.model.config import model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.state import init_train_state
+from nanochat_jax.train import step as step_lib
 from nanochat_jax.train.step import make_train_step
 from nanochat_jax.train.trainer import train
 
@@ -90,6 +91,33 @@ def test_remat_gives_the_same_gradients_and_keeps_fewer_activations(capsys):
     params_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
     activations = {k: v - params_bytes for k, v in kept.items()}
     assert activations["none"] > activations["dots"] > activations["full"] > 0, activations
+
+
+def test_loop_remat_gives_the_same_gradients_and_keeps_only_the_loop_inputs(capsys):
+    """remat="loop": each LoopLM loop's pass through the blocks is recomputed in the
+    backward; what the backward keeps shrinks below the un-remat'd model's, and below
+    per-block "full" remat's (which keeps every block's input in every loop)."""
+    cfg = dataclasses.replace(TINY, n_layers=3, loops=3, mhc_streams=2,
+                              ternary_impl="fake_quant")
+    kept, results = {}, {}
+    for policy in ("none", "full", "loop"):
+        loss, params = _loss(dataclasses.replace(cfg, remat=policy))
+        results[policy] = jax.jit(jax.value_and_grad(loss))(params)
+        kept[policy] = _residual_bytes(loss, params, capsys=capsys)
+    np.testing.assert_allclose(results["loop"][0], results["none"][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results["loop"][1]), jax.tree.leaves(results["none"][1]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert kept["none"] > kept["full"] > kept["loop"], kept
+
+
+def test_the_cpu_schedule_sets_xlas_scheduler_flag_unless_the_user_did():
+    flag = step_lib.CPU_SCHEDULER_FLAG
+    assert step_lib.cpu_schedule_flags("memory", "") == f"{flag}=false"
+    assert step_lib.cpu_schedule_flags("concurrency", "--xla_foo=1") == f"--xla_foo=1 {flag}=true"
+    assert step_lib.cpu_schedule_flags("memory", f"{flag}=true") == f"{flag}=true"
+    with pytest.raises(ConfigError, match="training.cpu_schedule"):
+        step_lib.cpu_schedule_flags("fast", "")
 
 
 def test_bf16_compute_keeps_fp32_master_weights_gradients_and_loss():
