@@ -77,6 +77,9 @@ def get_config() -> config_dict.ConfigDict:
     # "concurrency" (XLA:CPU's default: overlaps independent ops, keeps far more buffers
     # live; e3_full's peak RSS 5.5 vs 4.2 GB at the same speed, BUILD.md). Ignored off CPU.
     c.training.cpu_schedule = "memory"
+    # "START,COUNT": a jax.profiler trace of train steps START .. START+COUNT-1 (1-based)
+    # into WORKDIR/profile (TensorBoard's profile plugin, Perfetto); "" = off
+    c.training.profile_steps = ""
     # MFU denominator, FLOP/s of ONE chip (MFU divides by it times the device count); None:
     # the device kind's bf16 datasheet rate (train/metrics.py CHIPS), measured on a CPU
     c.training.peak_flops = config_dict.placeholder(float)

@@ -9,12 +9,13 @@ does it when it decodes on a CPU with the kernel), instead of in every product.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 
 from nanochat_jax.model.transformer import is_block_kernel, path_names
-from nanochat_jax.ternary import cpu_kernel
+from nanochat_jax.ternary import cpu_kernel, kernel
 from nanochat_jax.ternary.packing import PackedTernary, pack, to_layout
 
 
@@ -39,12 +40,22 @@ def pack_params(params: dict) -> dict[str, Any]:
 
 
 def for_cpu(variables: dict) -> dict[str, Any]:
-    """Packed variables with every kernel's codes as CPU tiles when this process computes on
-    a CPU that has the native kernel (`cpu_kernel.available()`); unchanged otherwise."""
-    if jax.default_backend() != "cpu" or not cpu_kernel.available():
+    """Packed variables with every kernel's codes as CPU tiles when they will be computed on
+    a CPU that has the native kernel (the mesh in context, else the default backend, is a
+    CPU, and `cpu_kernel.available()`); unchanged otherwise. Abstract variables
+    (`jax.ShapeDtypeStruct`, for ahead-of-time compiles) get abstract tiles."""
+    found = kernel.target()
+    platform = found[0] if found else jax.default_backend()
+    if platform != "cpu" or not cpu_kernel.available():
         return variables
-    tiled = jax.tree.map(lambda p: jax.jit(to_layout, static_argnums=1)(p, "cpu_tiles"),
-                         variables["packed"], is_leaf=lambda x: isinstance(x, PackedTernary))
+
+    def tile(p: PackedTernary) -> PackedTernary:
+        to_tiles = functools.partial(to_layout, layout="cpu_tiles")
+        if isinstance(p.codes, jax.ShapeDtypeStruct):
+            return jax.eval_shape(to_tiles, p)
+        return jax.jit(to_tiles)(p)
+
+    tiled = jax.tree.map(tile, variables["packed"], is_leaf=lambda x: isinstance(x, PackedTernary))
     return {**variables, "packed": tiled}
 
 

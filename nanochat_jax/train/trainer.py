@@ -37,6 +37,7 @@ from nanochat_jax.ternary import kernel
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train import sharding as sharding_lib
 from nanochat_jax.train.checkpoint import Checkpointer, load_run
+from nanochat_jax.train.profile import StepProfiler, parse_steps
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import (
     StepShardings,
@@ -380,6 +381,7 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not main_process)
     note = bar.write if main_process else say  # tqdm.write prints even when disabled
+    profiler = StepProfiler(parse_steps(tc.profile_steps, tc.steps), workdir, say=note)
     step = start
     batches = Prefetcher(train_data, start, depth=dc.prefetch, sharding=shardings.batch)
     try:
@@ -391,7 +393,9 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
                     state = fire(state)
                     note(f"step {step}: FIRE re-initialised the hidden matrices "
                          f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
-                state, step_metrics = train_step(state, batch, *step_extra)
+                with profiler.annotate(step + 1):
+                    state, step_metrics = train_step(state, batch, *step_extra)
+                profiler.after(step + 1, (state, step_metrics))
                 step += 1
                 pending.append(step_metrics)
                 bar.update(1)
@@ -448,6 +452,7 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
             if ckpt.latest_step() != step and not int(state.consecutive_skips):
                 ckpt.save(step, state, meta(step))
     finally:
+        profiler.close()
         batches.close()
         bar.close()
         ckpt.close()

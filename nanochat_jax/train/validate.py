@@ -18,6 +18,7 @@ from nanochat_jax.data.tokenizer import BYTE_VOCAB
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model import config as model_config
 from nanochat_jax.optim.factory import OPTIMIZERS, SCHEDULES
+from nanochat_jax.train.profile import parse_steps
 from nanochat_jax.train.sharding import mesh_shape
 from nanochat_jax.train.step import build_objective, cpu_schedule_flags
 
@@ -49,6 +50,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None
         raise ConfigError(f"unknown optimizer.schedule {optimizer.schedule!r}: choose one of "
                           f"{', '.join(SCHEDULES)}")
     cpu_schedule_flags(training.cpu_schedule, "")  # refuses an unknown schedule
+    parse_steps(training.profile_steps, training.steps)
     if data.vocab_size < BYTE_VOCAB:
         raise ConfigError(f"data.vocab_size={data.vocab_size} is below {BYTE_VOCAB}, the "
                           f"tokenizer's special tokens plus 256 bytes: use {BYTE_VOCAB} for "

@@ -175,6 +175,33 @@ def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path
     assert float(isometry_error(state.params["embed"]["embedding"])) > 0.1
 
 
+def test_profile_steps_trace_exactly_those_steps_each_annotated(small_config, tmp_path,
+                                                                 capsys):
+    c = small_config
+    c.training.steps = 4
+    c.training.profile_steps = "2,2"
+    train(c, str(tmp_path))
+    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1
+    annotated = set()
+    for plane in jax.profiler.ProfileData.from_file(traces[0]).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name == "train":
+                    annotated.add(dict(event.stats)["step_num"])
+    assert annotated == {2, 3}
+    assert "profile of steps 2..3 written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", ["5", "a,b", "0,2", "3,5"])
+def test_bad_profile_steps_are_refused_before_any_work(small_config, tmp_path, setting):
+    small_config.training.steps = 6
+    small_config.training.profile_steps = setting
+    with pytest.raises(ConfigError, match="training.profile_steps"):
+        train(small_config, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
 @pytest.mark.slow
 def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_config, tmp_path,
                                                                tensorboard_events):
