@@ -61,7 +61,7 @@ def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
     else:
         baseline_lr = []
     runs = [(name, cfg, over + baseline_lr) for name, (cfg, over) in BASELINES.items()]
-    runs += [(name, name, []) for name in args.configs]
+    runs += [(config.replace(":", "_"), config, []) for config in args.configs]
     return [(name, cfg, common + over + extra) for name, cfg, over in runs]
 
 
@@ -281,9 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in args.configs
+    unknown = [c for c in args.configs  # NAME or NAME:VARIANT (e3_full:seed)
                if not os.path.exists(os.path.join(os.path.dirname(__file__), "configs",
-                                                  f"{c}.py"))]
+                                                  f"{c.partition(':')[0]}.py"))]
     if unknown:
         raise SystemExit(f"error: unknown config(s) {unknown}: see experiments/configs/")
     out = args.out or os.path.join("runs", f"benchmark_{args.model}")

@@ -43,3 +43,23 @@ def test_bad_arguments_fail_before_any_run(tmp_path):
         main(["--quick", "--configs=e3_nope", f"--out={tmp_path}"])
     with pytest.raises(SystemExit):
         main(["--quick", "--stepz=3", f"--out={tmp_path}"])
+
+
+def test_a_config_variant_is_an_arm_of_its_own():
+    """`--configs=e3_full:seed` runs the seed's E3 setting under its own name."""
+    import argparse
+
+    from experiments.benchmark import plan
+    from experiments.configs import e3_full
+
+    args = argparse.Namespace(steps=10, model="tiny", seq_len=128, batch=16, max_bytes=0,
+                              vocab=8192, evals=2, eval_batches=1, peak=1e9,
+                              configs=["e3_full", "e3_full:seed"])
+    runs = {name: config for name, config, _ in plan(args, [])}
+    assert runs["e3_full"] == "e3_full" and runs["e3_full_seed"] == "e3_full:seed"
+    seed, ours = e3_full.get_config("seed"), e3_full.get_config()
+    assert (seed.mtp.depth, seed.collider.keep_ratio) == (3, 0.5)
+    assert (ours.mtp.depth, ours.collider.keep_ratio) == (1, 0.7)
+    assert not seed.loop.enabled and not seed.mhc.enabled and ours.loop.enabled
+    with pytest.raises(ValueError, match="variant"):
+        e3_full.get_config("nope")

@@ -4,12 +4,20 @@ token filtering (keep 70% by loss), trained by GaLore 2 with an 8-bit Muon inner
 the hidden matrices and AdamW on the rest.
 
 Larger runs: `--config.model.preset=125m --config.model.seq_len=1024 ...` (see BUILD.md).
+
+`--config=e3_full:seed` is the seed's own E3 setting for comparison: multi-token prediction
+of 4 future tokens (the next token plus 3 sequential MTP modules) and Collider keeping 0.5
+of the tokens, without LoopLM and mHC; the optimizer and everything else as below.
 """
 
 from experiments.configs import e3_galore2_muon_8bit, tiny_rust
 
+VARIANTS = ("seed",)
 
-def get_config():
+
+def get_config(variant: str | None = None):
+    if variant not in (None, "", *VARIANTS):
+        raise ValueError(f"unknown e3_full variant {variant!r}: choose one of {VARIANTS}")
     c = tiny_rust.get_config()
     c.optimizer = e3_galore2_muon_8bit.get_config().optimizer
     c.optimizer.adam_lr = 3e-3  # the tiny model's AdamW rate (embedding, head, norms, gates)
@@ -28,4 +36,10 @@ def get_config():
     c.training.steps = 300
     c.training.eval_every = 50
     c.checkpoint.every = 100
+    if variant == "seed":
+        c.mtp.depth = 3
+        c.collider.keep_ratio = 0.5
+        c.loop.enabled = False
+        c.mhc.enabled = False
+        c.model.remat = "none"  # the loop remat has no loops to reach
     return c

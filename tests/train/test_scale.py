@@ -15,8 +15,8 @@ from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import Objective
 from nanochat_jax.model.config import model_config
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train import step as step_lib
+from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import make_train_step
 from nanochat_jax.train.trainer import train
 
