@@ -12,6 +12,17 @@ length, steps, evaluation schedule and one measured matmul peak for MFU. Any fur
 raw numbers and the machine; `DIR/report.md` the table (ratios against the dense AdamW run),
 the seed's claims next to what was measured, and three plots (`loss_vs_tokens.png`,
 `loss_vs_wall.png`, `memory.png`).
+
+    python -m experiments.benchmark --quick --sweep=lr [--lrs=0.5,1,2] [--seeds=3]
+
+`--sweep=lr` first trains every arm at each multiple in `--lrs` of that arm's own
+`optimizer.lr` (the Muon-family rate for the Muon/GaLore arms, the AdamW/Lion rate for the
+others; the hybrids' AdamW-branch `adam_lr` stays fixed), keeps each arm's rate with the
+lowest final validation CE, and reruns that rate with `training.seed` 1 .. `--seeds` - 1.
+The table then shows each arm at its best rate, the report adds the grid (table and
+`sweep_lr.png`) and the winners' mean +- std over seeds, and says for each arm whether its
+CE is better or worse than dense AdamW's beyond one standard deviation of both, or within
+noise.
 """
 
 from __future__ import annotations
@@ -63,6 +74,41 @@ def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
     runs = [(name, cfg, over + baseline_lr) for name, (cfg, over) in BASELINES.items()]
     runs += [(config.replace(":", "_"), config, []) for config in args.configs]
     return [(name, cfg, common + over + extra) for name, cfg, over in runs]
+
+
+LR_FLAG = "--config.optimizer.lr="
+SEED_FLAG = "--config.training.seed="
+
+
+def centre_lr(config: str, overrides: list[str]) -> float:
+    """The arm's own `optimizer.lr`: the last override of it, else its config's value."""
+    for item in reversed(overrides):
+        if item.startswith(LR_FLAG):
+            return float(item[len(LR_FLAG):])
+    from experiments.run import load_config
+
+    return float(load_config(config).optimizer.lr)
+
+
+def lr_grid(runs: list[tuple[str, str, list[str]]], multiples: list[float]
+            ) -> list[tuple[str, str, list[str], str, float]]:
+    """(run name, config, overrides, arm, lr) for every arm at every multiple of its rate."""
+    grid = []
+    for arm, config, overrides in runs:
+        centre = centre_lr(config, overrides)
+        for m in multiples:
+            lr = float(f"{centre * m:.4g}")
+            grid.append((f"{arm}_lr{lr:g}", config, [*overrides, f"{LR_FLAG}{lr:g}"], arm, lr))
+    return grid
+
+
+def noise_verdict(mean: float, std: float, base_mean: float, base_std: float) -> str:
+    """Lower CE is better; a difference counts only beyond one standard deviation of both."""
+    if mean + std < base_mean - base_std:
+        return "better"
+    if mean - std > base_mean + base_std:
+        return "worse"
+    return "within noise"
 
 
 def run_one(name: str, config: str, overrides: list[str], out: str) -> dict:
@@ -183,6 +229,54 @@ def plots(results: list[dict], tokens_per_step: int, out: str) -> list[str]:
     return names + ["memory.png"]
 
 
+def sweep_section(results: list[dict], info: dict) -> list[str]:
+    """The learning-rate grid and the winners over seeds, with noise-aware verdicts."""
+    sweep = info["sweep"]
+    lines = ["", "## Learning-rate sweep", "",
+             f"Each arm at {', '.join(f'{m:g}' for m in sweep['multiples'])} x its own "
+             f"`optimizer.lr`; final validation CE (the best per arm in bold). Then the best "
+             f"rate again with seeds 1..{sweep['seeds'] - 1}: mean +- std over "
+             f"{sweep['seeds']} seeds.", "", "| arm | " + " | ".join(
+                 f"x{m:g}" for m in sweep["multiples"]) + " |",
+             "|---|" + "---|" * len(sweep["multiples"])]
+    for arm, points in sweep["grid"].items():
+        best = min(points, key=lambda p: p["val_ce"])
+        cells = [f"**{p['lr']:g}: {p['val_ce']:.3f}**" if p is best else
+                 f"{p['lr']:g}: {p['val_ce']:.3f}" for p in points]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    base = sweep["winners"][BASELINE]
+    lines += ["", "![validation CE vs learning rate](sweep_lr.png)", "",
+              f"| arm | best lr | val CE mean +- std ({sweep['seeds']} seeds) | vs dense AdamW |",
+              "|---|---|---|---|"]
+    for arm, w in sweep["winners"].items():
+        verdict = ("-" if arm == BASELINE else
+                   noise_verdict(w["mean"], w["std"], base["mean"], base["std"]))
+        lines.append(f"| {arm} | {w['lr']:g} | {w['mean']:.3f} +- {w['std']:.3f} | {verdict} |")
+    return lines
+
+
+def sweep_plot(sweep: dict, out: str) -> str:
+    """sweep_lr.png: final validation CE against the learning rate, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, points in sweep["grid"].items():
+        ax.plot([p["lr"] for p in points], [p["val_ce"] for p in points], marker="o", ms=4,
+                label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer.lr")
+    ax.set_ylabel("final validation CE (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sweep_lr.png"), dpi=120)
+    plt.close(fig)
+    return "sweep_lr.png"
+
+
 def report(results: list[dict], info: dict, out: str) -> str:
     """report.md: the table, the claims, the plots."""
     tps_step = info["tokens_per_step"]
@@ -247,11 +341,34 @@ def report(results: list[dict], info: dict, out: str) -> str:
             + (f"{', '.join(filtered)} includes Collider's filtered backward (keep 0.7) among "
                "its other features; `python -m experiments.bench_collider` times the backward "
                "alone |" if filtered else "no Collider run here |")]
+    if info.get("sweep"):
+        lines += sweep_section(results, info)
     lines += ["", "![validation loss vs tokens](loss_vs_tokens.png)", "",
               "![validation loss vs wall time](loss_vs_wall.png)", "",
               "![memory](memory.png)", "", "Commands (each run's log is in `logs/`):", ""]
     lines += [f"- {r['name']}: `python {r['command']}`" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def _sweep(runs, multiples: list[float], seeds: int, train):
+    """Grid, winners, seeds. -> (each arm's best-rate seed-0 run, the sweep's record)."""
+    grid: dict[str, list[dict]] = {}
+    best: dict[str, tuple[dict, list[str], str]] = {}
+    for name, config, overrides, arm, lr in lr_grid(runs, multiples):
+        r = train(name, config, overrides)
+        grid.setdefault(arm, []).append({"lr": lr, "val_ce": r["val_ce"], "run": name})
+        if arm not in best or r["val_ce"] < best[arm][0]["val_ce"]:
+            best[arm] = (r, overrides, config)
+    winners, results = {}, []
+    for arm, (r, overrides, config) in best.items():
+        ces = [r["val_ce"]] + [
+            train(f"{r['name']}_seed{s}", config, [*overrides, f"{SEED_FLAG}{s}"])["val_ce"]
+            for s in range(1, seeds)]
+        lr = next(p["lr"] for p in grid[arm] if p["run"] == r["name"])
+        winners[arm] = {"lr": lr, "val_ce": ces, "mean": float(np.mean(ces)),
+                        "std": float(np.std(ces, ddof=1)) if len(ces) > 1 else 0.0}
+        results.append({**r, "name": arm, "lr": lr})
+    return results, {"multiples": multiples, "seeds": seeds, "grid": grid, "winners": winners}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,6 +388,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_batches", type=int, default=4)
     parser.add_argument("--out", default=None, help="report directory (default "
                         "runs/benchmark_<model>)")
+    parser.add_argument("--sweep", default="", choices=["", "lr"],
+                        help="lr: each arm over --lrs x its own optimizer.lr, the best rerun "
+                        "with --seeds seeds")
+    parser.add_argument("--lrs", default="0.5,1,2",
+                        help="with --sweep=lr: multiples of each arm's optimizer.lr")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="with --sweep=lr: seeds for each arm's best rate (>= 1)")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
@@ -286,6 +410,12 @@ def main(argv: list[str] | None = None) -> None:
                                                   f"{c.partition(':')[0]}.py"))]
     if unknown:
         raise SystemExit(f"error: unknown config(s) {unknown}: see experiments/configs/")
+    try:
+        multiples = [float(m) for m in args.lrs.split(",") if m]
+    except ValueError:
+        parser.error(f"--lrs={args.lrs}: expected comma-separated numbers, e.g. 0.5,1,2")
+    if args.sweep and (not multiples or min(multiples) <= 0 or args.seeds < 1):
+        parser.error("--sweep=lr needs positive --lrs multiples and --seeds >= 1")
     out = args.out or os.path.join("runs", f"benchmark_{args.model}")
     if os.path.exists(os.path.join(out, "results.json")):
         raise SystemExit(f"error: {out} already holds a benchmark; choose another --out")
@@ -295,19 +425,27 @@ def main(argv: list[str] | None = None) -> None:
 
     args.peak = measure_peak_flops()
     runs = plan(args, extra)
-    results = []
-    for i, (name, config, overrides) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {name} (--config={config}) ...", flush=True)
-        results.append(run_one(name, config, overrides, out))
-        r = results[-1]
+    count = iter(range(1, 10**6))
+
+    def train(name: str, config: str, overrides: list[str]) -> dict:
+        print(f"[{next(count)}] {name} (--config={config}) ...", flush=True)
+        r = run_one(name, config, overrides, out)
         print(f"    val CE {r['val_ce']:.3f}, {r['tokens_per_sec']:,.0f} tokens/s, "
               f"{r['wall_s']:.0f} s", flush=True)
+        return r
+
     info = {"mode": "quick" if args.quick else "full", "model": args.model,
             "steps": args.steps, "tokens_per_step": args.batch * args.seq_len,
             "vocab": args.vocab, "peak": args.peak, "machine": machine(), "extra": extra}
+    if args.sweep == "lr":
+        results, info["sweep"] = _sweep(runs, multiples, args.seeds, train)
+    else:
+        results = [train(name, config, overrides) for name, config, overrides in runs]
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({**info, "runs": results}, f, indent=1)
     plots(results, info["tokens_per_step"], out)
+    if args.sweep == "lr":
+        sweep_plot(info["sweep"], out)
     text = report(results, info, out)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

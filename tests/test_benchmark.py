@@ -63,3 +63,42 @@ def test_a_config_variant_is_an_arm_of_its_own():
     assert not seed.loop.enabled and not seed.mhc.enabled and ours.loop.enabled
     with pytest.raises(ValueError, match="variant"):
         e3_full.get_config("nope")
+
+
+def test_lr_grid_centres_each_arm_on_its_own_rate_and_verdicts_respect_noise():
+    from experiments.benchmark import lr_grid, noise_verdict
+
+    runs = [("adamw_dense", "base", ["--config.optimizer.lr=3e-3"]),
+            ("e3_muon", "e3_muon", [])]  # e3_muon's own optimizer.lr: 0.02
+    grid = lr_grid(runs, [0.5, 1, 2])
+    assert [(arm, lr) for _, _, _, arm, lr in grid] == [
+        ("adamw_dense", 0.0015), ("adamw_dense", 0.003), ("adamw_dense", 0.006),
+        ("e3_muon", 0.01), ("e3_muon", 0.02), ("e3_muon", 0.04)]
+    name, config, overrides, _, _ = grid[3]
+    assert (name, config, overrides[-1]) == ("e3_muon_lr0.01", "e3_muon",
+                                             "--config.optimizer.lr=0.01")
+    assert noise_verdict(5.0, 0.05, 5.5, 0.05) == "better"
+    assert noise_verdict(5.7, 0.05, 5.5, 0.05) == "worse"
+    assert noise_verdict(5.45, 0.05, 5.5, 0.05) == "within noise"
+
+
+@pytest.mark.slow
+def test_lr_sweep_reports_the_grid_and_the_winners_over_seeds(tmp_path):
+    out = tmp_path / "sweep"
+    main(["--quick", "--steps=2", "--evals=1", "--eval_batches=1", "--configs=e3_muon_8bit",
+          "--vocab=1024", "--max_bytes=2000000", f"--out={out}", "--config.model.n_layers=1",
+          "--sweep=lr", "--lrs=0.5,1", "--seeds=2"])
+    results = json.loads((out / "results.json").read_text())
+    arms = [*BASELINES, "e3_muon_8bit"]
+    assert [r["name"] for r in results["runs"]] == arms
+    sweep = results["sweep"]
+    assert list(sweep["grid"]) == arms and all(len(p) == 2 for p in sweep["grid"].values())
+    for arm, w in sweep["winners"].items():
+        best = min(sweep["grid"][arm], key=lambda p: p["val_ce"])
+        assert w["lr"] == best["lr"] and w["val_ce"][0] == best["val_ce"]
+        assert len(w["val_ce"]) == 2 and w["std"] >= 0
+    report = (out / "report.md").read_text()
+    assert "## Learning-rate sweep" in report and "| x0.5 | x1 |" in report
+    assert sum(v in report for v in ("better", "worse", "within noise")) >= 1
+    assert (out / "sweep_lr.png").read_bytes()[:8] == PNG and "(sweep_lr.png)" in report
+    assert len(list((out / "runs").iterdir())) == 3 * 2 + 3  # the grid, then one more seed
