@@ -44,13 +44,11 @@ def for_cpu(variables: dict) -> dict[str, Any]:
     a CPU that has the native kernel (the mesh in context, else the default backend, is a
     CPU, and `cpu_kernel.available()`); unchanged otherwise. Abstract variables
     (`jax.ShapeDtypeStruct`, for ahead-of-time compiles) get abstract tiles."""
-    found = kernel.target()
-    platform = found[0] if found else jax.default_backend()
-    if platform != "cpu" or not cpu_kernel.available():
+    if kernel.target_platform() != "cpu" or not cpu_kernel.available():
         return variables
+    to_tiles = functools.partial(to_layout, layout="cpu_tiles")
 
     def tile(p: PackedTernary) -> PackedTernary:
-        to_tiles = functools.partial(to_layout, layout="cpu_tiles")
         if isinstance(p.codes, jax.ShapeDtypeStruct):
             return jax.eval_shape(to_tiles, p)
         return jax.jit(to_tiles)(p)

@@ -231,6 +231,13 @@ def target() -> tuple[str, str] | None:
     return device.platform, device.device_kind
 
 
+def target_platform() -> str:
+    """The platform being compiled for: the mesh in context's (`target`), else the default
+    backend's."""
+    found = target()
+    return found[0] if found else jax.default_backend()
+
+
 def _device_kind(platform: str) -> str:
     """The device kind the tuning cache is keyed by, for a kernel lowered for `platform`."""
     found = target()
@@ -360,8 +367,7 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
         raise ValueError(f"unknown ternary matmul impl {impl!r}: choose one of {IMPLS}")
     if impl != "auto":
         return impl
-    found = target()
-    platform = platform or (found[0] if found else jax.default_backend())
+    platform = platform or target_platform()
     return "pallas" if platform in TILINGS else "reference"
 
 
@@ -429,8 +435,7 @@ def ternary_matmul(x: jax.Array, w: PackedTernary, *, impl: str = "auto",
     if x.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"ternary_matmul wants x [M, {w.shape[0]}], got {x.shape}")
     k, n = w.shape
-    found = target()
-    on_cpu = (found[0] if found else jax.default_backend()) == "cpu"  # GPU/TPU hosts: no build
+    on_cpu = target_platform() == "cpu"  # GPU/TPU hosts never build the CPU kernel
     native = x.dtype == jnp.int8 and on_cpu and cpu_kernel.available()
     if w.layout == "cpu_tiles":
         if impl not in ("auto", "reference"):
