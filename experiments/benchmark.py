@@ -45,6 +45,8 @@ BASELINES = {BASELINE: ("base", ["--config.model.ternary=False"]),
 # The tiny model's rates (the E3 configs' defaults are for 125m): what e3_full sets
 TINY_RATES = ["--config.optimizer.adam_lr=3e-3", "--config.optimizer.galore_rank=32",
               "--config.optimizer.galore_update_every=50"]
+# Arms whose own rate is set for 125m against AdamW's 1.5e-3: rescaled to tiny's AdamW 3e-3
+TINY_ARM_RATES = {"e3_lion": ["--config.optimizer.lr=6e-4"]}  # Lion: AdamW's / 5, as e3_lion
 CLAIMS = (
     ("2-3x faster training", "tokens/s against dense AdamW"),
     ("50-80% less memory", "parameter + optimizer-state bytes and peak memory against dense "
@@ -72,7 +74,9 @@ def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
     else:
         baseline_lr = []
     runs = [(name, cfg, over + baseline_lr) for name, (cfg, over) in BASELINES.items()]
-    runs += [(config.replace(":", "_"), config, []) for config in args.configs]
+    runs += [(config.replace(":", "_"), config,
+              TINY_ARM_RATES.get(config, []) if args.model == "tiny" else [])
+             for config in args.configs]
     return [(name, cfg, common + over + extra) for name, cfg, over in runs]
 
 
@@ -80,25 +84,54 @@ LR_FLAG = "--config.optimizer.lr="
 SEED_FLAG = "--config.training.seed="
 
 
+LOOP_FLAG = "--config.loop.enabled="
+
+
+def _last_override(overrides: list[str], flag: str) -> str | None:
+    return next((item[len(flag):] for item in reversed(overrides) if item.startswith(flag)),
+                None)
+
+
 def centre_lr(config: str, overrides: list[str]) -> float:
     """The arm's own `optimizer.lr`: the last override of it, else its config's value."""
-    for item in reversed(overrides):
-        if item.startswith(LR_FLAG):
-            return float(item[len(LR_FLAG):])
+    lr = _last_override(overrides, LR_FLAG)
+    if lr is not None:
+        return float(lr)
     from experiments.run import load_config
 
     return float(load_config(config).optimizer.lr)
 
 
+def is_looped(config: str, overrides: list[str]) -> bool:
+    """Whether the arm runs LoopLM (`loop.enabled`), from its overrides or its config."""
+    enabled = _last_override(overrides, LOOP_FLAG)
+    if enabled is None:
+        from experiments.run import load_config
+
+        return bool(load_config(config).loop.enabled)
+    return enabled.lower() in ("true", "1")
+
+
+def arm_multiples(config: str, overrides: list[str], multiples: list[float]) -> list[float]:
+    """The multiples of the arm's rate it is swept over: `multiples`, and for a looped arm
+    (LoopLM) one more below the smallest (half of it): Ouro trains looped models at smaller
+    rates than plain ones, so the grid reaches lower there."""
+    if is_looped(config, overrides):
+        return sorted({min(multiples) / 2, *multiples})
+    return sorted(multiples)
+
+
 def lr_grid(runs: list[tuple[str, str, list[str]]], multiples: list[float]
-            ) -> list[tuple[str, str, list[str], str, float]]:
-    """(run name, config, overrides, arm, lr) for every arm at every multiple of its rate."""
+            ) -> list[tuple[str, str, list[str], str, float, float]]:
+    """(run name, config, overrides, arm, multiple, lr) for every arm at every multiple of its
+    own rate (`arm_multiples`)."""
     grid = []
     for arm, config, overrides in runs:
         centre = centre_lr(config, overrides)
-        for m in multiples:
+        for m in arm_multiples(config, overrides, multiples):
             lr = float(f"{centre * m:.4g}")
-            grid.append((f"{arm}_lr{lr:g}", config, [*overrides, f"{LR_FLAG}{lr:g}"], arm, lr))
+            grid.append((f"{arm}_lr{lr:g}", config, [*overrides, f"{LR_FLAG}{lr:g}"], arm, m,
+                         lr))
     return grid
 
 
@@ -154,7 +187,21 @@ def summarise(name: str, config: str, rows: list[dict], wall: float, peak_rss: i
         "evals": [{"step": r["step"], "ce": r["eval/ce"], "bpb": r["eval/bpb"],
                    "wall_s": r.get("training/wall_s")} for r in evals],
         "train_loss": [[r["step"], r["loss/total"]] for r in rows if "loss/total" in r],
+        "loop": loop_use(logs),
     }
+
+
+def loop_use(logs: list[dict]) -> dict | None:
+    """Whether a LoopLM run uses its loops, from its last logged training step: the CE after
+    each loop (`loop/ce/stepN`), their spread (first minus last: what the extra loops buy) and
+    the exit distribution's mean step and entropy. None for a run without loops."""
+    last = next((r for r in reversed(logs) if "loop/ce/step1" in r), None)
+    if last is None:
+        return None
+    ce = [last[f"loop/ce/step{i}"] for i in range(1, 100) if f"loop/ce/step{i}" in last]
+    return {"step": last["step"], "ce_per_loop": ce, "spread": ce[0] - ce[-1],
+            "mean_exit_step": last["loop/mean_exit_step"],
+            "exit_entropy": last["loop/exit_entropy"]}
 
 
 def step_times(result: dict, tokens_per_step: int) -> dict:
@@ -232,17 +279,22 @@ def plots(results: list[dict], tokens_per_step: int, out: str) -> list[str]:
 def sweep_section(results: list[dict], info: dict) -> list[str]:
     """The learning-rate grid and the winners over seeds, with noise-aware verdicts."""
     sweep = info["sweep"]
+    columns = sorted({p["multiple"] for points in sweep["grid"].values() for p in points})
     lines = ["", "## Learning-rate sweep", "",
              f"Each arm at {', '.join(f'{m:g}' for m in sweep['multiples'])} x its own "
              f"`optimizer.lr`; final validation CE (the best per arm in bold). Then the best "
              f"rate again with seeds 1..{sweep['seeds'] - 1}: mean +- std over "
-             f"{sweep['seeds']} seeds.", "", "| arm | " + " | ".join(
-                 f"x{m:g}" for m in sweep["multiples"]) + " |",
-             "|---|" + "---|" * len(sweep["multiples"])]
+             f"{sweep['seeds']} seeds. Looped arms (LoopLM) also run at half the smallest "
+             f"multiple: Ouro trains looped models at smaller rates.", "",
+             "| arm | " + " | ".join(f"x{m:g}" for m in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for arm, points in sweep["grid"].items():
         best = min(points, key=lambda p: p["val_ce"])
-        cells = [f"**{p['lr']:g}: {p['val_ce']:.3f}**" if p is best else
-                 f"{p['lr']:g}: {p['val_ce']:.3f}" for p in points]
+        by_multiple = {p["multiple"]: p for p in points}
+        cells = ["-" if m not in by_multiple else
+                 f"**{by_multiple[m]['lr']:g}: {by_multiple[m]['val_ce']:.3f}**"
+                 if by_multiple[m] is best else
+                 f"{by_multiple[m]['lr']:g}: {by_multiple[m]['val_ce']:.3f}" for m in columns]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     base = sweep["winners"][BASELINE]
     lines += ["", "![validation CE vs learning rate](sweep_lr.png)", "",
@@ -252,6 +304,29 @@ def sweep_section(results: list[dict], info: dict) -> list[str]:
         verdict = ("-" if arm == BASELINE else
                    noise_verdict(w["mean"], w["std"], base["mean"], base["std"]))
         lines.append(f"| {arm} | {w['lr']:g} | {w['mean']:.3f} +- {w['std']:.3f} | {verdict} |")
+    return lines
+
+
+def loop_section(results: list[dict]) -> list[str]:
+    """For each LoopLM run: validation CE, the training CE after each loop and the exit
+    distribution at its last logged step. Loops that are used lower the CE from one to the
+    next and pull the mean exit step off 1."""
+    looped = [r for r in results if r.get("loop")]
+    if not looped:
+        return []
+    lines = ["", "## LoopLM: are the extra loops used?", "",
+             "Training CE after each loop at the last logged step (the exit gate's expected "
+             "loss is what trains), the spread first loop - last loop, and the exit "
+             "distribution's mean step and entropy (nats).", "",
+             "| run | lr | val CE | CE per loop | spread | mean exit step | exit entropy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in looped:
+        use = r["loop"]
+        lr = f"{r['lr']:g}" if "lr" in r else "-"
+        lines.append(f"| {r['name']} | {lr} | {r['val_ce']:.3f} | "
+                     f"{' / '.join(f'{c:.3f}' for c in use['ce_per_loop'])} | "
+                     f"{use['spread']:+.3f} | {use['mean_exit_step']:.2f} of "
+                     f"{len(use['ce_per_loop'])} | {use['exit_entropy']:.2f} |")
     return lines
 
 
@@ -343,6 +418,7 @@ def report(results: list[dict], info: dict, out: str) -> str:
                "alone |" if filtered else "no Collider run here |")]
     if info.get("sweep"):
         lines += sweep_section(results, info)
+    lines += loop_section(results)
     lines += ["", "![validation loss vs tokens](loss_vs_tokens.png)", "",
               "![validation loss vs wall time](loss_vs_wall.png)", "",
               "![memory](memory.png)", "", "Commands (each run's log is in `logs/`):", ""]
@@ -354,9 +430,10 @@ def _sweep(runs, multiples: list[float], seeds: int, train):
     """Grid, winners, seeds. -> (each arm's best-rate seed-0 run, the sweep's record)."""
     grid: dict[str, list[dict]] = {}
     best: dict[str, tuple[dict, list[str], str]] = {}
-    for name, config, overrides, arm, lr in lr_grid(runs, multiples):
+    for name, config, overrides, arm, multiple, lr in lr_grid(runs, multiples):
         r = train(name, config, overrides)
-        grid.setdefault(arm, []).append({"lr": lr, "val_ce": r["val_ce"], "run": name})
+        grid.setdefault(arm, []).append({"multiple": multiple, "lr": lr, "val_ce": r["val_ce"],
+                                         "run": name, "loop": r["loop"]})
         if arm not in best or r["val_ce"] < best[arm][0]["val_ce"]:
             best[arm] = (r, overrides, config)
     winners, results = {}, []

@@ -61,12 +61,13 @@ def _rewrite_argv(argv: list[str]) -> tuple[list[str], str]:
 
 
 def load_config(name_or_path: str):
-    """The ConfigDict of a config NAME or file path (what `--config` accepts)."""
-    path = resolve_config_arg(name_or_path).partition(":")[0]
+    """The ConfigDict of a config NAME, NAME:VARIANT or file path (what `--config` accepts);
+    a variant is passed to `get_config` as ml_collections' config_flags does."""
+    path, sep, variant = resolve_config_arg(name_or_path).partition(":")
     spec = importlib.util.spec_from_file_location("_run_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(variant) if sep else module.get_config()
 
 
 def apply_overrides(config, items: list[str]):

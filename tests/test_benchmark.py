@@ -66,20 +66,38 @@ def test_a_config_variant_is_an_arm_of_its_own():
 
 
 def test_lr_grid_centres_each_arm_on_its_own_rate_and_verdicts_respect_noise():
-    from experiments.benchmark import lr_grid, noise_verdict
+    from experiments.benchmark import is_looped, lr_grid, noise_verdict
 
     runs = [("adamw_dense", "base", ["--config.optimizer.lr=3e-3"]),
-            ("e3_muon", "e3_muon", [])]  # e3_muon's own optimizer.lr: 0.02
+            ("e3_muon", "e3_muon", []),  # e3_muon's own optimizer.lr: 0.02
+            ("looped", "e3_muon", ["--config.loop.enabled=True"])]
     grid = lr_grid(runs, [0.5, 1, 2])
-    assert [(arm, lr) for _, _, _, arm, lr in grid] == [
+    assert [(arm, lr) for _, _, _, arm, _, lr in grid] == [
         ("adamw_dense", 0.0015), ("adamw_dense", 0.003), ("adamw_dense", 0.006),
-        ("e3_muon", 0.01), ("e3_muon", 0.02), ("e3_muon", 0.04)]
-    name, config, overrides, _, _ = grid[3]
+        ("e3_muon", 0.01), ("e3_muon", 0.02), ("e3_muon", 0.04),
+        # LoopLM reaches one step lower (Ouro: looped models want smaller rates)
+        ("looped", 0.005), ("looped", 0.01), ("looped", 0.02), ("looped", 0.04)]
+    assert [m for *_, arm, m, _ in grid if arm == "looped"] == [0.25, 0.5, 1, 2]
+    assert is_looped("e3_full", []) and not is_looped("e3_full:seed", [])  # read from configs
+    name, config, overrides, *_ = grid[3]
     assert (name, config, overrides[-1]) == ("e3_muon_lr0.01", "e3_muon",
                                              "--config.optimizer.lr=0.01")
     assert noise_verdict(5.0, 0.05, 5.5, 0.05) == "better"
     assert noise_verdict(5.7, 0.05, 5.5, 0.05) == "worse"
     assert noise_verdict(5.45, 0.05, 5.5, 0.05) == "within noise"
+
+
+def test_loop_use_reads_per_loop_ce_and_the_exit_distribution_from_the_last_log():
+    from experiments.benchmark import loop_use
+
+    logs = [{"step": 10, "loop/ce/step1": 7.0, "loop/ce/step2": 6.9,
+             "loop/mean_exit_step": 1.9, "loop/exit_entropy": 0.3},
+            {"step": 20, "loop/ce/step1": 6.5, "loop/ce/step2": 6.0,
+             "loop/mean_exit_step": 1.7, "loop/exit_entropy": 0.6}]
+    use = loop_use(logs)
+    assert use["step"] == 20 and use["ce_per_loop"] == [6.5, 6.0]
+    assert use["spread"] == pytest.approx(0.5) and use["mean_exit_step"] == 1.7
+    assert loop_use([{"step": 20, "loss/total": 6.0}]) is None  # no loops, nothing to say
 
 
 @pytest.mark.slow
