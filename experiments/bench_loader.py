@@ -19,12 +19,12 @@ import jax
 
 from experiments.run import load_config
 from nanochat_jax.data.loader import Prefetcher
+from nanochat_jax.data.pipeline import open_data
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import build_objective, make_train_step
-from nanochat_jax.train.trainer import open_data
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments.benchmark import BASELINES, CLAIMS, main
@@ -120,3 +121,38 @@ def test_lr_sweep_reports_the_grid_and_the_winners_over_seeds(tmp_path):
     assert sum(v in report for v in ("better", "worse", "within noise")) >= 1
     assert (out / "sweep_lr.png").read_bytes()[:8] == PNG and "(sweep_lr.png)" in report
     assert len(list((out / "runs").iterdir())) == 3 * 2 + 3  # the grid, then one more seed
+
+
+def _seed_run(name, finals, walls):
+    """A seed's summary: evaluations at steps 0, 50, 100 with these CEs and wall times."""
+    return {"name": name, "val_ce": finals[-1], "wall_s": walls[-1], "tokens_per_sec": 1.0,
+            "evals": [{"step": 50 * i, "ce": c, "bpb": 0.0, "wall_s": w}
+                      for i, (c, w) in enumerate(zip(finals, walls, strict=True))]}
+
+
+def test_time_to_dense_and_the_claims_are_judged_on_the_error_bars():
+    from experiments.benchmark import claim_verdicts, headline_section, time_to_dense, winner_record
+
+    dense = [_seed_run("d", [9.0, 6.5, 6.0], [0, 50, 100]),
+             _seed_run("d1", [9.0, 6.5, 6.2], [0, 52, 104])]  # target: mean 6.1
+    muon = [_seed_run("m", [9.0, 6.0, 5.5], [0, 40, 80]),  # reaches 6.1 at the middle eval
+            _seed_run("m1", [9.0, 6.05, 5.6], [0, 42, 84])]
+    info = {"tokens_per_step": 10, "evals": 2, "model": "tiny", "sweep": {"winners": {
+        "adamw_dense": winner_record(3e-3, dense), "e3_muon": winner_record(0.02, muon)}}}
+    reach = time_to_dense(info)
+    assert reach["adamw_dense"]["target"] == pytest.approx(6.1)
+    assert reach["adamw_dense"]["reached"] == 1  # seed d1 ends above the mean
+    r = reach["e3_muon"]
+    assert r["reached"] == 2 and r["seconds"][0] == pytest.approx(41)
+    assert r["speedup"][0] == pytest.approx(np.mean([102 / 40, 102 / 42]))
+    assert r["token_ratio"] == (0.5, 0.0)  # 500 of dense's 1,000 tokens
+    assert "| e3_muon | 2/2 | 41 +- 1 |" in "\n".join(headline_section(info))
+    results = [{"name": "adamw_dense", "config": "base", "params_bytes": 100,
+                "opt_state_bytes": 200},
+               {"name": "e3_muon", "config": "e3_muon", "params_bytes": 100,
+                "opt_state_bytes": 150}]
+    text = "\n".join(claim_verdicts(results, info))
+    # 2.49 +- 0.08x: faster beyond the error bars, 2x beyond them too
+    assert "Held: e3_muon is at least 2x faster" in text
+    assert "Held: e3_muon need(s) at least 15% fewer tokens" in text
+    assert "Did not hold at this size: at most 17% (e3_muon)" in text  # 1 - 250 / 300

@@ -113,7 +113,7 @@ def test_runner_trains_and_writes_its_workdir(tmp_path):
     (["nanochat_jax.export.hf", "--checkpoint=/no/run", "--out=OUT"], "no checkpoints in"),
     (["nanochat_jax.eval", "--checkpoint=/no/run"], "no checkpoints in /no/run"),
     (["nanochat_jax.infer.chat", "--checkpoint=/no/run", "--prompt=fn"], "no checkpoints in"),
-    (["nanochat_jax.optim.fire", "--workdir=/no/run", "--out=OUT"], "no checkpoints in"),
+    (["nanochat_jax.train.fire", "--workdir=/no/run", "--out=OUT"], "no checkpoints in"),
     (["nanochat_jax.data.corpus", "--source=/no/such", "--out=OUT"],
      "data source '/no/such' is not a named source"),
 ])
@@ -145,7 +145,7 @@ def test_resuming_with_another_tokenizer_is_refused_from_the_sidecar(trained_run
 def test_an_altered_data_shard_is_named_before_the_model_is_built(tmp_path):
     from experiments.configs import tiny
     from nanochat_jax.data import corpus as corpus_lib
-    from nanochat_jax.train.trainer import corpus_spec
+    from nanochat_jax.data.pipeline import corpus_spec
 
     config = tiny.get_config()
     config.data.max_bytes = 300_000

@@ -163,6 +163,17 @@ def get_config() -> config_dict.ConfigDict:
     # ablation that separates the selection's effect from Collider's backward approximation
     c.collider.sparse_backward = True
 
+    # train/trackers.py: Weights & Biases beside metrics.jsonl and TensorBoard (same tags);
+    # the run id is kept in the checkpoint sidecar so a resumed run continues its W&B run.
+    # mode: auto (online when the W&B server answers, else offline) | online | offline |
+    # disabled. name "": the workdir's name; entity "": your default entity.
+    c.logging = config_dict.ConfigDict()
+    c.logging.wandb = False
+    c.logging.project = "nanochat-jax"
+    c.logging.entity = ""
+    c.logging.name = ""
+    c.logging.mode = "auto"
+
     # train/checkpoint.py
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 500

@@ -14,13 +14,14 @@ import json
 
 import jax.numpy as jnp
 
+from nanochat_jax.data.pipeline import open_data
 from nanochat_jax.errors import CheckpointError
 from nanochat_jax.infer.load import add_checkpoint_flags
 from nanochat_jax.model.config import from_run_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.checkpoint import load_run
 from nanochat_jax.train.step import make_eval_step
-from nanochat_jax.train.trainer import evaluate, open_data
+from nanochat_jax.train.trainer import evaluate
 
 
 def evaluate_bpb(workdir: str, step: int | None = None, batches: int | None = None

@@ -9,19 +9,24 @@ parallel worker threads (each check is a subprocess).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
 from nanochat_jax.data.tokenizer import BPETokenizer
-from nanochat_jax.errors import EvalError
-from nanochat_jax.eval.grpo import Generate
+from nanochat_jax.errors import ConfigError, EvalError
+from nanochat_jax.eval import rust
 from nanochat_jax.eval.passk import mean_pass_at_k
 from nanochat_jax.eval.rust import Problem, RustResult, check_compiles, run_tests
 from nanochat_jax.infer.engine import Engine, Generation
+from nanochat_jax.model.transformer import Transformer
+
+# text-level generation: (prompts, n, temperature) -> n completions per prompt
+Generate = Callable[[list[str], int, float], list[list[str]]]
 
 
 class Sampler:
@@ -88,18 +93,21 @@ def verify_all(problems: Sequence[Problem], completions: Sequence[Sequence[str]]
         return [[f.result() for f in fs] for fs in futures]
 
 
-def evaluate_code(sampler: Generate, problems: Sequence[Problem], *, samples: int = 1,
-                  temperature: float = 0.0, tests: bool = True) -> dict[str, float]:
-    """`sampler` (a Sampler, or any such function) -> {'eval/compile_rate',
-    'eval/pass_rate' (with tests), 'eval/pass_at_k' (pass@k; k in 1, 5, 10 up to `samples`),
-    'eval/code_seconds'} of `samples` completions per problem."""
+def generate_completions(sampler: Generate, problems: Sequence[Problem], *, samples: int = 1,
+                         temperature: float = 0.0) -> list[list[str]]:
+    """`samples` raw completions (uncut) of each problem's prompt."""
     if not problems:
-        raise EvalError("evaluate_code needs at least one problem")
+        raise EvalError("code evaluation needs at least one problem")
     if samples > 1 and temperature == 0:
         raise EvalError("several samples per problem need temperature > 0 (greedy repeats "
                         "one completion)")
-    start = time.monotonic()
-    completions = sampler([p.prompt for p in problems], samples, temperature)
+    return sampler([p.prompt for p in problems], samples, temperature)
+
+
+def score_completions(problems: Sequence[Problem], completions: Sequence[Sequence[str]], *,
+                      tests: bool = True) -> dict[str, float]:
+    """Raw completions (n per problem, the same n for all) -> {'eval/compile_rate',
+    'eval/pass_rate' (with tests), 'eval/pass_at_k' (pass@k; k in 1, 5, 10 up to n)}."""
     results = verify_all(problems, completions, tests=tests)
     metrics = {"eval/compile_rate": statistics.fmean(
         compiled.compiles for rs in results for compiled, _ in rs)}
@@ -107,7 +115,89 @@ def evaluate_code(sampler: Generate, problems: Sequence[Problem], *, samples: in
         passed = {p.task_id: [tested is not None and tested.passed for _, tested in rs]
                   for p, rs in zip(problems, results, strict=True)}
         metrics["eval/pass_rate"] = statistics.fmean(x for ps in passed.values() for x in ps)
+        samples = len(completions[0])
         ks = [k for k in (1, 5, 10) if k <= samples]
         metrics.update({f"eval/pass_at_{k}": v for k, v in mean_pass_at_k(passed, ks).items()})
+    return metrics
+
+
+def evaluate_code(sampler: Generate, problems: Sequence[Problem], *, samples: int = 1,
+                  temperature: float = 0.0, tests: bool = True) -> dict[str, float]:
+    """`sampler` (a Sampler, or any such function) -> `score_completions`' metrics of
+    `samples` completions per problem, and 'eval/code_seconds'."""
+    start = time.monotonic()
+    completions = generate_completions(sampler, problems, samples=samples,
+                                       temperature=temperature)
+    metrics = score_completions(problems, completions, tests=tests)
     metrics["eval/code_seconds"] = time.monotonic() - start
     return metrics
+
+
+def save_generations(path: str, problems: Sequence[Problem],
+                     completions: Sequence[Sequence[str]], **about) -> None:
+    """One JSON line per completion: task_id, sample index, the raw completion (uncut, so a
+    later re-score may cut differently) and `about` (checkpoint, step, temperature, ...)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for problem, texts in zip(problems, completions, strict=True):
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"task_id": problem.task_id, "sample": i,
+                                    "completion": text, **about}) + "\n")
+
+
+def load_generations(path: str, problems: Sequence[Problem]) -> list[list[str]]:
+    """The completions of `save_generations`' file, ordered as `problems`; every problem
+    must have the same number of samples and every task_id must be one of `problems`."""
+    if not os.path.isfile(path):
+        raise EvalError(f"generations file {path} does not exist")
+    by_task: dict[str, dict[int, str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                by_task.setdefault(row["task_id"], {})[int(row["sample"])] = row["completion"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise EvalError(f"{path}:{n}: expected a JSON object with task_id, sample and "
+                                f"completion ({type(e).__name__}: {e})") from None
+    ids = {p.task_id for p in problems}
+    unknown, missing = sorted(set(by_task) - ids), sorted(ids - set(by_task))
+    if unknown or missing:
+        raise EvalError(f"{path} does not match the problem set: "
+                        + "; ".join(f"{what} {names[:5]}{' ...' if len(names) > 5 else ''}"
+                                    for what, names in (("not in the set:", unknown),
+                                                        ("without generations:", missing))
+                                    if names)
+                        + " (use the --problems the generations were made for)")
+    counts = {len(v) for v in by_task.values()}
+    if len(counts) != 1:
+        raise EvalError(f"{path}: problems have different numbers of samples {sorted(counts)}")
+    return [[by_task[p.task_id][i] for i in sorted(by_task[p.task_id])] for p in problems]
+
+
+def training_evaluator(config):
+    """The trainer's periodic code evaluation for a run config (`train(config, workdir,
+    code_evaluator=...)`): (model, tokenizer) -> (params -> the code metrics of greedy
+    completions of `training.code_eval_problems`, default the builtin set). None when
+    `training.code_eval_every` is 0. rustc and the problem file are checked here, before the
+    run starts."""
+    training = config.training
+    if not training.code_eval_every:
+        return None
+    if not rust.rustc_available():
+        raise ConfigError(f"training.code_eval_every={training.code_eval_every} needs rustc: "
+                          f"{rust.INSTALL_HINT}; or set training.code_eval_every=0")
+    problems = rust.load_problems(training.code_eval_problems or "builtin")
+
+    def build(model: Transformer, tokenizer: BPETokenizer):
+        engine = Engine(model, {})  # variables are set per call: one compilation serves all
+        sampler = Sampler(engine, tokenizer, max_new_tokens=training.code_eval_max_new_tokens)
+
+        def evaluate(params) -> dict[str, float]:
+            engine.variables = {"params": params}
+            return evaluate_code(sampler, problems)
+
+        return evaluate
+
+    return build
+

@@ -51,9 +51,11 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 
 from nanochat_jax.errors import EvalError
-from nanochat_jax.eval.rust import Problem, RustResult, run_tests
+from nanochat_jax.eval.code import Generate, Sampler
+from nanochat_jax.eval.rust import PROBLEM_SETS, Problem, RustResult, load_problems, run_tests
+from nanochat_jax.infer.engine import Engine
+from nanochat_jax.infer.load import add_checkpoint_flags, load
 
-Generate = Callable[[list[str], int, float], list[list[str]]]
 Verify = Callable[[Problem, str], RustResult]
 
 HEADER = "Lessons from earlier attempts:\n"
@@ -477,17 +479,13 @@ def _progress(epoch: int, n: int, total: int, problem: Problem, group: list[Roll
 
 def main(argv: list[str] | None = None) -> None:
     """Run training-free GRPO epochs with a trained run as the policy."""
-    from nanochat_jax.eval.code import Sampler
-    from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems
-    from nanochat_jax.infer.engine import Engine
-    from nanochat_jax.infer.load import add_checkpoint_flags, load
-
     parser = argparse.ArgumentParser(description="Training-free GRPO on Rust problems")
     add_checkpoint_flags(parser)
     parser.add_argument("--library", required=True,
                         help="experience library JSON: resumed if it exists, saved every epoch")
-    parser.add_argument("--problems", default=str(BUILTIN_PROBLEMS),
-                        help="JSONL problem file (ours, MultiPL-E or HumanEval-Rust format)")
+    parser.add_argument("--problems", default="builtin",
+                        help=f"JSONL problem file (ours, MultiPL-E or HumanEval-Rust format) "
+                        f"or a set's name: {', '.join(PROBLEM_SETS)}")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--group_size", type=int, default=5)
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -498,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         loaded = load(args.checkpoint, args.step)
-        problems = load_problems(args.problems)
+        problems = load_problems(args.problems, say=print)
         library = (ExperienceLibrary.load(args.library) if os.path.exists(args.library)
                    else ExperienceLibrary())
         sampler = Sampler(Engine(loaded.model, loaded.variables), loaded.tokenizer,

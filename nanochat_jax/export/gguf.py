@@ -33,7 +33,8 @@ import numpy as np
 
 from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, BPETokenizer
 from nanochat_jax.errors import ExportError, NanochatError
-from nanochat_jax.infer.load import add_checkpoint_flags
+from nanochat_jax.infer.engine import Engine, Generation
+from nanochat_jax.infer.load import add_checkpoint_flags, load
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
 
@@ -183,8 +184,6 @@ def write(path: str, cfg: ModelConfig, params: dict, tokenizer: BPETokenizer, qt
 
 def export(workdir: str, out: str, type_name: str, step: int | None = None) -> dict:
     """Write `workdir`'s checkpoint (default: latest) to `out`; a summary of the file."""
-    from nanochat_jax.infer.load import load
-
     if type_name not in TYPES:
         raise ExportError(f"unknown --type {type_name!r}: choose one of {', '.join(TYPES)}")
     if os.path.exists(out):
@@ -221,8 +220,6 @@ def compare(path: str, model, variables: dict, ids: list[int], new_tokens: int =
             llm=None) -> dict:
     """llama.cpp running the file vs our model on prompt `ids`: max |logit difference| over
     the prompt's positions, argmax agreement, and both greedy continuations."""
-    from nanochat_jax.infer.engine import Engine, Generation
-
     if len(ids) + new_tokens > model.cfg.seq_len:
         raise ExportError(f"prompt ({len(ids)} tokens) + {new_tokens} new tokens exceeds the "
                           f"context {model.cfg.seq_len}")
@@ -248,8 +245,6 @@ def check(path: str, workdir: str, prompt: str, new_tokens: int = 32,
           step: int | None = None) -> dict:
     """`compare` for an exported run on a text prompt, tokenised by llama.cpp (which must
     agree with our tokenizer)."""
-    from nanochat_jax.infer.load import load
-
     run = load(workdir, step)
     llm = _llama(path, run.cfg.seq_len)
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=False)

@@ -12,16 +12,18 @@ import os
 from typing import Any
 
 from nanochat_jax.data import corpus as corpus_lib
+from nanochat_jax.data.pipeline import corpus_spec
 from nanochat_jax.data.tokenizer import FILENAME, BPETokenizer
 from nanochat_jax.errors import CheckpointError
 from nanochat_jax.model.config import ModelConfig, from_run_config
 from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.train.checkpoint import load_run
 
 
-def add_checkpoint_flags(parser) -> None:
+def add_checkpoint_flags(parser, required: bool = True) -> None:
     """`--checkpoint` and `--step`, taken by every command that reads a trained run."""
-    parser.add_argument("--checkpoint", required=True, help="the run's workdir")
+    parser.add_argument("--checkpoint", required=required, help="the run's workdir")
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
 
 
@@ -42,9 +44,6 @@ def load(workdir: str, step: int | None = None, *, packed: bool = False,
     """Load `workdir`'s checkpoint at `step` (default: latest). `packed` converts the ternary
     kernels to 2-bit I2 once; `ternary_impl` overrides how BitLinear computes (e.g.
     "fake_quant" for latent weights without repacking them every call)."""
-    from nanochat_jax.train.checkpoint import load_run
-    from nanochat_jax.train.trainer import corpus_spec
-
     config, state, meta = load_run(workdir, step)
     cfg = from_run_config(config)
     if ternary_impl is not None:

@@ -1,6 +1,6 @@
 """Model hyper-parameters and the size presets (the model zoo).
 
-`python -m nanochat_jax.model.zoo` prints every preset with its sizes and the run that
+`python -m experiments.zoo` prints every preset with its sizes and the run that
 trains it.
 """
 
@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nanochat_jax.errors import ConfigError
+from nanochat_jax.ternary.fp4 import Backward
 
 TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
 MTP_KINDS = ("sequential", "parallel")
@@ -126,8 +127,6 @@ class ModelConfig:
     @property
     def fp4(self):
         """The FP4 backward of the dense linear layers (None: full precision)."""
-        from nanochat_jax.ternary.fp4 import Backward
-
         return None if self.fp4_backward == "none" else Backward(self.fp4_backward,
                                                                   self.fp4_hadamard)
 
@@ -193,19 +192,3 @@ def from_run_config(config: Mapping[str, Any]) -> ModelConfig:
         fields.update(mhc_streams=mhc["streams"], mhc_sinkhorn_iters=mhc["sinkhorn_iters"],
                       mhc_dynamic=mhc["dynamic"])
     return model_config(fields.pop("preset"), **fields)
-
-
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by `jax.eval_shape` of `init`: total, embedding/head, and the rest."""
-    import jax
-    import jax.numpy as jnp
-
-    from nanochat_jax.model.transformer import Transformer
-
-    model = Transformer(cfg)
-    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
-    total = sum(int(x.size) for x in jax.tree.leaves(shapes))
-    embed = sum(int(x.size) for k, v in shapes.items() if k in ("embed", "lm_head")
-                for x in jax.tree.leaves(v))
-    return {"total": total, "embedding": embed, "non_embedding": total - embed}

@@ -240,3 +240,14 @@ class Transformer(nn.Module):
             logits = jnp.dot(at_last, self._head().astype(at_last.dtype))  # [B, V]
             drafts.append(greedy_tokens(logits))
         return jnp.stack(drafts, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by `jax.eval_shape` of `init`: total, embedding/head, and the rest."""
+    model = Transformer(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+    total = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    embed = sum(int(x.size) for k, v in shapes.items() if k in ("embed", "lm_head")
+                for x in jax.tree.leaves(v))
+    return {"total": total, "embedding": embed, "non_embedding": total - embed}

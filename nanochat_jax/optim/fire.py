@@ -37,18 +37,12 @@ k = 12, so lower the LR for a while if you FIRE an Adam run with a large b2. Muo
 is orthogonalised, so its scale does not depend on the momentum's. GaLore's projectors are
 kept (see `reset_moments`).
 
-    python -m nanochat_jax.optim.fire --workdir=RUN --out=NEW [--step=N] [--iters=30]
-
-restores RUN's latest (or step N) checkpoint, applies FIRE, and saves it at the same step
-in NEW/checkpoints; `python -m experiments.run --config=... --workdir=NEW` (the same config,
-more steps) then resumes from it.
+`python -m nanochat_jax.train.fire --workdir=RUN --out=NEW` applies it to a run's
+checkpoint (train/fire.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -163,63 +157,3 @@ def apply_fire(state: Any, iters: int = ITERS, select: Select = is_block_kernel)
     """
     return state.replace(params=fire_params(state.params, select, iters),
                          opt_state=reset_moments(state.opt_state, state.params, select))
-
-
-def fire_checkpoint(workdir: str, out: str, step: int | None = None, iters: int = ITERS
-                    ) -> dict[str, Any]:
-    """Apply FIRE to a run's checkpoint and save it, at the same step, as a new run in `out`.
-
-    Returns a summary: the step, the number of re-initialised leaves and the largest
-    isometry error (see `isometry_error`) among them.
-    """
-    from nanochat_jax.errors import CheckpointError
-    from nanochat_jax.train.checkpoint import Checkpointer, load_run
-
-    dst_dir = os.path.join(out, "checkpoints")
-    if os.path.isdir(dst_dir) and os.listdir(dst_dir):
-        raise CheckpointError(f"{dst_dir} already holds checkpoints; choose a new --out")
-    config, state, meta = load_run(workdir, step)
-    step = meta["step"]
-
-    fired = jax.jit(apply_fire, static_argnames=("iters", "select"))(state, iters=iters)
-    errors = [float(isometry_error(x)) for path, x in
-              jax.tree_util.tree_flatten_with_path(fired.params)[0] if is_block_kernel(path, x)]
-    meta = {**meta, "fire": {"iters": iters, "from": os.path.abspath(workdir), "step": step}}
-    dst = Checkpointer(dst_dir, config.checkpoint.every, config.checkpoint.max_to_keep)
-    try:
-        dst.save(step, fired, meta)
-    finally:
-        dst.close()
-    return {"step": step, "leaves": len(errors), "max_isometry_error": max(errors, default=0.0)}
-
-
-def command_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="FIRE a run's checkpoint into a new workdir "
-                                            "(SPECS §7; see the module docstring).")
-    p.add_argument("--workdir", required=True, help="the run whose checkpoint to read")
-    p.add_argument("--out", required=True, help="new workdir to write the FIRE'd checkpoint to")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--iters", type=int, default=ITERS, help="Newton-Schulz iterations")
-    return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    a = command_parser().parse_args(argv)
-    from nanochat_jax.errors import NanochatError
-
-    try:
-        s = fire_checkpoint(a.workdir, a.out, a.step, a.iters)
-    except NanochatError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"FIRE ({a.iters} iterations) on {a.workdir} step {s['step']}: {s['leaves']} "
-          f"matrices re-initialised, max |G - (d_out/d_in) I| = {s['max_isometry_error']:.2e}; "
-          f"their optimizer moments reset")
-    if s["max_isometry_error"] > 1e-3:
-        print(f"note: not yet an isometry after {a.iters} iterations (small singular values "
-              f"grow ~1.5x per iteration); raise --iters (square matrices need ~50)")
-    print(f"wrote {os.path.join(a.out, 'checkpoints', str(s['step']))}; train with "
-          f"--workdir={a.out} to continue from it")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,6 +1,5 @@
-"""Parameter and optimizer-state bytes of a run config, without allocating anything.
-
-    python -m nanochat_jax.optim.memory --config=e3_muon_8bit [--preset=1b]
+"""Parameter and optimizer-state bytes of a run config, without allocating anything
+(`python -m experiments.memory_at_size` prints them per arm and preset).
 
 Shapes come from `jax.eval_shape` of the model init and the optimizer init. Optimizer bytes
 are split by the partition groups the composition uses (e.g. muon / adam) when it has them.
@@ -8,7 +7,7 @@ are split by the partition groups the composition uses (e.g. muon / adam) when i
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,12 @@ import jax.numpy as jnp
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
-from nanochat_jax.train.metrics import tree_bytes
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the array leaves of a pytree."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+               if hasattr(x, "dtype"))
 
 
 def _partition_groups(state) -> dict[str, int]:
@@ -56,28 +60,3 @@ def state_memory(config) -> dict:
     opt = tree_bytes(state)
     return {"params": n, "params_bytes": tree_bytes(params), "opt_state_bytes": opt,
             "bytes_per_param": opt / n, "groups": _partition_groups(state)}
-
-
-def main() -> None:
-    from experiments.run import load_config
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="e3_muon", help="config NAME(s), comma-separated")
-    p.add_argument("--preset", default=None, help="model preset(s), comma-separated")
-    a = p.parse_args()
-    print("| config | optimizer | preset | params | param bytes | opt-state bytes | "
-          "opt bytes/param | groups |\n|---|---|---|---|---|---|---|---|")
-    for name in a.config.split(","):
-        config = load_config(name)
-        for preset in (a.preset.split(",") if a.preset else [config.model.preset]):
-            config.model.preset = preset
-            config.model.vocab_size = max(config.model.vocab_size, config.data.vocab_size)
-            m = state_memory(config)
-            groups = ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in m["groups"].items())
-            print(f"| {name} | {config.optimizer.name} | {preset} | {m['params']:,} | "
-                  f"{m['params_bytes']:,} | {m['opt_state_bytes']:,} | "
-                  f"{m['bytes_per_param']:.3f} | {groups} |", flush=True)
-
-
-if __name__ == "__main__":
-    main()

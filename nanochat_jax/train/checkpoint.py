@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
 
 from nanochat_jax.errors import CheckpointError
+from nanochat_jax.train.sharding import path_name
+from nanochat_jax.train.state import abstract_train_state
 
 FORMAT = 2  # 2: TrainState with skip counters, checksums in the sidecar; 1: neither
 _COUNTERS = ("skipped_steps", "consecutive_skips")
@@ -53,8 +56,6 @@ def _checksums(tree: Any) -> Any:
 
 def checksums(tree: Any) -> dict[str, list[int]]:
     """{leaf path: [sum, weighted sum]} of a pytree of arrays (one device call)."""
-    from nanochat_jax.train.sharding import path_name
-
     sums = jax.device_get(_checksums(tree))
     return {path_name(p): [int(v) for v in np.asarray(s)]
             for p, s in jax.tree_util.tree_flatten_with_path(sums)[0]}
@@ -96,6 +97,13 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         """Whether the save policy asks for a checkpoint after `step`."""
         return self.manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process of a multi-process job has agreed to stop after `step`: JAX's
+        preemption sync point, reached on all hosts at the same step once any host got
+        SIGTERM (orbax's multihost check; False in a single process). Call it after every
+        step on every process."""
+        return self.manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Start an async save of `state` at `step`, with the state's checksums in `meta`."""
@@ -219,10 +227,6 @@ def load_run(workdir: str, step: int | None = None, *, say: Callable[[str], None
     """(run config, TrainState, meta) of a run's checkpoint at `step` (default: the newest
     intact one; damaged newer steps are reported through `say` and left in place), rebuilt
     from the config saved with it."""
-    from ml_collections import ConfigDict
-
-    from nanochat_jax.train.state import abstract_train_state
-
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoints in {workdir}: train a run there first")

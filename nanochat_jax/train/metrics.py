@@ -7,7 +7,6 @@ import json
 import math
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,12 @@ class MetricWriter:
     for TensorBoard the event file opens with tensorboardX's `purge_step`, which hides the
     same events."""
 
-    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0,
+                 sinks: tuple = ()):
+        """`sinks`: further writers with `write(step, scalars)` and `close()` (train/
+        trackers.py's WandbSink) that get every row too."""
         self.enabled = enabled
+        self.sinks = sinks
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -41,17 +44,22 @@ class MetricWriter:
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: float(v) for k, v in scalars.items()}}
+        values = {k: float(v) for k, v in scalars.items()}
+        row = {"step": step, **values}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         for tag, value in scalars.items():
             self._tb.add_scalar(tag, float(value), step)
+        for sink in self.sinks:
+            sink.write(step, values)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._jsonl.close()
         self._tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _rewind(path: str, step: int) -> None:
@@ -70,12 +78,6 @@ def _rewind(path: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-
-
-def tree_bytes(tree: Any) -> int:
-    """Total bytes of the array leaves of a pytree."""
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "dtype"))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

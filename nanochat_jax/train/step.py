@@ -23,6 +23,7 @@ from nanochat_jax.losses import Objective, chunked_cross_entropy, lm_objective
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.ternary import kernel
+from nanochat_jax.train import sharding
 from nanochat_jax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -43,8 +44,6 @@ class StepShardings:
     @classmethod
     def on(cls, mesh: jax.sharding.Mesh, state: TrainState, reference_params=None):
         """The shardings of a state (and reference params) already placed on `mesh`."""
-        from nanochat_jax.train import sharding
-
         shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
         return cls(state=shardings_of(state), batch=sharding.batch_sharding(mesh),
                    reference=shardings_of(reference_params),

@@ -26,16 +26,18 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from nanochat_jax.data import corpus as corpus_lib
 from nanochat_jax.data.loader import BatchSource, Prefetcher, to_device
+from nanochat_jax.data.pipeline import corpus_spec, open_data
 from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import apply_fire
+from nanochat_jax.optim.memory import tree_bytes
 from nanochat_jax.ternary import kernel
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train import sharding as sharding_lib
+from nanochat_jax.train import trackers
 from nanochat_jax.train.checkpoint import Checkpointer, load_run
 from nanochat_jax.train.profile import StepProfiler, parse_steps
 from nanochat_jax.train.state import init_train_state
@@ -50,14 +52,19 @@ from nanochat_jax.train.validate import check_workdir, validate
 
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps. In a multi-process
+    job SIGTERM is left to JAX's preemption notifier (the coordination service tells every
+    process, and `Checkpointer.reached_preemption` stops them all at the same step): a
+    per-process flag would stop only the signalled host and leave the others waiting in a
+    collective."""
 
-    def __init__(self):
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
         self.signal = None
+        self.signals = signals
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -126,44 +133,6 @@ def _load_reference(workdir: str, data_identity: dict):
                           f"{ref_meta['data']['tokenizer']}, this run {data_identity['tokenizer']}"
                           f": excess loss needs the same tokens")
     return Transformer(model_config.from_run_config(ref_config)), ref_state.params
-
-
-def corpus_spec(config: ml_collections.ConfigDict) -> corpus_lib.BuildSpec:
-    """The corpus a run's `data` group asks for."""
-    dc = config.data
-    return corpus_lib.BuildSpec(
-        source=dc.source, extensions=tuple(dc.extensions), max_file_bytes=dc.max_file_bytes,
-        val_fraction=dc.val_fraction, max_bytes=dc.max_bytes, vocab_size=dc.vocab_size)
-
-
-def open_data(config: ml_collections.ConfigDict, seq_len: int,
-              say: Callable[[str], None] = print):
-    """Open (building if needed) and verify the corpus (every shard against its manifest
-    hash); the train and validation batch sources."""
-    dc = config.data
-    spec = corpus_spec(config)
-    if dc.corpus_dir and os.path.exists(os.path.join(dc.corpus_dir, corpus_lib.MANIFEST)):
-        corpus = corpus_lib.Corpus.open(dc.corpus_dir)
-        built = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in corpus.manifest["spec"].items()}
-        wanted = dataclasses.asdict(spec)
-        diff = {k: (built[k], wanted[k]) for k in wanted if built.get(k) != wanted[k]}
-        if diff:
-            raise ConfigError(f"data.corpus_dir={dc.corpus_dir} was built with other settings "
-                              f"(built, configured): {diff}; set the data.* fields to match "
-                              f"or use another corpus_dir")
-    else:
-        corpus = corpus_lib.ensure(spec, dc.corpus_dir)
-    started = time.perf_counter()
-    checked = corpus.verify()
-    say(f"data: {checked['shards']} shards ({checked['bytes'] / 1e6:,.1f} MB) match their "
-        f"manifest hashes ({time.perf_counter() - started:.2f} s)")
-    tok = corpus.tokenizer
-    train = BatchSource(corpus.shards("train"), tok.bos_id, dc.batch_size, seq_len,
-                        config.training.seed, shuffle=True, name="train")
-    val = BatchSource(corpus.shards("val"), tok.bos_id, dc.batch_size, seq_len,
-                      config.training.seed, shuffle=False, name="validation")
-    return corpus, train, val
 
 
 class _Throughput:
@@ -245,49 +214,42 @@ def evaluate(eval_step, params, batches: BatchSource, n_batches: int,
             "eval/bpb": ce_text / (math.log(2) * max(n_bytes, 1.0))}
 
 
-def _code_evaluator(config: ml_collections.ConfigDict, model: Transformer, tokenizer):
-    """params -> the code metrics of greedy completions (eval/code.py); None when off."""
-    tc = config.training
-    if not tc.get("code_eval_every"):
-        return None
-    from nanochat_jax.eval import code, rust
-    from nanochat_jax.infer.engine import Engine
-
-    if jax.process_count() > 1:
-        raise ConfigError("training.code_eval_every runs on a single process; in a "
-                          "multi-host run set it to 0 and evaluate checkpoints with "
-                          "`python -m nanochat_jax.eval --checkpoint=WORKDIR`")
-    if not rust.rustc_available():
-        raise ConfigError(f"training.code_eval_every={tc.code_eval_every} needs rustc: "
-                          f"{rust.INSTALL_HINT}; or set training.code_eval_every=0")
-    problems = rust.load_problems(tc.code_eval_problems or rust.BUILTIN_PROBLEMS)
-    engine = Engine(model, {})  # the variables are set per call: one compilation serves all
-    sampler = code.Sampler(engine, tokenizer, max_new_tokens=tc.code_eval_max_new_tokens)
-
-    def evaluate_code(params) -> dict[str, float]:
-        engine.variables = {"params": params}
-        return code.evaluate_code(sampler, problems)
-
-    return evaluate_code
+CodeEvaluator = Callable[[Transformer, Any], Callable[[Any], dict[str, float]]]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          code_evaluator: CodeEvaluator | None = None) -> dict[str, Any]:
     """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics.
-    Every process of a multi-host job runs this; only process 0 prints and writes metrics."""
+    Every process of a multi-host job runs this; only process 0 prints and writes metrics.
+
+    `code_evaluator` (model, tokenizer) -> (params -> metrics) runs every
+    `training.code_eval_every` steps: `nanochat_jax.eval.code.training_evaluator(config)`,
+    which `experiments.run` builds (the trainer does not depend on eval/ or infer/)."""
     if "distributed" in config:
         sharding_lib.initialize_distributed(config.distributed)
     started = time.perf_counter()  # training/wall_s: seconds since the call, start-up in
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *_, **__: None)
     mcfg = validate(config)  # every cross-group check, before anything has side effects
+    every = config.training.code_eval_every
+    if every and code_evaluator is None:
+        raise ConfigError(f"training.code_eval_every={every} needs a code evaluator: "
+                          f"experiments.run builds it; from Python call train(config, workdir, "
+                          f"code_evaluator=nanochat_jax.eval.code.training_evaluator(config))")
+    if every and jax.process_count() > 1:
+        raise ConfigError("training.code_eval_every runs on a single process; in a "
+                          "multi-host run set it to 0 and evaluate checkpoints with "
+                          "`python -m nanochat_jax.eval --checkpoint=WORKDIR`")
     check_workdir(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     with jax.set_mesh(mesh):  # every step is traced for this mesh's devices and shards
-        return _train_on(mesh, config, workdir, mcfg, started, say)
+        return _train_on(mesh, config, workdir, mcfg, started, say,
+                         code_evaluator if every else None)
 
 
 def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdir: str,
-              mcfg: model_config.ModelConfig, started: float, say) -> dict[str, Any]:
+              mcfg: model_config.ModelConfig, started: float, say,
+              code_evaluator: CodeEvaluator | None) -> dict[str, Any]:
     """`train` once the mesh is made and set."""
     main_process = jax.process_index() == 0
     tc, dc = config.training, config.data
@@ -317,18 +279,23 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
         f"process(es)")
     ckpt = Checkpointer(checkpoints, config.checkpoint.every, config.checkpoint.max_to_keep)
 
+    restored_sidecar: dict = {}
+
     def like_for(saved: dict):
         _check_resumable(saved, config, mcfg, workdir)
         _check_same_data(saved, data_identity, workdir)
+        restored_sidecar.clear()
+        restored_sidecar.update(saved)
         return state
 
     found = ckpt.restore_newest(like_for, say=say, set_aside=True)
     if found is not None:
         state = found[1]
         say(f"resumed from {workdir} at step {found[0]}")
+    tracker_ids: dict = {}  # set with the writer below; saved in every sidecar
 
     def meta(step: int) -> dict:
-        return {"config": config.to_dict(), "step": step,
+        return {"config": config.to_dict(), "step": step, "trackers": tracker_ids,
                 "data": {**data_identity, "batches_consumed": step, "seed": tc.seed}}
 
     oc = config.optimizer
@@ -357,9 +324,9 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
     peak, peak_source = metrics_lib.peak_flops_per_chip(tc.peak_flops)
     flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
-    memory = {"memory/params_bytes": metrics_lib.tree_bytes(state.params),
-              "memory/opt_state_bytes": metrics_lib.tree_bytes(state.opt_state)}
-    code_eval = _code_evaluator(config, model, tokenizer)
+    memory = {"memory/params_bytes": tree_bytes(state.params),
+              "memory/opt_state_bytes": tree_bytes(state.opt_state)}
+    code_eval = None if code_evaluator is None else code_evaluator(model, tokenizer)
     say(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
         f"{n_params:,} params; optimizer {config.optimizer.name}; "
         f"peak {peak / 1e9:,.1f} GFLOP/s per chip ({peak_source}) x {jax.device_count()}")
@@ -371,7 +338,13 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
             f"{where}, forward exact: simulated on {jax.devices()[0].device_kind} "
             f"(ternary/fp4.py; native scaled FP4 matmuls need a Blackwell GPU)")
     start = int(state.step)
-    writer = metrics_lib.MetricWriter(workdir, enabled=main_process, resume_step=start)
+    sinks = ()
+    if config.logging.wandb and main_process:  # the resumed run's W&B run continues
+        sinks = (trackers.WandbSink(config.logging, workdir, config.to_dict(),
+                                    restored_sidecar.get("trackers", {}).get("wandb_id"), say),)
+        tracker_ids["wandb_id"] = sinks[0].run_id
+    writer = metrics_lib.MetricWriter(workdir, enabled=main_process, resume_step=start,
+                                      sinks=sinks)
     skips = _SkipWatch(tc.max_consecutive_skips)
     summary: dict[str, Any] = {"start_step": start, "interrupted": False}
     if start == 0:
@@ -385,8 +358,11 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     step = start
     batches = Prefetcher(train_data, start, depth=dc.prefetch, sharding=shardings.batch)
     try:
-        with _StopFlag() as stop:
-            while step < tc.steps and stop.signal is None:
+        preempted = False  # every process agreed to stop (multi-process SIGTERM)
+        signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGINT,
+                                                                    signal.SIGTERM)
+        with _StopFlag(signals) as stop:
+            while step < tc.steps and stop.signal is None and not preempted:
                 batch_step, batch = next(batches)
                 assert batch_step == step, (batch_step, step)
                 if step == oc.fire_step:  # a data boundary: re-initialise once (SPECS §7)
@@ -397,6 +373,7 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
                     state, step_metrics = train_step(state, batch, *step_extra)
                 profiler.after(step + 1, (state, step_metrics))
                 step += 1
+                preempted = ckpt.reached_preemption(step)  # the same answer on every host
                 pending.append(step_metrics)
                 bar.update(1)
                 if step == start + 1:  # keep compilation out of the throughput numbers
@@ -445,10 +422,12 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
                     else:
                         ckpt.save(step, state, meta(step))
                     clock.restart(step)  # the save waited for the step to finish
-            if stop.signal is not None:
+            if stop.signal is not None or preempted:
                 summary["interrupted"] = True
-                note(f"{stop.signal} received: stopped at step {step}; re-run the same "
-                     f"command to resume")
+                why = (stop.signal if stop.signal is not None
+                       else "SIGTERM (preemption, agreed by every process)")
+                note(f"{why} received: stopped at step {step}; re-run the same command to "
+                     f"resume")
             if ckpt.latest_step() != step and not int(state.consecutive_skips):
                 ckpt.save(step, state, meta(step))
     finally:

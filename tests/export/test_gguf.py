@@ -7,7 +7,6 @@ import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from nanochat_jax.data.tokenizer import train_tokenizer
@@ -18,18 +17,10 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.ternary import quant
 
 Q = gguf.GGMLQuantizationType
-RUST = ["fn main() {\n    let mut v: Vec<u32> = Vec::new();\n    v.push(1);\n}\n",
-        "impl Default for Config {\n    fn default() -> Self {\n        Self { n: 0 }\n    }\n}\n",
-        "pub struct Config {\n    pub n: usize,\n}\n// a comment with 'quotes' and 123\n"] * 20
 # every ternary layer's input a multiple of 256 (TQ blocks); the vocabulary padded past the
 # tokenizer's 300 ids, as the presets pad theirs
 CFG = ModelConfig(vocab_size=320, seq_len=64, d_model=256, n_layers=2, n_heads=2,
                   n_kv_heads=1, d_ff=512, tie_embeddings=True, ffn_activation="silu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(iter(RUST), 300)
 
 
 def _params(cfg=CFG, seed=0):
@@ -142,11 +133,12 @@ def test_what_llama_cpp_cannot_compute_is_refused(tokenizer, tmp_path, change, t
     assert message in str(e.value)
 
 
-def test_narrow_models_export_as_f16_and_byte_tokenizers_are_refused(tokenizer, tmp_path):
+def test_narrow_models_export_as_f16_and_byte_tokenizers_are_refused(tokenizer, tmp_path,
+                                                                      rust_texts):
     cfg = dataclasses.replace(CFG, d_model=128, d_ff=384, n_heads=2)
     write(str(tmp_path / "narrow.gguf"), cfg, _params(cfg), tokenizer, Q.F16)
     with pytest.raises(ExportError, match="tokenizer without BPE merges"):
-        write(str(tmp_path / "bytes.gguf"), CFG, _params(), train_tokenizer(iter(RUST), 263),
+        write(str(tmp_path / "bytes.gguf"), CFG, _params(), train_tokenizer(iter(rust_texts), 263),
               Q.F16)
 
 
@@ -186,35 +178,12 @@ def _llama_cpp():
         "compiles llama.cpp; .ci/run does)")
 
 
-def _trained_on_cycle(cycle, steps=60):
-    """CFG trained for a moment on a repeating token cycle: decisive logits, so greedy
-    output compares without near-ties."""
-    model, params = Transformer(CFG), _params()
-    rows = np.stack([np.roll(np.tile(cycle, 6), -s)[:33] for s in range(len(cycle))])
-    tx = optax.adam(3e-3)
-
-    def loss(params):
-        logits = model.apply({"params": params}, jnp.asarray(rows[:, :-1]))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
-
-    @jax.jit
-    def step(params, opt):
-        grads = jax.grad(loss)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt
-
-    opt = tx.init(params)
-    for _ in range(steps):
-        params, opt = step(params, opt)
-    return model, jax.tree.map(np.asarray, params)
-
-
 @pytest.fixture(scope="module")
-def cycle_model(tokenizer):
+def cycle_model(tokenizer, train_on_cycle):
     """(cycle, model, params): CFG trained for a moment on a cycle of Rust tokens."""
     cycle = tokenizer.encode("fn main() {\n    let mut v").tolist()[:5]
     assert len(set(cycle)) == 5
-    return cycle, *_trained_on_cycle(cycle)
+    return cycle, *train_on_cycle(CFG, cycle)
 
 
 @pytest.mark.parametrize("type_name", list(TYPES))
@@ -234,12 +203,12 @@ def test_llama_cpp_computes_our_next_token_logits(tokenizer, cycle_model, tmp_pa
     assert set(r["ours_greedy"][:5]) == set(cycle)  # decisive logits: it learned the cycle
 
 
-def test_llama_cpp_tokenizes_like_our_tokenizer(tokenizer, tmp_path):
+def test_llama_cpp_tokenizes_like_our_tokenizer(tokenizer, tmp_path, rust_texts):
     llama_cpp = _llama_cpp()
     path = str(tmp_path / "m.gguf")
     write(path, CFG, _params(), tokenizer, Q.F16)
     llm = llama_cpp.Llama(model_path=path, n_ctx=64, vocab_only=True, verbose=False)
-    for text in RUST[:3] + ["let x = 'a'; // ünïcödé\n\tfoo(x, 42)?;"]:
+    for text in rust_texts[:3] + ["let x = 'a'; // ünïcödé\n\tfoo(x, 42)?;"]:
         ours = [tokenizer.bos_id] + tokenizer.encode(text).tolist()
         assert llm.tokenize(text.encode(), add_bos=True) == ours
         assert llm.detokenize(ours[1:]).decode() == text
@@ -247,7 +216,7 @@ def test_llama_cpp_tokenizes_like_our_tokenizer(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("qtype", [Q.TQ2_0, Q.TQ1_0])
 def test_the_zoos_tiny256_run_exports_to_ternary_gguf(tokenizer, qtype):
-    from nanochat_jax.model.zoo import train_command, trained_model
+    from experiments.zoo import train_command, trained_model
 
     assert train_command("tiny256") == "python -m experiments.run --config=tiny_rust_gguf"
     assert check_exportable(trained_model("tiny256"), qtype, tokenizer) == []

@@ -10,9 +10,9 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.config import PRESETS, ModelConfig, count_params, model_config
+from nanochat_jax.model.config import PRESETS, ModelConfig, model_config
 from nanochat_jax.model.layers import BitLinear, apply_rotary, rotary_tables
-from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.model.transformer import Transformer, count_params
 from nanochat_jax.ternary import quant
 
 TINY = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -15,6 +15,7 @@ from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer, is_block_kernel
 from nanochat_jax.optim import fire
 from nanochat_jax.optim.fire import fire_params, isometry_error, nearest_isometry, reset_moments
+from nanochat_jax.train import fire as fire_command
 from nanochat_jax.train.checkpoint import Checkpointer
 from nanochat_jax.train.state import abstract_train_state
 from nanochat_jax.train.trainer import train
@@ -133,7 +134,7 @@ def test_command_fires_a_checkpoint_into_a_new_run_that_resumes(small_config, tm
     run, out = tmp_path / "run", tmp_path / "fired"
     train(c, str(run))
 
-    fire.main([f"--workdir={run}", f"--out={out}", "--iters=60"])
+    fire_command.main([f"--workdir={run}", f"--out={out}", "--iters=60"])
     assert "14 matrices re-initialised" in capsys.readouterr().out
     ckpt = Checkpointer(str(out / "checkpoints"), every=1, max_to_keep=None)
     try:
@@ -179,12 +180,12 @@ def test_the_command_and_the_library_default_to_the_runs_iterations():
     import inspect
 
     from experiments.configs import base
-    from nanochat_jax.optim import fire
 
     runs = base.get_config().optimizer.fire_iters
     assert fire.ITERS == runs
-    for fn in (fire.nearest_isometry, fire.fire_params, fire.apply_fire, fire.fire_checkpoint):
+    for fn in (fire.nearest_isometry, fire.fire_params, fire.apply_fire,
+               fire_command.fire_checkpoint):
         assert inspect.signature(fn).parameters["iters"].default == runs
-    assert fire.command_parser().parse_args(["--workdir=a", "--out=b"]).iters == runs
+    assert fire_command.command_parser().parse_args(["--workdir=a", "--out=b"]).iters == runs
     assert float(isometry_error(nearest_isometry(_gaussian((128, 128))))) < 1e-3
     assert float(isometry_error(nearest_isometry(_gaussian((128, 128)), 10))) > 0.1

@@ -8,6 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from nanochat_jax.optim.memory import tree_bytes
 from nanochat_jax.optim.quantized import (
     QuantizedArray,
     create_dynamic_map,
@@ -16,7 +17,6 @@ from nanochat_jax.optim.quantized import (
     quantize,
     quantize_states,
 )
-from nanochat_jax.train.metrics import tree_bytes
 
 BLOCK = 256
 

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,12 +26,12 @@ ARGS = ["--config=tiny", "--config.model.n_layers=2", "--config.model.seq_len=64
 class Run:
     """One launch of `python -m experiments.run ARGS --workdir=W`, output to files."""
 
-    def __init__(self, workdir, env, n):
+    def __init__(self, workdir, env, n, extra=()):
         self.workdir, self.log = workdir, os.path.join(os.path.dirname(workdir), f"launch{n}")
         with open(self.log + ".out", "w") as out, open(self.log + ".err", "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "experiments.run", *ARGS, f"--workdir={workdir}"],
-                cwd=REPO, env=env, stdout=out, stderr=err)
+                [sys.executable, "-m", "experiments.run", *ARGS, f"--workdir={workdir}",
+                 *extra], cwd=REPO, env=env, stdout=out, stderr=err)
 
     def output(self):
         return open(self.log + ".out").read(), open(self.log + ".err").read()
@@ -120,3 +121,43 @@ def test_runs_killed_at_random_moments_resume_on_the_uninterrupted_curve(tmp_pat
     assert len(resumed_from) == len(plan), (seed, resumed_from)
     print(f"seed {seed}: {', '.join(f'{s.name} {w}' for s, w in plan)}; the launches after "
           f"resumed from steps {resumed_from}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, env, launch):
+    """The same command twice, as processes 0 and 1 of one job on localhost."""
+    port = _free_port()
+    return [Run(workdir, env, f"{launch}_p{i}", [
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+        "--config.checkpoint.every=20"]) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_a_job_stops_both_at_the_same_step(tmp_path):
+    """A preempted host gets SIGTERM, the others do not: JAX's preemption sync point (orbax's
+    multihost check) stops every process after the same step, which they save together;
+    the same command resumes both from it. A per-process flag would leave process 0 waiting
+    in a collective for process 1, which had stopped."""
+    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    first = _two_processes(workdir, env, "first")
+    first[1].kill_when(lambda: first[0].logged_step() >= 5, signal.SIGTERM)  # only process 1
+    assert first[0].proc.wait(timeout=300) == 0, first[0].output()
+    assert first[1].proc.returncode == 0, first[1].output()
+    out = first[0].output()[0]  # process 0 prints for the job
+    said = [line for line in out.splitlines() if "agreed by every process" in line]
+    assert said, out
+    stopped = int(said[0].split("stopped at step ")[1].split(";")[0])
+    assert 5 <= stopped < STEPS and complete_steps(workdir)[-1] == stopped
+    second = _two_processes(workdir, env, "second")
+    assert [r.proc.wait(timeout=300) for r in second] == [0, 0], second[1].output()
+    assert f"resumed from {workdir} at step {stopped}" in second[0].output()[0]
+    assert complete_steps(workdir)[-1] == STEPS
+

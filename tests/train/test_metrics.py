@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 from nanochat_jax.model.config import model_config
-from nanochat_jax.train.metrics import flops_per_token, tree_bytes
+from nanochat_jax.optim.memory import tree_bytes
+from nanochat_jax.train.metrics import flops_per_token
 
 
 def test_flops_per_token_of_the_plain_model_is_the_palm_count():

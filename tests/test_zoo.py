@@ -6,10 +6,10 @@ import json
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax.model.config import PRESETS, count_params, model_config
+from experiments.zoo import main, sizes, train_command
+from nanochat_jax.model.config import PRESETS, model_config
 from nanochat_jax.model.packed import pack_params, packed_bytes, ternary_weight_bytes
-from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.model.zoo import main, sizes, train_command
+from nanochat_jax.model.transformer import Transformer, count_params
 
 
 def test_sizes_equal_those_of_an_initialised_and_packed_model():

@@ -1,7 +1,7 @@
 """The model zoo: every preset with its size, its packed ternary weight memory, and the run
 that trains it.
 
-    python -m nanochat_jax.model.zoo [--json]
+    python -m experiments.zoo [--json]
 
 Sizes are those of the model the listed command trains (its config decides vocabulary and
 tied head), from `jax.eval_shape` (shapes only, nothing allocated): parameters, the bytes of

@@ -1,0 +1,153 @@
+"""Memory where it means something: each E3 arm's parameter and optimizer-state bytes at sizes
+where the hidden matrices dominate, and a measured training step's peak host RSS.
+
+    python -m experiments.memory_at_size [--presets=350m,1b,7b] [--measure=350m]
+        [--seq_len=256 --out=DIR]
+
+1. State bytes (exact, seconds): `jax.eval_shape` of the model and optimizer init of every
+   arm's config at each preset (`nanochat_jax.optim.memory.state_memory`): parameters,
+   optimizer state, and the saving against dense AdamW, next to the seed's "8-bit Muon 86%",
+   "GaLore 2 50-65%" and "50-80% less memory". On a mesh with fsdp=N each device holds 1/N.
+2. Measured (minutes): each arm trains 2 steps at the `--measure` preset (batch 1 x
+   `--seq_len`, one evaluation batch), each run its own process, and its peak host RSS
+   (`ru_maxrss` of the child) is recorded: parameters, gradients, optimizer state,
+   activations and the runtime together.
+
+Writes DIR/report.md and DIR/results.json (default docs/benchmarks/memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from experiments.benchmark import BASELINE, run_one
+from experiments.run import load_config
+from nanochat_jax.optim.memory import state_memory
+
+# arm -> (config, overrides): the optimizer arms and both AdamW references, as in the
+# benchmark. Not e3_full: its optimizer is e3_galore2_muon_8bit's, and its config carries the
+# tiny model's GaLore rank (32) and 8k vocabulary, which mean nothing at these sizes.
+ARMS = {BASELINE: ("base", ["--config.model.ternary=False"]), "adamw_ternary": ("base", []),
+        "e3_muon": ("e3_muon", []), "e3_muon_8bit": ("e3_muon_8bit", []),
+        "e3_galore2": ("e3_galore2", []), "e3_galore2_muon_8bit": ("e3_galore2_muon_8bit", []),
+        "e3_lion": ("e3_lion", [])}
+SEED_CLAIMS = {"e3_muon_8bit": "86% less optimizer memory (8-bit Muon)",
+               "e3_galore2": "50-65% less optimizer memory (GaLore 2)",
+               "e3_galore2_muon_8bit": "50-80% less memory (E3)"}
+
+
+def _config(arm: str, preset: str):
+    name, overrides = ARMS[arm]
+    config = load_config(name)
+    config.model.preset = preset
+    config.model.ternary = "--config.model.ternary=False" not in overrides
+    config.model.vocab_size = max(config.model.vocab_size, config.data.vocab_size)
+    return config
+
+
+def state_table(presets: list[str], arms: list[str]) -> dict[str, dict[str, dict]]:
+    """preset -> arm -> state_memory (bytes of params and optimizer state)."""
+    out = {}
+    for preset in presets:
+        out[preset] = {}
+        for arm in arms:
+            m = state_memory(_config(arm, preset))
+            out[preset][arm] = {k: m[k] for k in ("params", "params_bytes", "opt_state_bytes",
+                                                  "groups")}
+            print(f"{preset} {arm}: optimizer state {m['opt_state_bytes'] / 2**30:.2f} GiB",
+                  flush=True)
+    return out
+
+
+def measure(preset: str, seq_len: int, out: str, arms: list[str], vocab: int = 8192,
+            max_bytes: int = 4_000_000) -> dict[str, dict]:
+    """arm -> the summary of 2 training steps at `preset` in its own process (peak RSS)."""
+    common = [f"--config.model.preset={preset}", "--config.training.steps=2",
+              f"--config.model.seq_len={seq_len}", "--config.data.batch_size=1",
+              "--config.data.source=rust-src", f"--config.data.vocab_size={vocab}",
+              f"--config.data.max_bytes={max_bytes}", "--config.training.eval_every=2",
+              "--config.training.eval_batches=1", "--config.training.log_every=1",
+              "--config.checkpoint.every=1000", "--config.training.peak_flops=1e11",
+              "--config.optimizer.warmup_steps=1"]
+    runs = {}
+    for arm in arms:
+        config, overrides = ARMS[arm]
+        print(f"{preset}: training {arm} for 2 steps ...", flush=True)
+        runs[arm] = run_one(f"{arm}_{preset}", config, common + overrides, out)
+        print(f"    peak host RSS {runs[arm]['peak_host_bytes'] / 2**30:.2f} GiB, "
+              f"{runs[arm]['wall_s']:.0f} s", flush=True)
+    return runs
+
+
+def report(results: dict) -> str:
+    gib = lambda b: f"{b / 2**30:,.2f}"
+    lines = ["# Memory at size", "", f"`{results['command']}`", "",
+             "## Parameters and optimizer state (exact, from eval_shape)", "",
+             "Whole-model bytes (divide by the fsdp degree for a device's share). Saved: "
+             "against dense AdamW at the same preset.", "",
+             "| preset | arm | params | param GiB | opt state GiB | opt state by group GiB | "
+             "opt state saved | params + state saved | the seed claimed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for preset, arms in results["state"].items():
+        base = arms[BASELINE]
+        base_total = base["params_bytes"] + base["opt_state_bytes"]
+        for arm, m in arms.items():
+            total = m["params_bytes"] + m["opt_state_bytes"]
+            lines.append(f"| {preset} | {arm} | {m['params']:,} | {gib(m['params_bytes'])} | "
+                         f"{gib(m['opt_state_bytes'])} | "
+                         f"{', '.join(f'{g} {gib(b)}' for g, b in m['groups'].items()) or '-'} | "
+                         f"{1 - m['opt_state_bytes'] / base['opt_state_bytes']:+.0%} | "
+                         f"{1 - total / base_total:+.0%} | {SEED_CLAIMS.get(arm, '')} |")
+    if results.get("measured"):
+        preset = results["measure_preset"]
+        runs = results["measured"]
+        base = runs[BASELINE]["peak_host_bytes"]
+        lines += ["", f"## Measured: peak host RSS of 2 training steps at {preset}", "",
+                  f"Batch 1 x {results['seq_len']} tokens on this CPU, each arm its own process "
+                  f"(parameters, gradients, optimizer state, activations, XLA's buffers and the "
+                  f"runtime).", "", "| arm | peak host GiB | saved vs dense AdamW | wall s |",
+                  "|---|---|---|---|"]
+        for arm, r in runs.items():
+            lines.append(f"| {arm} | {gib(r['peak_host_bytes'])} | "
+                         f"{1 - r['peak_host_bytes'] / base:+.0%} | {r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="350m,1b,7b")
+    parser.add_argument("--measure", default="350m", help="preset to train 2 steps at ('' off)")
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms")
+    parser.add_argument("--vocab", type=int, default=8192, help="BPE ids of the measured runs")
+    parser.add_argument("--max_bytes", type=int, default=4_000_000,
+                        help="corpus bytes for the measured runs")
+    parser.add_argument("--out", default=os.path.join("docs", "benchmarks", "memory"))
+    args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or BASELINE not in arms:
+        parser.error(f"--arms: unknown {unknown} (choose from {', '.join(ARMS)}); "
+                     f"{BASELINE} is the reference and must be among them")
+    if os.path.exists(os.path.join(args.out, "results.json")):
+        raise SystemExit(f"error: {args.out} already holds a report; choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    command = "python -m experiments.memory_at_size " + " ".join(
+        f"--{k}={v}" for k, v in vars(args).items())
+    results = {"command": command, "state": state_table(args.presets.split(","), arms),
+               "seq_len": args.seq_len, "measure_preset": args.measure}
+    if args.measure:
+        results["measured"] = measure(args.measure, args.seq_len, args.out, arms, args.vocab,
+                                      args.max_bytes)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    text = report(results)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
