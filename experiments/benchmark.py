@@ -671,6 +671,15 @@ def main(argv: list[str] | None = None) -> None:
     write_report(results, info, out)
 
 
+def save_study(out: str, results: dict, text: str) -> None:
+    """A study's `out`/results.json and `out`/report.md; the report printed."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def write_report(results: list[dict], info: dict, out: str) -> None:
     """report.md and the plots in `out` from the runs' summaries and the run's info."""
     plots(results, info["tokens_per_step"], out)

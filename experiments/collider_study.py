@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark import run_one
+from experiments.benchmark import run_one, save_study
 from nanochat_jax.data.pipeline import open_data
 from nanochat_jax.model.config import from_run_config
 from nanochat_jax.model.transformer import Transformer
@@ -148,12 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         timing = json.load(f)["variants"]
 
     results = {"args": vars(args), "runs": runs, "fidelity": fidelity, "timing": timing}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = report(results)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(text)
-    print(text)
+    save_study(args.out, results, report(results))
 
 
 def report(results: dict) -> str:

@@ -19,10 +19,9 @@ Writes DIR/report.md and DIR/results.json (default docs/benchmarks/memory).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from experiments.benchmark import BASELINE, run_one
+from experiments.benchmark import BASELINE, run_one, save_study
 from experiments.run import load_config
 from nanochat_jax.optim.memory import state_memory
 
@@ -141,12 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:
         results["measured"] = measure(args.measure, args.seq_len, args.out, arms, args.vocab,
                                       args.max_bytes)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = report(results)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(text)
-    print(text)
+    save_study(args.out, results, report(results))
 
 
 if __name__ == "__main__":
