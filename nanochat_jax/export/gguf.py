@@ -33,6 +33,7 @@ import numpy as np
 
 from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, BPETokenizer
 from nanochat_jax.errors import ExportError, NanochatError
+from nanochat_jax.export.common import dropped_parts, one_pass_problems
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.infer.load import add_checkpoint_flags, load
 from nanochat_jax.model.config import ModelConfig
@@ -54,12 +55,7 @@ NORMS = {("attn_norm",): "attn_norm", ("ffn_norm",): "ffn_norm",
 def check_exportable(cfg: ModelConfig, qtype: Q, tokenizer: BPETokenizer) -> list[str]:
     """Raise ExportError if llama.cpp's `bitnet` arch cannot compute this model; returns what
     is dropped from the file (parts that never feed the next-token logits)."""
-    problems = []
-    if cfg.loops > 1:
-        problems.append(f"LoopLM ({cfg.loops} loops): llama.cpp runs each layer once")
-    if cfg.mhc_streams:
-        problems.append(f"mHC ({cfg.mhc_streams} residual streams): llama.cpp has one "
-                        f"residual stream")
+    problems = one_pass_problems(cfg, "llama.cpp")
     if not cfg.tie_embeddings:
         problems.append("an untied output head: llama.cpp's bitnet arch uses the token "
                         "embedding as the head (train with --config.model.tie_embeddings=True)")
@@ -84,8 +80,7 @@ def check_exportable(cfg: ModelConfig, qtype: Q, tokenizer: BPETokenizer) -> lis
     if problems:
         raise ExportError("cannot export to GGUF (llama.cpp `bitnet` arch): "
                           + "; ".join(problems))
-    return [f"MTP modules mtp_0..mtp_{cfg.mtp_depth - 1} (they only draft; the trunk's "
-            f"next-token logits do not depend on them)"] if cfg.mtp_depth else []
+    return dropped_parts(cfg)
 
 
 def tensors(params: dict, cfg: ModelConfig, qtype: Q) -> Iterator[tuple[str, np.ndarray, Q]]:

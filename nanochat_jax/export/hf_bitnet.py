@@ -38,6 +38,7 @@ from safetensors.numpy import save_file
 
 from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, BPETokenizer
 from nanochat_jax.errors import ExportError
+from nanochat_jax.export.common import dropped_parts, one_pass_problems
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
@@ -62,12 +63,7 @@ def check_exportable(cfg: ModelConfig, mode: str) -> list[str]:
     if mode not in MODES:
         raise ExportError(f"unknown quantization_mode {mode!r}: choose one of "
                           f"{', '.join(MODES)}")
-    problems = []
-    if cfg.loops > 1:
-        problems.append(f"LoopLM ({cfg.loops} loops): BitNetForCausalLM runs each layer once")
-    if cfg.mhc_streams:
-        problems.append(f"mHC ({cfg.mhc_streams} residual streams): BitNetForCausalLM has one "
-                        f"residual stream")
+    problems = one_pass_problems(cfg, "BitNetForCausalLM")
     if cfg.ffn_activation not in ACTIVATIONS:
         problems.append(f"FFN activation {cfg.ffn_activation}: transformers' BitNet gates with "
                         f"{' or '.join(ACTIVATIONS)}")
@@ -85,8 +81,7 @@ def check_exportable(cfg: ModelConfig, mode: str) -> list[str]:
     if problems:
         raise ExportError("cannot export as a transformers BitNet model: "
                           + "; ".join(problems))
-    return [f"MTP modules mtp_0..mtp_{cfg.mtp_depth - 1} (they only draft; the trunk's "
-            f"next-token logits do not depend on them)"] if cfg.mtp_depth else []
+    return dropped_parts(cfg)
 
 
 def hf_config(cfg: ModelConfig, tokenizer: BPETokenizer, mode: str) -> dict:
