@@ -2,7 +2,7 @@
 where the hidden matrices dominate, and a measured training step's peak host RSS.
 
     python -m experiments.memory_at_size [--presets=350m,1b,7b] [--measure=350m]
-        [--seq_len=256 --out=DIR]
+        [--compile=350m@cpu,1b@v5e:2x2,7b@v5p:2x2x1] [--seq_len=256 --out=DIR] [--update]
 
 1. State bytes (exact, seconds): `jax.eval_shape` of the model and optimizer init of every
    arm's config at each preset (`nanochat_jax.optim.memory.state_memory`): parameters,
@@ -12,14 +12,24 @@ where the hidden matrices dominate, and a measured training step's peak host RSS
    `--seq_len`, one evaluation batch), each run its own process, and its peak host RSS
    (`ru_maxrss` of the child) is recorded: parameters, gradients, optimizer state,
    activations and the runtime together.
+3. Compiled (minutes per arm): each arm's real train step compiled in its own process by
+   `python -m experiments.compile` for PRESET@TOPOLOGY: on a TPU topology (needs libtpu, no
+   TPU) the base run's batch 32 x 1024 in bf16 with full remat over fsdp = all chips, per
+   device; on `cpu` the measured runs' batch and sequence, for this host. Arguments
+   (parameters + optimizer state + batch), temporaries (gradients, activations, the
+   optimizer's update intermediates) and the total, from XLA's memory analysis.
 
-Writes DIR/report.md and DIR/results.json (default docs/benchmarks/memory).
+Writes DIR/report.md and DIR/results.json (default docs/benchmarks/memory); `--update` adds
+the sections asked for to an existing report and keeps the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 
 from experiments.benchmark import BASELINE, run_one, save_study
 from experiments.run import load_config
@@ -80,16 +90,54 @@ def measure(preset: str, seq_len: int, out: str, arms: list[str], vocab: int = 8
     return runs
 
 
+def compiled(target: str, arms: list[str], seq_len: int, vocab: int, out: str
+             ) -> dict[str, dict]:
+    """arm -> the memory row of its train step compiled for `target` (PRESET@TOPOLOGY), each
+    in its own `experiments.compile` process."""
+    preset, _, topology = target.partition("@")
+    if topology == "cpu":  # the measured runs' step, for this host
+        shape = [f"--config.model.seq_len={seq_len}", "--config.data.batch_size=1",
+                 f"--config.data.vocab_size={vocab}", f"--config.model.vocab_size={vocab}"]
+    else:  # the base run's step, for the chips
+        shape = ["--config.model.compute_dtype=bfloat16", "--config.model.remat=full",
+                 "--mesh=data=1,fsdp=-1"]
+    path = os.path.join(out, "logs", f"compile_{preset}_{topology.replace(':', '_')}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = {}
+    for arm in arms:
+        config, overrides = ARMS[arm]
+        cmd = [sys.executable, "-m", "experiments.compile", f"--config={config}",
+               f"--config.model.preset={preset}", f"--topology={topology}",
+               "--decode_batch=0", f"--out={path}", *shape, *overrides]
+        print(f"{target}: compiling {arm}'s train step ...", flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-4"})
+        if done.returncode != 0:
+            raise SystemExit(f"error: compiling {arm} for {target} failed:\n"
+                             f"{done.stderr[-2000:]}")
+        with open(path) as f:
+            rows[arm] = json.loads(f.readlines()[-1])
+        print(f"    {_gib_or_refused(rows[arm])} GiB per device, "
+              f"{rows[arm]['compile_s']:.0f} s", flush=True)
+    return rows
+
+
+def _gib_or_refused(row: dict) -> str:
+    if row["total_bytes"] is None:
+        return f"refused (temporaries {row.get('temp_bytes', 0) / 2**30:,.2f})"
+    return f"{row['total_bytes'] / 2**30:,.2f}"
+
+
 def report(results: dict) -> str:
     gib = lambda b: f"{b / 2**30:,.2f}"
-    lines = ["# Memory at size", "", f"`{results['command']}`", "",
+    lines = ["# Memory at size", "", *[f"`{c}`  " for c in results["commands"]], "",
              "## Parameters and optimizer state (exact, from eval_shape)", "",
              "Whole-model bytes (divide by the fsdp degree for a device's share). Saved: "
              "against dense AdamW at the same preset.", "",
              "| preset | arm | params | param GiB | opt state GiB | opt state by group GiB | "
              "opt state saved | params + state saved | the seed claimed |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for preset, arms in results["state"].items():
+    for preset, arms in results.get("state", {}).items():
         base = arms[BASELINE]
         base_total = base["params_bytes"] + base["opt_state_bytes"]
         for arm, m in arms.items():
@@ -111,7 +159,32 @@ def report(results: dict) -> str:
         for arm, r in runs.items():
             lines.append(f"| {arm} | {gib(r['peak_host_bytes'])} | "
                          f"{1 - r['peak_host_bytes'] / base:+.0%} | {r['wall_s']:.0f} |")
+    for target, rows in results.get("compiled", {}).items():
+        lines += ["", f"## Compiled: the train step at {target.replace('@', ' for ')}", "",
+                  _compiled_caption(rows[BASELINE]), "",
+                  "| arm | arguments GiB | temporaries GiB | total GiB / device | "
+                  "saved vs dense AdamW | HBM GiB | fits | compile s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = rows[BASELINE]["total_bytes"]
+        for arm, r in rows.items():
+            saved = "-" if None in (base, r["total_bytes"]) else \
+                f"{1 - r['total_bytes'] / base:+.0%}"
+            fits = "-" if "fits" not in r else ("yes" if r["fits"] else "**no**")
+            lines.append(f"| {arm} | {gib(r['argument_bytes']) if 'argument_bytes' in r else '-'}"
+                         f" | {gib(r['temp_bytes']) if r.get('temp_bytes') else '-'} | "
+                         f"{_gib_or_refused(r)} | {saved} | "
+                         f"{gib(r['hbm_bytes']) if r.get('hbm_bytes') else '-'} | {fits} | "
+                         f"{r['compile_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _compiled_caption(row: dict) -> str:
+    mesh = ", ".join(f"{k}={v}" for k, v in row["mesh"].items())
+    return (f"{row['chips']} x {row['device_kind']}, mesh {mesh}, batch {row['batch']} x "
+            f"{row['seq_len']}, {row['compute_dtype']}, remat {row['remat']}; per device, "
+            f"from XLA's memory analysis of the compiled step (arguments: parameters, "
+            f"optimizer state and the batch; temporaries: gradients, activations and the "
+            f"update's intermediates). Command: `{row['command']}` (and the arm's config).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,23 +196,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="BPE ids of the measured runs")
     parser.add_argument("--max_bytes", type=int, default=4_000_000,
                         help="corpus bytes for the measured runs")
+    parser.add_argument("--compile", default="350m@cpu,1b@v5e:2x2,7b@v5p:2x2x1",
+                        help="PRESET@TOPOLOGY,... to compile each arm's train step for "
+                             "(cpu: this host; '' off)")
     parser.add_argument("--out", default=os.path.join("docs", "benchmarks", "memory"))
+    parser.add_argument("--update", action="store_true",
+                        help="add the sections asked for to DIR's existing report")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or BASELINE not in arms:
         parser.error(f"--arms: unknown {unknown} (choose from {', '.join(ARMS)}); "
                      f"{BASELINE} is the reference and must be among them")
-    if os.path.exists(os.path.join(args.out, "results.json")):
-        raise SystemExit(f"error: {args.out} already holds a report; choose another --out")
+    targets = [t for t in args.compile.split(",") if t]
+    malformed = [t for t in targets if not t.partition("@")[2]]
+    if malformed:
+        parser.error(f"--compile: {malformed} is not PRESET@TOPOLOGY (350m@cpu, 1b@v5e:2x2)")
+    path = os.path.join(args.out, "results.json")
+    if os.path.exists(path) != args.update:
+        raise SystemExit(f"error: {args.out} already holds a report; choose another --out or "
+                         f"add to it with --update" if not args.update else
+                         f"error: --update: {path} does not exist")
+    results = {"commands": []}
+    if args.update:
+        with open(path) as f:
+            results = json.load(f)
+        results.setdefault("commands", [results.pop("command", None)])
     os.makedirs(args.out, exist_ok=True)
-    command = "python -m experiments.memory_at_size " + " ".join(
-        f"--{k}={v}" for k, v in vars(args).items())
-    results = {"command": command, "state": state_table(args.presets.split(","), arms),
-               "seq_len": args.seq_len, "measure_preset": args.measure}
+    results["commands"].append("python -m experiments.memory_at_size " + " ".join(
+        f"--{k}={v}" for k, v in vars(args).items() if v is not False))
+    if args.presets:
+        results["state"] = state_table(args.presets.split(","), arms)
     if args.measure:
-        results["measured"] = measure(args.measure, args.seq_len, args.out, arms, args.vocab,
-                                      args.max_bytes)
+        results.update(seq_len=args.seq_len, measure_preset=args.measure,
+                       measured=measure(args.measure, args.seq_len, args.out, arms,
+                                        args.vocab, args.max_bytes))
+    for target in targets:
+        results.setdefault("compiled", {})[target] = compiled(target, arms, args.seq_len,
+                                                              args.vocab, args.out)
     save_study(args.out, results, report(results))
 
 

@@ -10,7 +10,7 @@ from experiments import collider_study, memory_at_size
 
 def test_state_bytes_per_arm_come_from_eval_shape_and_name_the_seeds_claims(tmp_path):
     out = tmp_path / "memory"
-    memory_at_size.main(["--presets=tiny", "--measure=", f"--out={out}",
+    memory_at_size.main(["--presets=tiny", "--measure=", "--compile=", f"--out={out}",
                          "--arms=adamw_dense,adamw_ternary,e3_muon_8bit"])
     results = json.loads((out / "results.json").read_text())
     tiny = results["state"]["tiny"]
@@ -23,6 +23,30 @@ def test_state_bytes_per_arm_come_from_eval_shape_and_name_the_seeds_claims(tmp_
     with pytest.raises(SystemExit):  # the reference arm is required
         memory_at_size.main(["--presets=tiny", "--measure=", "--arms=e3_muon",
                              f"--out={tmp_path / 'other'}"])
+    with pytest.raises(SystemExit):  # a second report into the same directory
+        memory_at_size.main(["--presets=tiny", "--measure=", "--compile=", f"--out={out}",
+                             "--arms=adamw_dense"])
+
+
+@pytest.mark.slow
+def test_compiled_memory_is_added_to_a_report_per_arm_from_the_compile_command(tmp_path):
+    out = tmp_path / "memory"
+    arms = "--arms=adamw_dense,e3_muon_8bit"
+    memory_at_size.main(["--presets=tiny", "--measure=", "--compile=", f"--out={out}", arms])
+    memory_at_size.main(["--presets=", "--measure=", "--compile=tiny@cpu", "--seq_len=32",
+                         "--vocab=1024", f"--out={out}", arms, "--update"])
+    results = json.loads((out / "results.json").read_text())
+    assert "tiny" in results["state"]  # kept from the first command
+    assert len(results["commands"]) == 2
+    rows = results["compiled"]["tiny@cpu"]
+    dense, muon8 = rows["adamw_dense"], rows["e3_muon_8bit"]
+    assert dense["optimizer"] == "adamw" and muon8["optimizer"] == "muon_8bit"
+    assert (dense["batch"], dense["seq_len"]) == (1, 32)
+    # arguments hold the parameters and optimizer state: 8-bit Muon's state is smaller
+    assert muon8["argument_bytes"] < dense["argument_bytes"]
+    report = (out / "report.md").read_text()
+    assert "## Compiled: the train step at tiny for cpu" in report
+    assert "| e3_muon_8bit |" in report.split("## Compiled")[1]
 
 
 @pytest.mark.slow
