@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.run import load_config
-from nanochat_jax.eval.code import training_evaluator
+from nanochat_jax.eval.code import training_evaluators
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
@@ -113,7 +113,7 @@ def main() -> None:
             workdir = os.path.join(args.out, name)
             shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume
             print(f"training {name} for {args.train_steps} steps in {workdir}")
-            summary = train(c, workdir, training_evaluator(c))
+            summary = train(c, workdir, training_evaluators(c))
             rows[name].update({"val_ce": summary["eval/ce"], "val_bpb": summary["eval/bpb"],
                                "train_loss_ce": summary["loss/ce"]})
 

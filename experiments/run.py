@@ -122,7 +122,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<co
 def main(argv: list[str], name: str) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from nanochat_jax.eval.code import training_evaluator  # after flag parsing: fast --help
+    from nanochat_jax.eval.code import training_evaluators  # after flag parsing: fast --help
     from nanochat_jax.train.step import cpu_schedule_flags
     from nanochat_jax.train.trainer import train
 
@@ -133,7 +133,7 @@ def main(argv: list[str], name: str) -> None:
     try:  # the CPU scheduler flag must be in place before JAX starts its CPU backend
         os.environ["XLA_FLAGS"] = cpu_schedule_flags(CONFIG.value.training.cpu_schedule,
                                                      os.environ.get("XLA_FLAGS", ""))
-        summary = train(CONFIG.value, workdir, training_evaluator(CONFIG.value))
+        summary = train(CONFIG.value, workdir, training_evaluators(CONFIG.value))
     except NanochatError as e:
         raise SystemExit(f"error: {e}") from None
     import jax

@@ -24,6 +24,7 @@ from nanochat_jax.eval.passk import mean_pass_at_k
 from nanochat_jax.eval.rust import Problem, RustResult, check_compiles, run_tests
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.train.schedule import Evaluator
 
 # text-level generation: (prompts, n, temperature) -> n completions per prompt
 Generate = Callable[[list[str], int, float], list[list[str]]]
@@ -175,15 +176,15 @@ def load_generations(path: str, problems: Sequence[Problem]) -> list[list[str]]:
     return [[by_task[p.task_id][i] for i in sorted(by_task[p.task_id])] for p in problems]
 
 
-def training_evaluator(config):
+def training_evaluators(config) -> tuple[Evaluator, ...]:
     """The trainer's periodic code evaluation for a run config (`train(config, workdir,
-    code_evaluator=...)`): (model, tokenizer) -> (params -> the code metrics of greedy
-    completions of `training.code_eval_problems`, default the builtin set). None when
+    evaluators=...)`): every `training.code_eval_every` steps, the code metrics of greedy
+    completions of `training.code_eval_problems` (default the builtin set). Empty when
     `training.code_eval_every` is 0. rustc and the problem file are checked here, before the
     run starts."""
     training = config.training
     if not training.code_eval_every:
-        return None
+        return ()
     if not rust.rustc_available():
         raise ConfigError(f"training.code_eval_every={training.code_eval_every} needs rustc: "
                           f"{rust.INSTALL_HINT}; or set training.code_eval_every=0")
@@ -199,5 +200,10 @@ def training_evaluator(config):
 
         return evaluate
 
-    return build
+    return (Evaluator("code", training.code_eval_every, build, _describe_code),)
+
+
+def _describe_code(evaluated: dict[str, float]) -> str:
+    return (f"compile rate {evaluated['eval/compile_rate']:.3f}, "
+            f"pass rate {evaluated['eval/pass_rate']:.3f}")
 

@@ -13,6 +13,7 @@ Retention (`max_to_keep`) and the save interval are orbax's own `CheckpointManag
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -25,7 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
+from nanochat_jax.data.pipeline import corpus_spec
 from nanochat_jax.errors import CheckpointError
+from nanochat_jax.model import config as model_config
 from nanochat_jax.train.sharding import path_name
 from nanochat_jax.train.state import abstract_train_state
 
@@ -247,3 +250,51 @@ def load_run(workdir: str, step: int | None = None, *, say: Callable[[str], None
         return ConfigDict(meta["config"]), state, meta
     finally:
         ckpt.close()
+
+
+# Resuming: the checks `train` runs on the newest checkpoint before any data or compile work.
+
+def newest_sidecar(directory: str) -> dict | None:
+    """The sidecar of the newest checkpoint whose sidecar reads back (None: no checkpoint);
+    read-only, so a refused resume leaves the directory as it was."""
+    if not os.path.isdir(directory):
+        return None
+    ckpt = Checkpointer(directory, every=1, max_to_keep=None, read_only=True)
+    try:
+        return ckpt.newest_meta()
+    finally:
+        ckpt.close()
+
+
+def check_resumable(saved: dict, config: ConfigDict,
+                    mcfg: model_config.ModelConfig, workdir: str) -> None:
+    """Refuse, before any data or compile work, to resume a checkpoint made with a different
+    model (the whole architecture: the `model` group and the mtp / loop / mhc settings) or
+    from a corpus built with different settings (source, size, tokenizer vocabulary)."""
+    saved_config = ConfigDict(saved["config"])
+    before = dataclasses.asdict(model_config.from_run_config(saved_config))
+    now = dataclasses.asdict(mcfg)
+    diff = {k: (before[k], now[k]) for k in now
+            if before.get(k) != now[k] and k not in model_config.HOW_IT_COMPUTES}
+    if diff:
+        raise CheckpointError(
+            f"{workdir} holds a checkpoint of a different model (saved, configured): {diff}; "
+            f"use a new --workdir or the saved settings")
+    before = dataclasses.asdict(corpus_spec(saved_config))
+    now = dataclasses.asdict(corpus_spec(config))
+    diff = {f"data.{k}": (before[k], now[k]) for k in now if before[k] != now[k]}
+    if diff:
+        raise CheckpointError(
+            f"{workdir} was trained on a corpus and tokenizer built with other data settings "
+            f"(saved, configured): {diff}; resuming would not continue the same run: use "
+            f"the saved settings or a new --workdir")
+
+
+def check_same_data(saved: dict, data_identity: dict, workdir: str) -> None:
+    """Refuse to resume on other tokens than the checkpoint saw (a prebuilt corpus_dir)."""
+    for key in ("tokenizer", "corpus_sha256"):
+        if saved["data"][key] != data_identity[key]:
+            raise CheckpointError(
+                f"{workdir} was trained with {key} {saved['data'][key]}, but this run has "
+                f"{data_identity[key]}: resuming would not continue the same run; use the "
+                f"original data settings or a new --workdir")

@@ -11,13 +11,12 @@ is the resume point (train/checkpoint.py). Steps with NaN/inf values are skipped
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,8 +26,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nanochat_jax.data.loader import BatchSource, Prefetcher, to_device
-from nanochat_jax.data.pipeline import corpus_spec, open_data
-from nanochat_jax.errors import CheckpointError, ConfigError, DivergenceError
+from nanochat_jax.data.pipeline import open_data
+from nanochat_jax.errors import ConfigError, DivergenceError
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
@@ -38,8 +37,15 @@ from nanochat_jax.ternary import kernel
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train import sharding as sharding_lib
 from nanochat_jax.train import trackers
-from nanochat_jax.train.checkpoint import Checkpointer, load_run
+from nanochat_jax.train.checkpoint import (
+    Checkpointer,
+    check_resumable,
+    check_same_data,
+    load_run,
+    newest_sidecar,
+)
 from nanochat_jax.train.profile import StepProfiler, parse_steps
+from nanochat_jax.train.schedule import Clock, Evaluator, Periodic
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import (
     StepShardings,
@@ -79,52 +85,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _newest_sidecar(directory: str) -> dict | None:
-    """The sidecar of the newest checkpoint whose sidecar reads back (None: no checkpoint);
-    read-only, so a refused resume leaves the directory as it was."""
-    if not os.path.isdir(directory):
-        return None
-    ckpt = Checkpointer(directory, every=1, max_to_keep=None, read_only=True)
-    try:
-        return ckpt.newest_meta()
-    finally:
-        ckpt.close()
-
-
-def _check_resumable(saved: dict, config: ml_collections.ConfigDict,
-                     mcfg: model_config.ModelConfig, workdir: str) -> None:
-    """Refuse, before any data or compile work, to resume a checkpoint made with a different
-    model (the whole architecture: the `model` group and the mtp / loop / mhc settings) or
-    from a corpus built with different settings (source, size, tokenizer vocabulary)."""
-    saved_config = ml_collections.ConfigDict(saved["config"])
-    before = dataclasses.asdict(model_config.from_run_config(saved_config))
-    now = dataclasses.asdict(mcfg)
-    diff = {k: (before[k], now[k]) for k in now
-            if before.get(k) != now[k] and k not in model_config.HOW_IT_COMPUTES}
-    if diff:
-        raise CheckpointError(
-            f"{workdir} holds a checkpoint of a different model (saved, configured): {diff}; "
-            f"use a new --workdir or the saved settings")
-    before = dataclasses.asdict(corpus_spec(saved_config))
-    now = dataclasses.asdict(corpus_spec(config))
-    diff = {f"data.{k}": (before[k], now[k]) for k in now if before[k] != now[k]}
-    if diff:
-        raise CheckpointError(
-            f"{workdir} was trained on a corpus and tokenizer built with other data settings "
-            f"(saved, configured): {diff}; resuming would not continue the same run: use "
-            f"the saved settings or a new --workdir")
-
-
-def _check_same_data(saved: dict, data_identity: dict, workdir: str) -> None:
-    """Refuse to resume on other tokens than the checkpoint saw (a prebuilt corpus_dir)."""
-    for key in ("tokenizer", "corpus_sha256"):
-        if saved["data"][key] != data_identity[key]:
-            raise CheckpointError(
-                f"{workdir} was trained with {key} {saved['data'][key]}, but this run has "
-                f"{data_identity[key]}: resuming would not continue the same run; use the "
-                f"original data settings or a new --workdir")
-
-
 def _load_reference(workdir: str, data_identity: dict):
     """(model, params) of the reference run for Collider's excess-loss score."""
     ref_config, ref_state, ref_meta = load_run(workdir)
@@ -133,22 +93,6 @@ def _load_reference(workdir: str, data_identity: dict):
                           f"{ref_meta['data']['tokenizer']}, this run {data_identity['tokenizer']}"
                           f": excess loss needs the same tokens")
     return Transformer(model_config.from_run_config(ref_config)), ref_state.params
-
-
-class _Throughput:
-    """Tokens/s over the steps since the last restart (restarted after pauses: eval, saves)."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.restart(0)
-
-    def restart(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
-
-    def rate(self, step: int) -> float | None:
-        if step <= self.step:
-            return None
-        return (step - self.step) * self.tokens_per_step / (time.perf_counter() - self.time)
 
 
 COUNTERS = ("training/skipped_steps", "training/consecutive_skips")
@@ -214,17 +158,15 @@ def evaluate(eval_step, params, batches: BatchSource, n_batches: int,
             "eval/bpb": ce_text / (math.log(2) * max(n_bytes, 1.0))}
 
 
-CodeEvaluator = Callable[[Transformer, Any], Callable[[Any], dict[str, float]]]
-
-
 def train(config: ml_collections.ConfigDict, workdir: str,
-          code_evaluator: CodeEvaluator | None = None) -> dict[str, Any]:
+          evaluators: Sequence[Evaluator] = ()) -> dict[str, Any]:
     """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics.
     Every process of a multi-host job runs this; only process 0 prints and writes metrics.
 
-    `code_evaluator` (model, tokenizer) -> (params -> metrics) runs every
-    `training.code_eval_every` steps: `nanochat_jax.eval.code.training_evaluator(config)`,
-    which `experiments.run` builds (the trainer does not depend on eval/ or infer/)."""
+    `evaluators` are the periodic evaluations besides validation loss, built by the caller:
+    `experiments.run` passes `nanochat_jax.eval.code.training_evaluators(config)` (the code
+    evaluation when `training.code_eval_every` > 0), so train/ depends on neither eval/ nor
+    infer/."""
     if "distributed" in config:
         sharding_lib.initialize_distributed(config.distributed)
     started = time.perf_counter()  # training/wall_s: seconds since the call, start-up in
@@ -232,32 +174,27 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     say = print if main_process else (lambda *_, **__: None)
     mcfg = validate(config)  # every cross-group check, before anything has side effects
     every = config.training.code_eval_every
-    if every and code_evaluator is None:
-        raise ConfigError(f"training.code_eval_every={every} needs a code evaluator: "
+    if every and "code" not in {e.name for e in evaluators}:
+        raise ConfigError(f"training.code_eval_every={every} needs the code evaluator: "
                           f"experiments.run builds it; from Python call train(config, workdir, "
-                          f"code_evaluator=nanochat_jax.eval.code.training_evaluator(config))")
-    if every and jax.process_count() > 1:
-        raise ConfigError("training.code_eval_every runs on a single process; in a "
-                          "multi-host run set it to 0 and evaluate checkpoints with "
-                          "`python -m nanochat_jax.eval --checkpoint=WORKDIR`")
+                          f"evaluators=nanochat_jax.eval.code.training_evaluators(config))")
     check_workdir(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     with jax.set_mesh(mesh):  # every step is traced for this mesh's devices and shards
-        return _train_on(mesh, config, workdir, mcfg, started, say,
-                         code_evaluator if every else None)
+        return _train_on(mesh, config, workdir, mcfg, started, say, evaluators)
 
 
 def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdir: str,
               mcfg: model_config.ModelConfig, started: float, say,
-              code_evaluator: CodeEvaluator | None) -> dict[str, Any]:
+              evaluators: Sequence[Evaluator]) -> dict[str, Any]:
     """`train` once the mesh is made and set."""
     main_process = jax.process_index() == 0
-    tc, dc = config.training, config.data
+    training, data = config.training, config.data
     filtering = config.get("collider")
     checkpoints = os.path.join(workdir, "checkpoints")
-    saved = _newest_sidecar(checkpoints)
+    saved = newest_sidecar(checkpoints)
     if saved is not None:
-        _check_resumable(saved, config, mcfg, workdir)
+        check_resumable(saved, config, mcfg, workdir)
     os.makedirs(workdir, exist_ok=True)
 
     corpus, train_data, val_data = open_data(config, mcfg.seq_len, say)
@@ -266,14 +203,13 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
         tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
     data_identity = {"tokenizer": tokenizer.identity(),
                      "corpus_sha256": corpus.manifest["content_sha256"]}
-    eval_batches = min(tc.eval_batches, val_data.n_rows // dc.batch_size)
-    tokens_per_step = dc.batch_size * mcfg.seq_len
-    say(f"data: {dc.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
+    eval_batches = min(training.eval_batches, val_data.n_rows // data.batch_size)
+    say(f"data: {data.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
         f"{val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; {tokenizer.name}")
 
     model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
-    state = init_train_state(model, tx, tc.seed, mcfg.seq_len, mesh)
+    tx, lr_fn = build_optimizer(config.optimizer, training.steps)
+    state = init_train_state(model, tx, training.seed, mcfg.seq_len, mesh)
     say(f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
         f"process(es)")
@@ -282,8 +218,8 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     restored_sidecar: dict = {}
 
     def like_for(saved: dict):
-        _check_resumable(saved, config, mcfg, workdir)
-        _check_same_data(saved, data_identity, workdir)
+        check_resumable(saved, config, mcfg, workdir)
+        check_same_data(saved, data_identity, workdir)
         restored_sidecar.clear()
         restored_sidecar.update(saved)
         return state
@@ -296,10 +232,10 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
 
     def meta(step: int) -> dict:
         return {"config": config.to_dict(), "step": step, "trackers": tracker_ids,
-                "data": {**data_identity, "batches_consumed": step, "seed": tc.seed}}
+                "data": {**data_identity, "batches_consumed": step, "seed": training.seed}}
 
-    oc = config.optimizer
-    fire = jax.jit(functools.partial(apply_fire, iters=oc.fire_iters), donate_argnums=0,
+    optimizer = config.optimizer
+    fire = jax.jit(functools.partial(apply_fire, iters=optimizer.fire_iters), donate_argnums=0,
                    out_shardings=jax.tree.map(lambda x: x.sharding, state))
     reference, reference_params = None, None
     if filtering and filtering.enabled and filtering.score == "excess_loss":
@@ -309,34 +245,31 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
         say(f"collider: excess loss over the reference model in {filtering.reference}")
     shardings = StepShardings.on(mesh, state, reference_params)
     train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id),
-                                 reference, grad_accum=tc.grad_accum, shardings=shardings)
+                                 reference, grad_accum=training.grad_accum, shardings=shardings)
     step_extra = () if reference is None else (reference_params,)
-    if tc.tune_kernel and mcfg.uses_kernel:
-        tokens = jax.ShapeDtypeStruct((dc.batch_size, mcfg.seq_len + 1), jnp.int32)
+    if training.tune_kernel and mcfg.uses_kernel:
+        tokens = jax.ShapeDtypeStruct((data.batch_size, mcfg.seq_len + 1), jnp.int32)
         tune_kernel_tiles(train_step, state, tokens, *step_extra, say=say,
                           cache_path=os.environ.get(kernel.TUNE_CACHE_ENV)
                           or os.path.join(workdir, "kernel_tiles.json"))
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
-                               pad_id=tokenizer.pad_id, vocab_chunk=tc.vocab_chunk,
+                               pad_id=tokenizer.pad_id, vocab_chunk=training.vocab_chunk,
                                shardings=shardings)
-    run_eval = lambda params: evaluate(eval_step, params, val_data, eval_batches,
-                                       shardings.batch)
     n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    peak, peak_source = metrics_lib.peak_flops_per_chip(tc.peak_flops)
+    peak, peak_source = metrics_lib.peak_flops_per_chip(training.peak_flops)
     flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
     memory = {"memory/params_bytes": tree_bytes(state.params),
               "memory/opt_state_bytes": tree_bytes(state.opt_state)}
-    code_eval = None if code_evaluator is None else code_evaluator(model, tokenizer)
     say(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
-        f"{n_params:,} params; optimizer {config.optimizer.name}; "
+        f"{n_params:,} params; optimizer {optimizer.name}; "
         f"peak {peak / 1e9:,.1f} GFLOP/s per chip ({peak_source}) x {jax.device_count()}")
-
     if mcfg.fp4 is not None:
         where = " and ".join(["the dense layers"] * (not mcfg.ternary)
                              + ["the LM head"] * mcfg.fp4_head)
         say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}) of "
             f"{where}, forward exact: simulated on {jax.devices()[0].device_kind} "
             f"(ternary/fp4.py; native scaled FP4 matmuls need a Blackwell GPU)")
+
     start = int(state.step)
     sinks = ()
     if config.logging.wandb and main_process:  # the resumed run's W&B run continues
@@ -345,30 +278,75 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
         tracker_ids["wandb_id"] = sinks[0].run_id
     writer = metrics_lib.MetricWriter(workdir, enabled=main_process, resume_step=start,
                                       sinks=sinks)
-    skips = _SkipWatch(tc.max_consecutive_skips)
+    skips = _SkipWatch(training.max_consecutive_skips)
     summary: dict[str, Any] = {"start_step": start, "interrupted": False}
+    validation = functools.partial(evaluate, eval_step, batches=val_data,
+                                   n_batches=eval_batches, sharding=shardings.batch)
     if start == 0:
-        writer.write(0, {**run_eval(state.params), **memory})
-    pending: list[dict] = []
-    clock = _Throughput(tokens_per_step)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not main_process)
+        writer.write(0, {**validation(state.params), **memory})
+    clock = Clock(data.batch_size * mcfg.seq_len)
+    bar = tqdm(total=training.steps, initial=start, desc="train", unit="step",
+               dynamic_ncols=True, disable=not main_process)
     note = bar.write if main_process else say  # tqdm.write prints even when disabled
-    profiler = StepProfiler(parse_steps(tc.profile_steps, tc.steps), workdir, say=note)
+    pending: list[dict] = []  # the step metrics since the last log, on device
+
+    def log(step: int, state) -> None:
+        per_step, first = _fetch(pending), step - len(pending) + 1
+        pending.clear()
+        logged = {**_mean_applied(per_step), "training/epoch": train_data.epoch(step), **memory,
+                  "training/wall_s": time.perf_counter() - started,
+                  **metrics_lib.device_memory()}
+        tokens_per_sec = clock.rate(step)
+        if tokens_per_sec is not None:
+            logged.update({"throughput/tokens_per_sec": tokens_per_sec,
+                           "throughput/mfu": metrics_lib.mfu(
+                               tokens_per_sec, flops_per_token, peak, jax.device_count())})
+            bar.set_postfix(loss=f"{logged.get('loss/total', math.nan):.3f}",
+                            tok_s=f"{tokens_per_sec:,.0f}")
+        clock.restart(step)
+        writer.write(step, logged)
+        summary.update(logged)
+        if per_step["training/skipped"].any():
+            note(f"step {step}: {int(per_step['training/skipped'].sum())} of the last "
+                 f"{len(per_step['training/skipped'])} updates skipped (NaN/inf); "
+                 f"{int(logged['training/skipped_steps'])} in all")
+            skips.check(per_step, first, ckpt.latest_step())
+
+    def run_evaluation(evaluation, describe):
+        def action(step: int, state) -> None:
+            evaluated = evaluation(state.params)
+            writer.write(step, {**evaluated, "training/wall_s": time.perf_counter() - started})
+            summary.update(evaluated)
+            note(f"step {step}: {describe(evaluated)}")
+        return action
+
+    def save(step: int, state) -> None:  # only states whose last update was applied
+        if int(state.consecutive_skips):
+            note(f"step {step}: checkpoint postponed: the last update was skipped")
+        else:
+            ckpt.save(step, state, meta(step))
+
+    schedule = [Periodic(training.log_every, log),
+                Periodic(training.eval_every, run_evaluation(validation, _describe_validation)),
+                *[Periodic(e.every, run_evaluation(e.build(model, tokenizer), e.describe))
+                  for e in evaluators],
+                Periodic(config.checkpoint.every, save)]
+    profiler = StepProfiler(parse_steps(training.profile_steps, training.steps), workdir,
+                            say=note)
     step = start
-    batches = Prefetcher(train_data, start, depth=dc.prefetch, sharding=shardings.batch)
+    batches = Prefetcher(train_data, start, depth=data.prefetch, sharding=shardings.batch)
     try:
         preempted = False  # every process agreed to stop (multi-process SIGTERM)
         signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGINT,
                                                                     signal.SIGTERM)
         with _StopFlag(signals) as stop:
-            while step < tc.steps and stop.signal is None and not preempted:
+            while step < training.steps and stop.signal is None and not preempted:
                 batch_step, batch = next(batches)
                 assert batch_step == step, (batch_step, step)
-                if step == oc.fire_step:  # a data boundary: re-initialise once (SPECS §7)
+                if step == optimizer.fire_step:  # a data boundary: re-initialise once (SPECS §7)
                     state = fire(state)
                     note(f"step {step}: FIRE re-initialised the hidden matrices "
-                         f"({oc.fire_iters} Newton-Schulz iterations), moments reset")
+                         f"({optimizer.fire_iters} Newton-Schulz iterations), moments reset")
                 with profiler.annotate(step + 1):
                     state, step_metrics = train_step(state, batch, *step_extra)
                 profiler.after(step + 1, (state, step_metrics))
@@ -379,49 +357,10 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
                 if step == start + 1:  # keep compilation out of the throughput numbers
                     jax.block_until_ready(step_metrics)
                     clock.restart(step)
-                if step % tc.log_every == 0 or step == tc.steps:
-                    per_step, first = _fetch(pending), step - len(pending) + 1
-                    pending = []
-                    logged = _mean_applied(per_step)
-                    logged.update({"training/epoch": train_data.epoch(step), **memory,
-                                   "training/wall_s": time.perf_counter() - started,
-                                   **metrics_lib.device_memory()})
-                    tps = clock.rate(step)
-                    if tps is not None:
-                        logged.update({"throughput/tokens_per_sec": tps,
-                                       "throughput/mfu": metrics_lib.mfu(
-                                           tps, flops_per_token, peak, jax.device_count())})
-                        bar.set_postfix(loss=f"{logged.get('loss/total', math.nan):.3f}",
-                                        tok_s=f"{tps:,.0f}")
-                    writer.write(step, logged)
-                    summary.update(logged)
-                    if per_step["training/skipped"].any():
-                        note(f"step {step}: {int(per_step['training/skipped'].sum())} of the "
-                             f"last {len(per_step['training/skipped'])} updates skipped "
-                             f"(NaN/inf); {int(logged['training/skipped_steps'])} in all")
-                        skips.check(per_step, first, ckpt.latest_step())
-                    clock.restart(step)
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    evaluated = run_eval(state.params)
-                    writer.write(step, {**evaluated,
-                                        "training/wall_s": time.perf_counter() - started})
-                    summary.update(evaluated)
-                    note(f"step {step}: val ce {evaluated['eval/ce']:.4f}, "
-                         f"bpb {evaluated['eval/bpb']:.4f}")
-                    clock.restart(step)  # evaluation is not training throughput
-                if code_eval and (step % tc.code_eval_every == 0 or step == tc.steps):
-                    evaluated = code_eval(state.params)
-                    writer.write(step, evaluated)
-                    summary.update(evaluated)
-                    note(f"step {step}: compile rate {evaluated['eval/compile_rate']:.3f}, "
-                         f"pass rate {evaluated['eval/pass_rate']:.3f}")
-                    clock.restart(step)
-                if ckpt.due(step):  # only states whose last update was applied are saved
-                    if int(state.consecutive_skips):
-                        note(f"step {step}: checkpoint postponed: the last update was skipped")
-                    else:
-                        ckpt.save(step, state, meta(step))
-                    clock.restart(step)  # the save waited for the step to finish
+                for periodic in schedule:
+                    if periodic.due(step, training.steps):
+                        with clock.paused(state):
+                            periodic.action(step, state)
             if stop.signal is not None or preempted:
                 summary["interrupted"] = True
                 why = (stop.signal if stop.signal is not None
@@ -438,3 +377,7 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
         writer.close()
     summary["step"] = step
     return summary
+
+
+def _describe_validation(evaluated: dict[str, float]) -> str:
+    return f"val ce {evaluated['eval/ce']:.4f}, bpb {evaluated['eval/bpb']:.4f}"

@@ -10,7 +10,7 @@ import pytest
 
 from nanochat_jax.data.loader import BatchSource
 from nanochat_jax.errors import CheckpointError, ConfigError
-from nanochat_jax.eval.code import training_evaluator
+from nanochat_jax.eval.code import training_evaluators
 from nanochat_jax.eval.rust import rustc_available
 from nanochat_jax.model.transformer import is_block_kernel
 from nanochat_jax.optim.fire import isometry_error
@@ -145,9 +145,9 @@ def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_c
     c.training.code_eval_every = 75
     c.training.code_eval_max_new_tokens = 24
     c.optimizer.warmup_steps = 5
-    with pytest.raises(ConfigError, match="needs a code evaluator"):  # the trainer alone
+    with pytest.raises(ConfigError, match="needs the code evaluator"):  # the trainer alone
         train(c, str(tmp_path))
-    train(c, str(tmp_path), training_evaluator(c))  # what experiments.run passes
+    train(c, str(tmp_path), training_evaluators(c))  # what experiments.run passes
     evals = [r["eval/ce"] for r in _rows(tmp_path) if "eval/ce" in r]
     assert evals[-1] < 0.8 * evals[0], evals  # ln(1024) = 6.9 at init
     code = [r for r in _rows(tmp_path) if "eval/compile_rate" in r]
