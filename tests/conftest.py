@@ -4,10 +4,15 @@ import glob
 import os
 import struct
 
+import jax
 import pytest
 
 import nanochat_jax  # noqa: F401  (first: libtpu's start-up settings, before JAX loads)
 from experiments.configs import e3_full, tiny, tiny_rust, tiny_rust_gguf
+
+# Broadcasting must be spelled out: `x * scale[None, None]`, not a silent rank promotion
+# that would also accept a transposed or wrongly shaped operand.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,5 +1,6 @@
 """Chunked cross-entropy equals the plain one, with masks, z-loss and entropy."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,7 +174,7 @@ def test_token_ce_is_per_token_nll_and_zero_at_masked_positions():
     logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden, head), axis=-1)
     nll = -np.asarray(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0])
     token_ce = np.asarray(out.token_ce)
-    assert token_ce.shape == (B, T)
+    chex.assert_shape(token_ce, (B, T))
     m = np.asarray(mask, bool)
     assert_array_equal(token_ce[~m], 0.0)
     assert_allclose(token_ce[m], nll[m], rtol=1e-5)

@@ -248,7 +248,7 @@ class Engine:
         drafts that match the main model's argmax. -> (cache, emitted [B, M+1] (the first
         n_new are new tokens), n_new [B] in 1..M+1, next drafts [B, M])."""
         fed = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, M+1]
-        positions = position[:, None] + jnp.arange(fed.shape[1], dtype=jnp.int32)
+        positions = position[:, None] + jnp.arange(fed.shape[1], dtype=jnp.int32)[None, :]
         out = self.model.apply(variables, fed, positions, cache, method=Transformer.decode)
         greedy = greedy_tokens(self._logits(variables, out.hidden))
         matches = (drafts == greedy[:, :-1]).astype(jnp.int32)  # [B, M]

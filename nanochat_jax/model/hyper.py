@@ -92,9 +92,9 @@ class HyperMaps(nn.Module):
             phi = self.param("phi", phi_init, (v.shape[-1], 2 * n + n * n), jnp.float32)
             alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (3,))
             d = jnp.dot(v.astype(jnp.float32), phi)  # [B, T, 2n + n^2]
-            pre = alpha[0] * d[..., :n] + b_pre
-            post = alpha[1] * d[..., n:2 * n] + b_post
-            res = alpha[2] * d[..., 2 * n:].reshape(b, t, n, n) + b_res
+            pre = alpha[0] * d[..., :n] + b_pre[None, None]
+            post = alpha[1] * d[..., n:2 * n] + b_post[None, None]
+            res = alpha[2] * d[..., 2 * n:].reshape(b, t, n, n) + b_res[None, None]
         maps = jax.nn.sigmoid(pre), 2.0 * jax.nn.sigmoid(post), sinkhorn(res, self.sinkhorn_iters)
         if self.dynamic:
             return maps

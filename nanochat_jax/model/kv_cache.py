@@ -56,7 +56,7 @@ def _put(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     b, hkv, t, _ = new.shape
     rows = jnp.arange(b)[:, None, None]
     heads = jnp.arange(hkv)[None, :, None]
-    slots = (start[:, None] + jnp.arange(t))[:, None, :]  # [B, 1, T]
+    slots = (start[:, None] + jnp.arange(t)[None, :])[:, None, :]  # [B, 1, T]
     return cache.at[rows, heads, slots].set(new.astype(cache.dtype), mode="promise_in_bounds",
                                            unique_indices=True)
 

@@ -86,7 +86,8 @@ def rms_norm(cfg: ModelConfig, name: str | None = None) -> nn.RMSNorm:
 def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables for rotate-half RoPE.  positions: [T] or [B, T] -> each [..., head_dim/2]."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape(
+        (1,) * positions.ndim + inv_freq.shape)
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -123,7 +124,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     q = q.reshape(b, hkv, -1, dh)  # [B, Hkv, G T, Dh]
     scores = jnp.einsum("bhqd,bhsd->bhqs", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) * dh ** -0.5
-    visible = jnp.arange(k.shape[2]) <= positions[:, :, None]  # [B, T, S]
+    visible = jnp.arange(k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, T, S]
     visible = jnp.tile(visible, (1, n // hkv, 1))[:, None]  # [B, 1, G T, S]
     weights = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
     out = jnp.einsum("bhqs,bhsd->bhqd", weights.astype(q.dtype), v.astype(q.dtype),

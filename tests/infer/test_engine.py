@@ -215,7 +215,7 @@ def test_cached_attention_equals_causal_attention_with_grouped_heads():
     cache = [write_slots(jnp.zeros((2, 2, 16, 16)), a[:, :4], jnp.zeros(2, jnp.int32))
              for a in (k, v)]  # the first four tokens, at slots 0..3 of both rows
     fed = [jnp.stack([a[0, 4:], a[1, 2:7]]) for a in (q, k, v)]  # what row b feeds
-    positions = starts[:, None] + jnp.arange(5)
+    positions = starts[:, None] + jnp.arange(5)[None, :]
     cache = [write_slots(c, a, starts) for c, a in zip(cache, fed[1:], strict=True)]
     got = cached_attention(fed[0], *cache, positions)
     # row 0 sees tokens 0..8 as in the causal reference; row 1 overwrote slots 2..6 with

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +85,7 @@ def test_maps_have_their_ranges_and_static_maps_are_shared_by_tokens():
     for dynamic in (True, False):
         maps = HyperMaps(4, layer=1, dynamic=dynamic)
         pre, post, res = maps.apply(maps.init(jax.random.PRNGKey(0), x), x)
-        assert pre.shape == post.shape == (2, 6, 4) and res.shape == (2, 6, 4, 4)
+        chex.assert_shape([pre, post, res], [(2, 6, 4), (2, 6, 4), (2, 6, 4, 4)])
         assert ((pre > 0) & (pre < 1)).all() and ((post > 0) & (post < 2)).all()
         assert_allclose(res.sum(-1), 1.0, atol=1e-5)
         assert int(jnp.argmax(pre[0, 0])) == 1  # initialised to read stream `layer mod n`

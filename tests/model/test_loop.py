@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ def test_exit_distribution_sums_to_one_and_entropy_is_at_most_log_loops(loops):
     gates = _logits((loops - 1, 3, 5), loops)
     gates = gates.at[0, 0, 0].set(60.0).at[-1, 0, 1].set(-60.0)  # saturated gates stay finite
     p = exit_distribution(gates)
-    assert p.shape == (loops, 3, 5) and bool(jnp.all(p >= 0))
+    chex.assert_shape(p, (loops, 3, 5))
+    assert bool(jnp.all(p >= 0))
     assert_allclose(p.sum(0), 1.0, atol=1e-6)
     assert bool(jnp.all(exit_entropy(p) <= np.log(loops) + 1e-6))
 
@@ -80,7 +82,7 @@ def test_one_loop_without_a_gate_is_the_plain_stack():
 def test_each_loop_reapplies_the_same_blocks():
     looped, params, plain, shared = _looped(2)
     out = looped.apply({"params": params}, _tokens(), method=Transformer.forward)
-    assert out.hidden.shape == (2, 2, 8, 32) and out.exit_logits.shape == (1, 2, 8)
+    chex.assert_shape([out.hidden, out.exit_logits], [(2, 2, 8, 32), (1, 2, 8)])
 
     def twice(module, tokens):  # the plain stack, loop norm, the plain stack again
         x = module.embed(tokens)

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,7 +65,7 @@ def _bitlinear(ternary, seed=0):
 def test_bitlinear_ternary_equals_quantized_activations_times_quantized_weights():
     layer, params, x = _bitlinear(ternary=True)
     w = params["params"]["kernel"]
-    assert w.shape == (16, 24)
+    chex.assert_shape(w, (16, 24))
     y = np.asarray(layer.apply(params, x))
     expected = np.asarray(quant.quantize_activations(x)) @ np.asarray(quant.quantize_weights(w))
     assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -132,7 +133,7 @@ def test_dense_twin_gives_different_outputs_from_same_params():
     tokens = _tokens(1)
     logits_t = np.asarray(_apply(model, params, tokens))
     logits_d = np.asarray(_apply(dense, params, tokens))
-    assert logits_t.shape == logits_d.shape == (2, 8, 64)
+    chex.assert_shape([logits_t, logits_d], (2, 8, 64))
     assert np.all(np.isfinite(logits_t)) and np.all(np.isfinite(logits_d))
     assert not np.allclose(logits_t, logits_d, atol=1e-4)
 
@@ -158,19 +159,19 @@ def test_block_params_have_the_bitnet_layout():
     assert set(block) == {"attn", "attn_norm", "ffn", "ffn_norm"}
     assert set(block["attn"]) == {"q", "k", "v", "o", "attn_sub_norm"}
     assert set(block["ffn"]) == {"w1", "w2", "w3", "ffn_sub_norm"}
-    assert block["ffn"]["w1"]["kernel"].shape == (32, 64)
-    assert block["ffn"]["w2"]["kernel"].shape == (64, 32)
-    assert block["ffn"]["ffn_sub_norm"]["scale"].shape == (64,)
+    chex.assert_shape(block["ffn"]["w1"]["kernel"], (32, 64))
+    chex.assert_shape(block["ffn"]["w2"]["kernel"], (64, 32))
+    chex.assert_shape(block["ffn"]["ffn_sub_norm"]["scale"], (64,))
 
 
 def test_grouped_query_attention_kv_kernels_have_n_kv_heads_outputs():
     _, params = _init(TINY)
     attn = params["params"]["block_0"]["attn"]
     head_dim = TINY.d_model // TINY.n_heads
-    assert attn["q"]["kernel"].shape == (32, TINY.n_heads * head_dim)
-    assert attn["k"]["kernel"].shape == (32, TINY.n_kv_heads * head_dim)
-    assert attn["v"]["kernel"].shape == (32, TINY.n_kv_heads * head_dim)
-    assert attn["o"]["kernel"].shape == (TINY.n_heads * head_dim, 32)
+    chex.assert_shape(attn["q"]["kernel"], (32, TINY.n_heads * head_dim))
+    chex.assert_shape(attn["k"]["kernel"], (32, TINY.n_kv_heads * head_dim))
+    chex.assert_shape(attn["v"]["kernel"], (32, TINY.n_kv_heads * head_dim))
+    chex.assert_shape(attn["o"]["kernel"], (TINY.n_heads * head_dim, 32))
 
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
@@ -219,7 +220,7 @@ def test_untied_logits_use_lm_head():
     model, params = _init(TINY)
     (hidden, head), logits = _apply(model, params, _tokens(5), method=_hidden_head_and_logits)
     lm_head = np.asarray(params["params"]["lm_head"])
-    assert lm_head.shape == (32, 64)
+    chex.assert_shape(lm_head, (32, 64))
     assert_array_equal(np.asarray(head), lm_head)
     assert_allclose(np.asarray(logits), np.asarray(hidden) @ lm_head, rtol=1e-5, atol=1e-6)
 
@@ -310,7 +311,7 @@ def test_ffn_is_down_of_sub_normed_activation_of_gate_times_up(activation, act):
     out, _ = ffn.apply({"params": params}, x)
     h = act(x @ params["w1"]["kernel"]) * (x @ params["w3"]["kernel"])
     h = h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
-    want = (h * params["ffn_sub_norm"]["scale"]) @ params["w2"]["kernel"]
+    want = (h * params["ffn_sub_norm"]["scale"][None, None, :]) @ params["w2"]["kernel"]
     assert_allclose(out, want, rtol=2e-5, atol=2e-5)
 
 

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +112,7 @@ def test_muon_momentum_state_lives_exactly_on_hidden_matrices():
     for p, m in momentum.items():
         if p in hidden:
             assert isinstance(m, jax.Array), p
-            assert m.shape == param_leaves[p].shape, p
+            chex.assert_equal_shape([m, param_leaves[p]])
             assert_array_equal(np.asarray(m), 0.0)
         else:
             assert isinstance(m, optax.MaskedNode), p

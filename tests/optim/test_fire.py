@@ -3,6 +3,7 @@
 import functools
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +89,7 @@ def test_fire_params_reinitialises_exactly_the_block_kernels():
     changed = set()
     for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                      jax.tree.leaves(fired), strict=True):
-        assert after.shape == before.shape and after.dtype == before.dtype
+        chex.assert_trees_all_equal_shapes_and_dtypes(after, before)
         if not np.array_equal(before, after):
             changed.add(_path(path))
             assert float(isometry_error(after)) < 1e-4, _path(path)

@@ -3,6 +3,7 @@ refresh schedule, moments kept across a refresh, optax compositions, and it trai
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +49,7 @@ def test_full_svd_projection_equals_truncated_svd(shape):
     g = _decaying_matrix(*shape)
     _, state = _one_step(galore(optax.identity(), rank=6, svd="full"), jnp.asarray(g))
     proj = np.asarray(state.projectors["w"])
-    assert proj.shape == (24, 6)  # the short side, both orientations
+    chex.assert_shape(proj, (24, 6))  # the short side, both orientations
     assert_allclose(_project_back(g, proj), _truncated_svd(g, 6), atol=1e-4)
 
 
@@ -105,7 +106,7 @@ def test_non_matrix_leaves_pass_to_inner_unprojected_and_unscaled():
     updates, state = tx.update(grads, state)
     assert_allclose(updates["b"], grads["b"])
     assert_allclose(updates["k"], grads["k"])
-    assert state.projectors["b"].shape == (0,) and state.projectors["w"].shape == (8, 2)
+    chex.assert_shape([state.projectors["b"], state.projectors["w"]], [(0,), (8, 2)])
 
 
 @pytest.mark.parametrize("svd", SVD_MODES)
@@ -142,9 +143,9 @@ def test_inner_state_lives_in_projected_shapes():
     params = {"wide": jnp.zeros((16, 40)), "tall": jnp.zeros((40, 16)), "bias": jnp.zeros(7)}
     state = galore(optax.adam(1e-2), rank=4).init(params)
     mu = state.inner_state[0].mu
-    assert mu["wide"].shape == (4, 40)
-    assert mu["tall"].shape == (40, 4)
-    assert mu["bias"].shape == (7,)
+    chex.assert_shape(mu["wide"], (4, 40))
+    chex.assert_shape(mu["tall"], (40, 4))
+    chex.assert_shape(mu["bias"], (7,))
 
 
 def test_adam_moments_are_kept_across_a_refresh():
@@ -168,7 +169,7 @@ def _run_jitted(tx, steps=4):
     """A few jitted steps on a 2-D + 1-D toy problem; returns (initial, final) params."""
     params = {"w": jax.random.normal(jax.random.key(0), (12, 20)), "b": jnp.ones(20)}
     target = jax.random.normal(jax.random.key(1), (12, 20))
-    loss = lambda p: jnp.sum((p["w"] + p["b"] - target) ** 2)
+    loss = lambda p: jnp.sum((p["w"] + p["b"][None, :] - target) ** 2)
 
     @jax.jit
     def step(p, s):

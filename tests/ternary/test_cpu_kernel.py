@@ -2,6 +2,7 @@
 tiles for any row count, chosen by 'auto' on the CPU for I2 codes and CPU tiles alike, and a
 clear fallback when it cannot be built."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,7 @@ def test_auto_on_the_cpu_runs_the_native_kernel_for_int8_activations(layout):
     hlo = jax.jit(lambda a: kernel.ternary_matmul(a, w)).lower(x).as_text()
     assert cpu_kernel.TARGET in hlo
     product = np.asarray(kernel.ternary_matmul(x, w))
-    assert product.shape == (2, 96)
+    chex.assert_shape(product, (2, 96))
     assert_array_equal(product, np.asarray(kernel.ternary_matmul(x, i2, impl="reference")))
     assert_array_equal(product, np.asarray(kernel.ternary_matmul(x, w, impl="reference")))
     floats = jnp.asarray(x, jnp.float32)  # float activations keep XLA's dot

@@ -4,6 +4,7 @@ forward and an FP4 backward that the model reaches through `model.fp4_backward`.
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,7 @@ def test_values_are_grid_points_times_one_scale_per_block(fmt):
     assert set(np.unique(np.abs(codes).round(6))) <= set(fp4.E2M1_GRID)
     scale, blocks = fp4.block_scales(X, fmt)
     assert blocks.shape[-1] == {"nvfp4": 16, "mxfp4": 32}[fmt]
-    assert scale.shape == (8, 96 // fp4.BLOCK[fmt], 1)
+    chex.assert_shape(scale, (8, 96 // fp4.BLOCK[fmt], 1))
     if fmt == "mxfp4":  # E8M0: powers of two
         np.testing.assert_array_equal(np.log2(scale), np.round(np.log2(scale)))
     else:  # E4M3 block scale times the fp32 tensor scale 448 * 6 / amax

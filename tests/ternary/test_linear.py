@@ -1,5 +1,6 @@
 """ternary_dot: kernel forward equals the fake-quant forward; gradients are the STE's."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ def _inputs(seed=0):
 def test_forward_equals_fake_quant_forward(impl):
     x, w, _ = _inputs()
     y = ternary_dot(x, w, impl)
-    assert y.shape == (2, 3, 40)
+    chex.assert_shape(y, (2, 3, 40))
     assert_allclose(np.asarray(y), np.asarray(_fake_quant(x, w)), rtol=1e-5, atol=1e-6)
 
 

@@ -206,7 +206,7 @@ def test_resumed_metrics_drop_rows_after_the_checkpoint_and_a_torn_last_line(
 def built_corpus(tmp_path_factory, make_small_config):
     """(a corpus directory of small_config's data, the config)."""
     from nanochat_jax.data import corpus as corpus_lib
-    from nanochat_jax.train.trainer import corpus_spec
+    from nanochat_jax.data.pipeline import corpus_spec
 
     c = make_small_config()
     directory = str(tmp_path_factory.mktemp("corpus") / "built")
