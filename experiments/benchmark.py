@@ -356,7 +356,10 @@ def headline_section(info: dict) -> list[str]:
              f"{base['dense_tokens']:,} tokens. Mean +- std over the seeds that reached it.",
              "", "| arm | seeds reaching | seconds | tokens | speed-up vs dense AdamW | "
              "tokens vs dense AdamW |", "|---|---|---|---|---|---|"]
-    fmt = lambda ms, spec: f"{ms[0]:{spec}} +- {ms[1]:{spec}}"
+
+    def fmt(ms, spec):
+        return f"{ms[0]:{spec}} +- {ms[1]:{spec}}"
+
     for arm, r in reach.items():
         if not r["reached"]:
             lines.append(f"| {arm} | 0/{r['seeds']} | not reached | - | - | - |")
@@ -390,7 +393,10 @@ def claim_verdicts(results: list[dict], info: dict) -> list[str]:
                       else " (within noise of dense AdamW or slower)."))
     lines.append(f"| 2-3x faster training | wall time to dense AdamW's loss, speed-up: {speed} "
                  f"| {verdict} |")
-    state = lambda r: (r["params_bytes"] or 0) + (r["opt_state_bytes"] or 0)
+
+    def state(r):
+        return (r["params_bytes"] or 0) + (r["opt_state_bytes"] or 0)
+
     saved = {r["name"]: 1 - state(r) / state(base) for r in e3}
     top = max(saved, key=saved.get, default=None)
     lines.append(
@@ -478,8 +484,13 @@ def report(results: list[dict], info: dict, out: str) -> str:
     tps_step = info["tokens_per_step"]
     base = next(r for r in results if r["name"] == BASELINE)
     target = base["val_ce"]
-    mib = lambda v: "n/a" if v is None else f"{v / 2**20:,.1f}"
-    ratio = lambda a, b: "n/a" if a is None or not b else f"{a / b:.2f}"
+
+    def mib(v):
+        return "n/a" if v is None else f"{v / 2**20:,.1f}"
+
+    def ratio(a, b):
+        return "n/a" if a is None or not b else f"{a / b:.2f}"
+
     lines = [f"# E3 benchmark ({info['mode']})", ""]
     if info.get("command"):
         lines += [f"`{info['command']}`" + (f" ({info['total_s'] / 60:.0f} min)"
@@ -525,7 +536,10 @@ def report(results: list[dict], info: dict, out: str) -> str:
                   "|---|---|"]
         speed = ", ".join(f"{r['name']} {r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x"
                           for r in e3)
-        state = lambda r: (r["params_bytes"] or 0) + (r["opt_state_bytes"] or 0)
+
+        def state(r):
+            return (r["params_bytes"] or 0) + (r["opt_state_bytes"] or 0)
+
         memory = ", ".join(f"{r['name']} {1 - state(r) / state(base):+.0%}" for r in e3)
         rss = ", ".join(f"{r['name']} {1 - r['peak_host_bytes'] / base['peak_host_bytes']:+.0%}"
                         for r in e3)

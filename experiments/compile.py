@@ -139,7 +139,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     from nanochat_jax.infer.engine import Engine
     from nanochat_jax.model.axes import AXES
     from nanochat_jax.model.packed import pack_params
-    from nanochat_jax.model.transformer import Transformer
+    from nanochat_jax.model.transformer import Transformer, unscan
     from nanochat_jax.optim.factory import build_optimizer
     from nanochat_jax.ternary import kernel
     from nanochat_jax.train import metrics, sharding
@@ -166,7 +166,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
         laid_out = topologies.make_mesh(described, tuple(sizes.values()), AXES)  # ICI-aware
         mesh = jax.sharding.Mesh(laid_out.devices, AXES,
                                  axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
-    tc, dc = config.training, config.data
+    training, data = config.training, config.data
     if decode_batch is None:
         decode_batch = -(-8 // (sizes["data"] * sizes["fsdp"])) * sizes["data"] * sizes["fsdp"]
     chip = metrics.chip(devices[0].device_kind)
@@ -175,38 +175,42 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
             "ternary_impl": mcfg.ternary_impl if not mcfg.uses_kernel else
             f"{mcfg.ternary_impl} -> "
             f"{kernel.resolve_impl(mcfg.ternary_impl, devices[0].platform)}",
-            "ternary": mcfg.ternary, "remat": mcfg.remat, "compute_dtype": mcfg.compute_dtype,
-            "optimizer": config.optimizer.name, "batch": dc.batch_size, "seq_len": mcfg.seq_len}
+            "ternary": mcfg.ternary, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers,
+            "compute_dtype": mcfg.compute_dtype,
+            "optimizer": config.optimizer.name, "batch": data.batch_size, "seq_len": mcfg.seq_len}
     model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, tc.steps)
+    tx, lr_fn = build_optimizer(config.optimizer, training.steps)
     state = abstract_train_state(config)
-    placed = lambda tree, shardings: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    def placed(tree, shardings):
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     state_shardings = sharding.train_state_shardings(state, mesh)
     shardings = StepShardings(state=state_shardings, batch=sharding.batch_sharding(mesh),
                               reference=None, replicated=sharding.replicated(mesh))
-    tokens = jax.ShapeDtypeStruct((dc.batch_size, mcfg.seq_len + 1), jnp.int32,
+    tokens = jax.ShapeDtypeStruct((data.batch_size, mcfg.seq_len + 1), jnp.int32,
                                   sharding=shardings.batch)
     reports = []
     with jax.set_mesh(mesh):
         step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=0),
-                               grad_accum=tc.grad_accum, shardings=shardings)
+                               grad_accum=training.grad_accum, shardings=shardings)
         started = time.perf_counter()
         lowered = step.lower(placed(state, state_shardings), tokens)
-        row = _report(f"train (batch {dc.batch_size} x {mcfg.seq_len})", lowered, chip, started)
-        row["model_flops"] = (metrics.flops_per_token(mcfg, mcfg.seq_len) * dc.batch_size
+        row = _report(f"train (batch {data.batch_size} x {mcfg.seq_len})", lowered, chip, started)
+        row["model_flops"] = (metrics.flops_per_token(mcfg, mcfg.seq_len) * data.batch_size
                               * mcfg.seq_len / len(devices))
         reports.append(row)
         if decode_batch:
             replicated = sharding.replicated(mesh)
-            variables = jax.eval_shape(pack_params, state.params)
+            decode_cfg = unscan(mcfg, {})[0]  # decoding runs on unrolled blocks
+            variables = jax.eval_shape(lambda p: pack_params(unscan(mcfg, p)[1]), state.params)
             variables = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
             split = decode_batch % (sizes["data"] * sizes["fsdp"]) == 0
             rows_sharding = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(
                 ("data", "fsdp") if split else None))
             started = time.perf_counter()
-            lowered = Engine(model, variables).lower_decode_step(
+            lowered = Engine(Transformer(decode_cfg), variables).lower_decode_step(
                 decode_batch, mcfg.seq_len, rows=rows_sharding)
             reports.append(_report(f"decode (batch {decode_batch}, cache {mcfg.seq_len})",
                                    lowered, chip, started))

@@ -129,7 +129,9 @@ def _gib_or_refused(row: dict) -> str:
 
 
 def report(results: dict) -> str:
-    gib = lambda b: f"{b / 2**30:,.2f}"
+    def gib(b):
+        return f"{b / 2**30:,.2f}"
+
     lines = ["# Memory at size", "", *[f"`{c}`  " for c in results["commands"]], "",
              "## Parameters and optimizer state (exact, from eval_shape)", "",
              "Whole-model bytes (divide by the fsdp degree for a device's share). Saved: "

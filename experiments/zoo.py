@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    mib = lambda n: f"{n / 2**20:,.1f}"
+
+    def mib(n):
+        return f"{n / 2**20:,.1f}"
+
     print("| preset | d_model | layers | heads (kv) | d_ff | vocab | params | ternary params | "
           "ternary MiB bf16 | packed MiB | other MiB fp32 | trained by |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -92,7 +92,10 @@ def _bwd(mode, impl, kept, layout, residuals, cotangents):
     rows = g_carrier.size
     keep = g_carrier.reshape(rows) != 0
     idx = jnp.nonzero(keep, size=kept, fill_value=rows)[0]  # [kept]; out of range if short
-    take = lambda a: jnp.take(a, idx, axis=0, mode="fill", fill_value=0)
+
+    def take(a):
+        return jnp.take(a, idx, axis=0, mode="fill", fill_value=0)
+
     x_rows, gy_rows = take(x.reshape(rows, k)), take(gy.reshape(rows, n))  # [kept, K], [kept, N]
     w_eff = w
     if mode != "dense":  # STE: gradients of the quantised product (per-token x quantisation)

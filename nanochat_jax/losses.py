@@ -99,7 +99,10 @@ def chunked_cross_entropy(
 
     m = jnp.ones((n,), jnp.float32) if mask is None else mask.reshape(n).astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(m), 1.0)
-    mean = lambda x: jnp.sum(x * m) / denom
+
+    def mean(x):
+        return jnp.sum(x * m) / denom
+
     ce = mean(token_ce)
     loss = ce + z_loss * mean(jnp.square(lse)) if z_loss else ce
     return LossOutput(loss, ce, mean(entropy), (token_ce * m).reshape(b, t), lse.reshape(b, t),
@@ -170,7 +173,10 @@ def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Obj
                                fp4=obj.fp4, key=key)
     token_ce = ce.token_ce.reshape(r, b, t)
     last = s - 1
-    mean = lambda x: masked_mean(x, mask)
+
+    def mean(x):
+        return masked_mean(x, mask)
+
     metrics = {"loss/ce": mean(token_ce[last]),
                "training/entropy": mean(ce.token_entropy.reshape(r, b, t)[last])}
     token_loss = token_ce[last]

@@ -78,7 +78,10 @@ def test_changing_a_masked_target_changes_nothing():
     masked = np.argwhere(np.asarray(mask) == 0)
     assert len(masked) > 0
     b, t = masked[0]
-    f = lambda tg: _chunked_value_and_grad(hidden, head, tg, mask, chunk_size=7)
+
+    def f(tg):
+        return _chunked_value_and_grad(hidden, head, tg, mask, chunk_size=7)
+
     base_loss, base_grads = f(targets)
     for new_target in ((int(targets[b, t]) + 1) % V, -1):  # another id, a padding id
         loss, grads = f(targets.at[b, t].set(new_target))

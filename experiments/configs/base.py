@@ -29,6 +29,8 @@ def get_config() -> config_dict.ConfigDict:
     c.model.ffn_activation = "relu2"  # or "silu" (SwiGLU; what llama.cpp's bitnet arch runs)
     c.model.compute_dtype = "float32"  # bfloat16: bf16 activations, fp32 master weights
     c.model.remat = "none"  # full | dots | loop: recompute activations in the backward
+    # One nn.scan over the blocks (stacked parameters): compile time independent of depth
+    c.model.scan_layers = False
     # nvfp4 | mxfp4: the backward of a dense model's linear layers in simulated FP4,
     # gradients stochastically rounded (forward exact; ternary/fp4.py says what is and is not
     # simulated); fp4_hadamard: 16-point random Hadamard on the weight gradient's operands;

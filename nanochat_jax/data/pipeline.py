@@ -17,37 +17,37 @@ from nanochat_jax.errors import ConfigError
 
 def corpus_spec(config: ml_collections.ConfigDict) -> corpus_lib.BuildSpec:
     """The corpus a run's `data` group asks for."""
-    dc = config.data
+    data = config.data
     return corpus_lib.BuildSpec(
-        source=dc.source, extensions=tuple(dc.extensions), max_file_bytes=dc.max_file_bytes,
-        val_fraction=dc.val_fraction, max_bytes=dc.max_bytes, vocab_size=dc.vocab_size)
+        source=data.source, extensions=tuple(data.extensions), max_file_bytes=data.max_file_bytes,
+        val_fraction=data.val_fraction, max_bytes=data.max_bytes, vocab_size=data.vocab_size)
 
 
 def open_data(config: ml_collections.ConfigDict, seq_len: int,
               say: Callable[[str], None] = print):
     """Open (building if needed) and verify the corpus (every shard against its manifest
     hash); the train and validation batch sources."""
-    dc = config.data
+    data = config.data
     spec = corpus_spec(config)
-    if dc.corpus_dir and os.path.exists(os.path.join(dc.corpus_dir, corpus_lib.MANIFEST)):
-        corpus = corpus_lib.Corpus.open(dc.corpus_dir)
+    if data.corpus_dir and os.path.exists(os.path.join(data.corpus_dir, corpus_lib.MANIFEST)):
+        corpus = corpus_lib.Corpus.open(data.corpus_dir)
         built = {k: tuple(v) if isinstance(v, list) else v
                  for k, v in corpus.manifest["spec"].items()}
         wanted = dataclasses.asdict(spec)
         diff = {k: (built[k], wanted[k]) for k in wanted if built.get(k) != wanted[k]}
         if diff:
-            raise ConfigError(f"data.corpus_dir={dc.corpus_dir} was built with other settings "
+            raise ConfigError(f"data.corpus_dir={data.corpus_dir} was built with other settings "
                               f"(built, configured): {diff}; set the data.* fields to match "
                               f"or use another corpus_dir")
     else:
-        corpus = corpus_lib.ensure(spec, dc.corpus_dir)
+        corpus = corpus_lib.ensure(spec, data.corpus_dir)
     started = time.perf_counter()
     checked = corpus.verify()
     say(f"data: {checked['shards']} shards ({checked['bytes'] / 1e6:,.1f} MB) match their "
         f"manifest hashes ({time.perf_counter() - started:.2f} s)")
     tok = corpus.tokenizer
-    train = BatchSource(corpus.shards("train"), tok.bos_id, dc.batch_size, seq_len,
+    train = BatchSource(corpus.shards("train"), tok.bos_id, data.batch_size, seq_len,
                         config.training.seed, shuffle=True, name="train")
-    val = BatchSource(corpus.shards("val"), tok.bos_id, dc.batch_size, seq_len,
+    val = BatchSource(corpus.shards("val"), tok.bos_id, data.batch_size, seq_len,
                       config.training.seed, shuffle=False, name="validation")
     return corpus, train, val

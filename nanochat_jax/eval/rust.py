@@ -412,7 +412,10 @@ def _parse_row(line: str, where: str) -> Problem:
         raise EvalError(f"{where}: not valid JSON ({e.msg}); {ROW_FORMATS}") from None
     if not isinstance(row, dict):
         raise EvalError(f"{where}: a row must be a JSON object; {ROW_FORMATS}")
-    text = lambda key, required=True: _text_field(row, key, where, required)
+
+    def text(key, required=True):
+        return _text_field(row, key, where, required)
+
     if "task_id" not in row and "name" in row:  # MultiPL-E
         return Problem(text("name"), text("prompt"), text("tests"), None,
                        _stop_field(row, "stop_tokens", where))

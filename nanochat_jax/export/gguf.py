@@ -86,7 +86,10 @@ def check_exportable(cfg: ModelConfig, qtype: Q, tokenizer: BPETokenizer) -> lis
 def tensors(params: dict, cfg: ModelConfig, qtype: Q) -> Iterator[tuple[str, np.ndarray, Q]]:
     """(llama.cpp name, array, stored type) of every tensor; quantised arrays are the
     `gguf` package's packed blocks [out, bytes per row], others [out, in] or [n]."""
-    f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
+
+    def f32(a):
+        return np.ascontiguousarray(np.asarray(a, np.float32))
+
     embed_type = Q.F32 if qtype == Q.F32 else Q.F16
     yield "token_embd.weight", _encode(f32(params["embed"]["embedding"]), embed_type), embed_type
     yield "output_norm.weight", f32(params["final_norm"]["scale"]), Q.F32
@@ -196,7 +199,10 @@ def bits_per_weight(path: str) -> dict:
     reader = gguf.GGUFReader(path)
     linear = [t for t in reader.tensors if t.name.split(".")[-2] in LINEARS.values()
               and t.name.endswith(".weight")]
-    bits = lambda ts: 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
+
+    def bits(ts):
+        return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
+
     return {"bits_per_linear_weight": bits(linear), "bits_per_weight": bits(reader.tensors)}
 
 

@@ -94,8 +94,10 @@ def load(directory: str) -> tuple[ModelConfig, dict, BPETokenizer]:
     params = unflatten(load_file(os.path.join(directory, WEIGHTS)))
     expected = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
                               jax.ShapeDtypeStruct((1, 8), np.int32))["params"]
-    shapes = lambda tree: {"/".join(path_names(p)): tuple(leaf.shape)
-                           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def shapes(tree):
+        return {"/".join(path_names(p)): tuple(leaf.shape)
+                               for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
     want, got = shapes(expected), shapes(params)
     if want != got:
         raise CheckpointError(f"{directory}: the weights do not match the architecture in "

@@ -124,7 +124,10 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
 def hf_tensors(params: dict, cfg: ModelConfig, mode: str) -> dict[str, np.ndarray]:
     """transformers' tensor names -> arrays: linear weights [out, in] (float32 latents
     online; packed uint8 codes and a float32 `weight_scale` [1] offline), norms [D]."""
-    f32 = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))
+
+    def f32(a):
+        return np.ascontiguousarray(np.asarray(a, np.float32))
+
     tensors = {"model.embed_tokens.weight": f32(params["embed"]["embedding"]),
                "model.norm.weight": f32(params["final_norm"]["scale"])}
     if not cfg.tie_embeddings:

@@ -301,7 +301,9 @@ class Engine:
 
 def _write_at(out: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """out [B, N] with row b's slots start[b] .. start[b] + W - 1 set to new [B, W]."""
-    put = lambda o, n, s: jax.lax.dynamic_update_slice_in_dim(o, n, s, axis=0)
+    def put(o, n, s):
+        return jax.lax.dynamic_update_slice_in_dim(o, n, s, axis=0)
+
     return jax.vmap(put)(out, new, start)
 
 

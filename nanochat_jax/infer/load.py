@@ -17,7 +17,7 @@ from nanochat_jax.data.tokenizer import FILENAME, BPETokenizer
 from nanochat_jax.errors import CheckpointError
 from nanochat_jax.model.config import ModelConfig, from_run_config
 from nanochat_jax.model.packed import pack_params
-from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.model.transformer import Transformer, unscan
 from nanochat_jax.train.checkpoint import load_run
 
 
@@ -43,7 +43,8 @@ def load(workdir: str, step: int | None = None, *, packed: bool = False,
          ternary_impl: str | None = None) -> Loaded:
     """Load `workdir`'s checkpoint at `step` (default: latest). `packed` converts the ternary
     kernels to 2-bit I2 once; `ternary_impl` overrides how BitLinear computes (e.g.
-    "fake_quant" for latent weights without repacking them every call)."""
+    "fake_quant" for latent weights without repacking them every call). A run trained with
+    `model.scan_layers` comes back unrolled (`transformer.unscan`)."""
     config, state, meta = load_run(workdir, step)
     cfg = from_run_config(config)
     if ternary_impl is not None:
@@ -60,7 +61,8 @@ def load(workdir: str, step: int | None = None, *, packed: bool = False,
     if tokenizer.identity() != meta["data"]["tokenizer"]:
         raise CheckpointError(f"the tokenizer found for {workdir} is {tokenizer.identity()}, "
                               f"the run used {meta['data']['tokenizer']}")
-    variables = {"params": state.params}
+    cfg, params = unscan(cfg, state.params)  # decoding and export read unrolled blocks
+    variables = {"params": params}
     if packed:
         if not cfg.ternary:
             raise CheckpointError(f"{workdir} is a dense model: there are no ternary weights "

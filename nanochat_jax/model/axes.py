@@ -16,6 +16,7 @@ from typing import Any
 from nanochat_jax.ternary.linear import Layout
 
 AXES = ("data", "fsdp", "tensor")
+STACK = "blocks"  # the nn.scan'd block stack (model.scan_layers): `blocks/block/...` [L, ...]
 
 # "/"-joined Flax path (searched) -> logical name of each dimension (None: never split).
 PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -47,6 +48,15 @@ def logical_axes(name: str) -> tuple[str | None, ...] | None:
         if re.search(pattern, name):
             return axes
     return None
+
+
+def param_axes(name: str) -> tuple[str | None, ...] | None:
+    """The logical axes of a whole parameter: `logical_axes`, with the leading layer axis of
+    the `nn.scan`'d stack (`blocks/...`, model.scan_layers) never split."""
+    axes = logical_axes(name)
+    if axes and name.split("/")[0] == STACK:
+        return (None, *axes)
+    return axes
 
 
 def mesh_axes(logical: str | None) -> tuple[str, ...]:

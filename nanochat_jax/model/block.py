@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax.collider import Carrier
+from nanochat_jax.model.axes import STACK
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.hyper import HyperMaps, hyper_read, hyper_write
 from nanochat_jax.model.layers import Attention, FeedForward, rms_norm
@@ -27,11 +28,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, carrier: Carrier | None = None,
                  kv: tuple[jax.Array, jax.Array] | None = None,
-                 positions: jax.Array | None = None):
+                 positions: jax.Array | None = None, index: jax.Array | None = None):
         """x -> (x, H_res maps or None, Collider carrier passed on, attention's updated KV
-        cache or None); `kv` and `positions` as in layers.Attention."""
+        cache or None); `kv` and `positions` as in layers.Attention; `index` (traced, under
+        `nn.scan`) replaces the static `self.index`."""
         c = self.cfg
-        norm = lambda name: rms_norm(c, name)
+        depth = self.index if index is None else index
+
+        def norm(name):
+            return rms_norm(c, name)
 
         def attn(h, cr):
             nonlocal kv
@@ -48,8 +53,8 @@ class Block(nn.Module):
         res_maps = []
         for j, (name, sublayer) in enumerate(sublayers):
             h_pre, h_post, h_res = HyperMaps(
-                c.mhc_streams, 2 * self.index + j, c.mhc_sinkhorn_iters, c.mhc_dynamic,
-                norm_eps=c.norm_eps, name=f"hyper_{name}")(x)
+                c.mhc_streams, c.mhc_sinkhorn_iters, c.mhc_dynamic, norm_eps=c.norm_eps,
+                name=f"hyper_{name}")(x, 2 * depth + j)
             y, carrier = sublayer(hyper_read(x, h_pre), carrier)
             x = hyper_write(x, y, h_post, h_res)
             res_maps.append(h_res)
@@ -65,3 +70,30 @@ def block_class(cfg: ModelConfig) -> type[Block]:
     if cfg.remat in ("none", "loop"):  # "loop": Transformer remats whole stack passes
         return Block
     return nn.remat(Block, policy=REMAT[cfg.remat])
+
+
+class _ScanStep(nn.Module):
+    """One block as a step of `nn.scan`: carry (x, Collider carrier), scanned input the
+    block's depth (mHC's maps read by depth) -> (carry, H_res maps [2, B, T, n, n] or None)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, index: jax.Array):
+        x, carrier = carry
+        x, res, carrier, _ = Block(self.cfg, name="block")(x, carrier, index=index)
+        return (x, carrier), res
+
+
+
+
+def scanned_blocks(cfg: ModelConfig) -> nn.Module:
+    """The whole block stack as one `nn.scan` over depth (`cfg.scan_layers`): parameters
+    stacked with a leading [n_layers] axis, one block body traced whatever the depth.
+    Call it as `(x, carrier), maps = stack((x, carrier), jnp.arange(n_layers))`; maps
+    [L, 2, B, T, n, n] with mHC, else None. Remat (full / dots) wraps the step."""
+    step = _ScanStep
+    if cfg.remat in REMAT:
+        step = nn.remat(_ScanStep, policy=REMAT[cfg.remat], prevent_cse=False)
+    return nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=0, length=cfg.n_layers)(cfg, name=STACK)

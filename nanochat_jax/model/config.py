@@ -77,6 +77,11 @@ class ModelConfig:
     mhc_streams: int = 0
     mhc_sinkhorn_iters: int = 20
     mhc_dynamic: bool = True  # input-dependent maps; False: static (learned constants)
+    # The block stack as one `nn.scan` over layers: parameters stacked `blocks/block/...`
+    # with a leading [n_layers] axis, one block traced and compiled whatever the depth.
+    # A parameter layout, not only a way to compute: a checkpoint resumes with its own
+    # setting; inference and export take the unrolled layout (`transformer.unscan`).
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads",

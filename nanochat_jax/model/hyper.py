@@ -70,16 +70,19 @@ class HyperMaps(nn.Module):
     """
 
     streams: int
-    layer: int  # index of this sub-layer in depth order: picks the stream it reads first
     sinkhorn_iters: int = 20
     dynamic: bool = True
     alpha_init: float = 0.01
     norm_eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, layer: int | jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, n, D] -> (H_pre [B, T, n], H_post [B, T, n], H_res [B, T, n, n]); `layer`,
+        this sub-layer's index in depth order (a traced int under `nn.scan`), picks the
+        stream it reads first."""
         n = self.streams
-        read = jnp.arange(n) == self.layer % n
+        read = jnp.arange(n) == layer % n
         b_pre = self.param("b_pre", lambda *_: jnp.where(read, 3.0, -3.0), (n,))
         b_post = self.param("b_post", nn.initializers.zeros, (n,))
         b_res = self.param("b_res", lambda *_: jnp.where(jnp.eye(n, dtype=bool), 0.0, -4.0),

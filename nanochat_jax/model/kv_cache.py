@@ -36,7 +36,10 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
         shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-        arrays = lambda n: tuple(jnp.zeros(shape, dtype) for _ in range(n))
+
+        def arrays(n):
+            return tuple(jnp.zeros(shape, dtype) for _ in range(n))
+
         main, mtp = cfg.loops * cfg.n_layers, cfg.mtp_depth
         return cls(arrays(main), arrays(main), arrays(mtp), arrays(mtp))
 

@@ -186,8 +186,10 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
         """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
         c = self.cfg
-        lin = lambda n, name, std=c.init_std: BitLinear(n, c.ternary, std, c.ternary_impl, c.fp4,
-                                                        name=name)
+
+        def lin(n, name, std=c.init_std):
+            return BitLinear(n, c.ternary, std, c.ternary_impl, c.fp4,
+                                                                name=name)
         gate, carrier = linear_with(lin(c.d_ff, "w1"), x, carrier)  # [B, T, F]
         up, carrier = linear_with(lin(c.d_ff, "w3"), x, carrier)  # [B, T, F]
         act = jax.nn.silu(gate) if c.ffn_activation == "silu" else jnp.square(jax.nn.relu(gate))

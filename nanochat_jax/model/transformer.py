@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.block import block_class
+from nanochat_jax.model.axes import STACK
+from nanochat_jax.model.block import block_class, scanned_blocks
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache, copy_slots
 from nanochat_jax.model.layers import greedy_tokens, rms_norm
@@ -28,13 +29,23 @@ def path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def layer_ndim(path, leaf) -> int:
+    """The rank of one layer's parameter: a leaf of the nn.scan'd stack (`blocks/...`,
+    model.scan_layers) without its leading layer axis."""
+    return leaf.ndim - (path_names(path)[0] == STACK)
+
+
 def is_block_kernel(path, leaf) -> bool:
     """True exactly for the BitLinear weights: 2-D `kernel`s inside transformer blocks or MTP
-    modules (not the embedding, LM head, exit gate, norms or mHC maps). `path` is a
-    jax.tree_util key path."""
+    modules (not the embedding, LM head, exit gate, norms or mHC maps), and their stacked
+    `[n_layers, in, out]` form under `model.scan_layers`. `path` is a jax.tree_util key
+    path."""
     names = path_names(path)
-    return (leaf.ndim == 2 and names[-1] == "kernel"
-            and any(n.startswith(("block_", "mtp_")) for n in names))
+    if names[-1] != "kernel":
+        return False
+    if names[0] == STACK:  # nn.scan'd blocks: [n_layers, in, out]
+        return leaf.ndim == 3
+    return leaf.ndim == 2 and any(n.startswith(("block_", "mtp_")) for n in names)
 
 
 class ModelOutput(NamedTuple):
@@ -73,7 +84,10 @@ class Transformer(nn.Module):
         c = self.cfg
         self.embed = nn.Embed(c.vocab_size, c.d_model,
                               embedding_init=nn.initializers.normal(c.init_std))
-        self.blocks = [block_class(c)(c, i, name=f"block_{i}") for i in range(c.n_layers)]
+        if c.scan_layers:
+            self.stack = scanned_blocks(c)
+        else:
+            self.blocks = [block_class(c)(c, i, name=f"block_{i}") for i in range(c.n_layers)]
         self.final_norm = rms_norm(c)
         if not c.tie_embeddings:
             self.lm_head = self.param("lm_head", nn.initializers.normal(c.init_std),
@@ -126,7 +140,10 @@ class Transformer(nn.Module):
             else:
                 _, normed, carrier, _ = module(flat, carrier=carrier)
             mtp_hidden.append(normed)
-        stack = lambda xs: jnp.stack(xs) if xs else None
+
+        def stack(xs):
+            return jnp.stack(xs) if xs else None
+
         return ModelOutput(hidden=jnp.stack(hidden), head=self._head(), loop_rms=jnp.stack(rms),
                            exit_logits=stack(gates), mtp_hidden=stack(mtp_hidden),
                            res_maps=jnp.concatenate(maps) if c.mhc_streams else None,
@@ -134,6 +151,10 @@ class Transformer(nn.Module):
 
     def _stack_pass(self, x: jax.Array, carrier: Carrier | None):
         """One pass of the block stack (one LoopLM loop) -> (x, per-block res maps, carrier)."""
+        c = self.cfg
+        if c.scan_layers:
+            (x, carrier), res = self.stack((x, carrier), jnp.arange(c.n_layers))
+            return x, [] if res is None else [res.reshape(-1, *res.shape[2:])], carrier
         maps = []
         for block in self.blocks:
             x, res, carrier, _ = block(x, carrier)
@@ -169,6 +190,10 @@ class Transformer(nn.Module):
         keys and values, so later tokens that do run that loop attend to those instead.
         """
         c = self.cfg
+        if c.scan_layers:
+            raise ConfigError("decoding with the KV cache runs on unrolled blocks: convert a "
+                              "model.scan_layers=True model with "
+                              "nanochat_jax.model.transformer.unscan(cfg, params)")
         x = self._embed_stream(tokens)
         n_layers = c.n_layers
         k, v = list(cache.k), list(cache.v)  # loop t, layer i at t * L + i: [B, Hkv, S, Dh]
@@ -189,10 +214,16 @@ class Transformer(nn.Module):
             if t and exit_threshold is not None:
                 cdf = jnp.cumsum(exit_distribution(jnp.stack(gates)), axis=0)[:t]  # [t, B, W]
                 all_exited = jnp.all(jnp.any(cdf >= exit_threshold, axis=0))
-                skip = lambda mdl, x, k_t, v_t, k_prev, v_prev: (
-                    x, [copy_slots(a, b, positions) for a, b in zip(k_prev, k_t, strict=True)],
-                    [copy_slots(a, b, positions) for a, b in zip(v_prev, v_t, strict=True)])
-                run = lambda mdl, x, k_t, v_t, k_prev, v_prev, t=t: run_loop(mdl, x, k_t, v_t, t)
+
+                def skip(mdl, x, k_t, v_t, k_prev, v_prev):
+                    return (x, [copy_slots(a, b, positions)
+                                for a, b in zip(k_prev, k_t, strict=True)],
+                            [copy_slots(a, b, positions)
+                             for a, b in zip(v_prev, v_t, strict=True)])
+
+                def run(mdl, x, k_t, v_t, k_prev, v_prev, t=t):
+                    return run_loop(mdl, x, k_t, v_t, t)
+
                 before = slice((t - 1) * n_layers, t * n_layers)
                 x, k[now], v[now] = nn.cond(all_exited, skip, run, self, x, k[now], v[now],
                                             k[before], v[before])
@@ -222,7 +253,10 @@ class Transformer(nn.Module):
         c = self.cfg
         window = jnp.arange(fed.shape[1])[None, :]  # [1, W]
         last = last[:, None]  # [B, 1]
-        pick = lambda a, idx: jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), 1)
+
+        def pick(a, idx):
+            return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), 1)
+
         bonus = pick(greedy, last)  # [B, 1]
         h, drafts = trunk, []
         mtp_k, mtp_v = list(cache.mtp_k), list(cache.mtp_v)
@@ -240,6 +274,19 @@ class Transformer(nn.Module):
             logits = jnp.dot(at_last, self._head().astype(at_last.dtype))  # [B, V]
             drafts.append(greedy_tokens(logits))
         return jnp.stack(drafts, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))
+
+
+def unscan(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+    """The unrolled twin of a `scan_layers` model: `blocks/block/...` [L, ...] split into
+    `block_{i}/...` (what decoding, packing and export read). Other models are returned as
+    they are."""
+    if not cfg.scan_layers:
+        return cfg, params
+    params = dict(params)
+    stacked = params.pop(STACK)["block"]
+    for i in range(cfg.n_layers):
+        params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return dataclasses.replace(cfg, scan_layers=False), params
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -38,7 +38,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.transformer import is_block_kernel, path_names
+from nanochat_jax.model.transformer import is_block_kernel, layer_ndim, path_names
 from nanochat_jax.optim.galore import galore
 from nanochat_jax.optim.quantized import quantize_states
 
@@ -58,7 +58,7 @@ def _decay_mask(params):
     """AdamW decays weight matrices (embedding and head included), never norms, 1-D leaves or
     the mHC bias maps `b_res` (decaying them would pull H_res from identity to uniform)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: x.ndim >= 2 and path_names(p)[-1] != "b_res", params)
+        lambda p, x: layer_ndim(p, x) >= 2 and path_names(p)[-1] != "b_res", params)
 
 
 def lr_schedule(cfg: Mapping[str, Any], total_steps: int) -> tuple[Schedule, Schedule]:
@@ -86,15 +86,22 @@ def lr_schedule(cfg: Mapping[str, Any], total_steps: int) -> tuple[Schedule, Sch
         return lr, optax.constant_schedule(1.0)
     boundary = int(round(float(cfg["stage2_at"]) * total_steps))
     ratio = float(cfg["stage2_lr_ratio"])
-    lr_two_stage = lambda s: lr(s) * jnp.where(s < boundary, 1.0, ratio)
-    wd_two_stage = lambda s: jnp.where(s < boundary, 1.0, 0.0)
+
+    def lr_two_stage(s):
+        return lr(s) * jnp.where(s < boundary, 1.0, ratio)
+
+    def wd_two_stage(s):
+        return jnp.where(s < boundary, 1.0, 0.0)
+
     return lr_two_stage, wd_two_stage
 
 
 def _every_matrix(tree):
-    """Muon dimension numbers for every leaf of a tree of `[in, out]` matrices (optax 0.2.8's
-    default, None, fails on a plain dict)."""
-    return jax.tree.map(lambda _: MuonDimensionNumbers(reduction_axis=0, output_axis=1), tree)
+    """Muon dimension numbers for every leaf of a tree of `[..., in, out]` matrices (optax
+    0.2.8's default, None, fails on a plain dict): leading axes (the layers of a
+    `model.scan_layers` stack) are batch axes, each matrix orthogonalised on its own."""
+    return jax.tree.map(lambda _: MuonDimensionNumbers(reduction_axis=-2, output_axis=-1),
+                        tree)
 
 
 def _muon_shape_scale(consistent_rms: float | None) -> optax.GradientTransformation:
@@ -102,8 +109,8 @@ def _muon_shape_scale(consistent_rms: float | None) -> optax.GradientTransformat
     sqrt(max(1, fan_out / fan_in)), or sqrt(max(fan_in, fan_out)) * consistent_rms
     (Moonlight). optax 0.2.8 keeps its own `scale_by_shape` private, hence this copy."""
 
-    def scale(u):
-        fan_in, fan_out = u.shape
+    def scale(u):  # [..., in, out]
+        fan_in, fan_out = u.shape[-2:]
         factor = (max(fan_in, fan_out) ** 0.5 * consistent_rms if consistent_rms is not None
                   else max(1.0, fan_out / fan_in) ** 0.5)
         return factor * u
@@ -171,9 +178,16 @@ def build_optimizer(cfg: Mapping[str, Any], total_steps: int
     """
     name = cfg["name"]
     lr_factor, wd_factor = lr_schedule(cfg, total_steps)
-    lr = lambda s: cfg["lr"] * lr_factor(s)
-    adam_lr = lambda s: cfg["adam_lr"] * lr_factor(s)
-    wd = lambda s: cfg["weight_decay"] * wd_factor(s)
+
+    def lr(s):
+        return cfg["lr"] * lr_factor(s)
+
+    def adam_lr(s):
+        return cfg["adam_lr"] * lr_factor(s)
+
+    def wd(s):
+        return cfg["weight_decay"] * wd_factor(s)
+
     if name == "adamw":
         tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
             learning_rate=lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],

@@ -73,6 +73,9 @@ def nearest_isometry(w: jax.Array, iters: int = ITERS) -> jax.Array:
     ~50 for square Gaussian ones. Singular values that are exactly 0 stay 0 (a zero or
     rank-deficient matrix is not made an isometry). Computed in float32, returned in w's dtype.
     """
+    if w.ndim > 2:  # a stack of kernels [..., in, out] (model.scan_layers): each on its own
+        flat = w.reshape(-1, *w.shape[-2:])
+        return jax.vmap(lambda m: nearest_isometry(m, iters))(flat).reshape(w.shape)
     if w.ndim != 2:
         raise ValueError(f"FIRE needs a 2-D [in, out] kernel, got shape {w.shape}; select "
                          f"only matrices (see is_block_kernel)")

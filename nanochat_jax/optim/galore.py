@@ -12,7 +12,9 @@ long side and the projector stays small (the original GaLore's choice):
     wide (m <= n): P [m, r] = top-r left singular vectors;  R = P^T G [r, n];  back = P N
     tall (m >  n): Q [n, r] = top-r right singular vectors; R = G Q   [m, r];  back = N Q^T
 
-with r = min(rank, m, n), and the output is `scale * back(inner(R))`.
+with r = min(rank, m, n), and the output is `scale * back(inner(R))`. Leading axes of a
+leaf [..., m, n] (the layers of a `model.scan_layers` stack) are batch axes: each matrix
+has its own projector.
 
 Moments at a subspace switch: kept as they are, as in GaLore. The inner state (Adam's mu/nu,
 Muon's momentum) is neither re-projected onto the new subspace nor zeroed; for a few steps
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nanochat_jax.errors import ConfigError
@@ -36,8 +39,9 @@ SVD_METHODS = ("full", "randomized")
 
 
 class GaLoreState(NamedTuple):
-    """count: steps taken; projectors: P [m, r] (wide) / Q [n, r] (tall) per 2-D leaf and an
-    empty [0] placeholder per other leaf; inner_state: the inner's state in projected shapes."""
+    """count: steps taken; projectors: P [..., m, r] (wide) / Q [..., n, r] (tall) per matrix
+    leaf and an empty [0] placeholder per other leaf; inner_state: the inner's state in
+    projected shapes."""
 
     count: jax.Array  # [] int32
     projectors: Any
@@ -46,22 +50,27 @@ class GaLoreState(NamedTuple):
 
 def _is_wide(shape: tuple[int, ...]) -> bool:
     """Wide leaves (m <= n) project rows with a left projector; tall ones columns, right."""
-    return shape[0] <= shape[1]
+    return shape[-2] <= shape[-1]
 
 
-def _projected_shape(shape: tuple[int, ...], r: int) -> tuple[int, int]:
-    """R's shape: [r, n] for a wide [m, n] leaf, [m, r] for a tall one."""
-    return (r, shape[1]) if _is_wide(shape) else (shape[0], r)
+def _projected_shape(shape: tuple[int, ...], r: int) -> tuple[int, ...]:
+    """R's shape: [..., r, n] for a wide [..., m, n] leaf, [..., m, r] for a tall one."""
+    *lead, m, n = shape
+    return (*lead, r, n) if _is_wide(shape) else (*lead, m, r)
+
+
+def _transpose(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
 
 
 def _project(x: jax.Array, proj: jax.Array) -> jax.Array:
-    """G [m, n] -> R: P^T G [r, n] (wide) or G Q [m, r] (tall)."""
-    return proj.T @ x if _is_wide(x.shape) else x @ proj
+    """G [..., m, n] -> R: P^T G [..., r, n] (wide) or G Q [..., m, r] (tall)."""
+    return _transpose(proj) @ x if _is_wide(x.shape) else x @ proj
 
 
 def _back_project(n: jax.Array, proj: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Inner update N (R's shape) -> [m, n]: P N (wide) or N Q^T (tall)."""
-    return proj @ n if _is_wide(shape) else n @ proj.T
+    """Inner update N (R's shape) -> [..., m, n]: P N (wide) or N Q^T (tall)."""
+    return proj @ n if _is_wide(shape) else n @ _transpose(proj)
 
 
 def full_svd_basis(a: jax.Array, r: int) -> jax.Array:
@@ -93,15 +102,16 @@ def randomized_svd_basis(a: jax.Array, r: int, key: jax.Array, *, power_iters: i
 def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int = 200,
            scale: float | str = 0.25, svd: str = "randomized", power_iters: int = 2,
            oversample: int = 8, seed: int = 0) -> optax.GradientTransformation:
-    """Run `inner` on rank-`rank` projections of every 2-D leaf; back-project, times `scale`.
+    """Run `inner` on rank-`rank` projections of every matrix leaf ([m, n], or [..., m, n]
+    with leading batch axes); back-project, times `scale`.
 
     `scale="rank"`: `sqrt(min(m, n) / r)` per leaf, for an orthogonalising inner (Muon):
     its back-projected update has r unit singular values where full-rank Muon's has
     min(m, n), so this gives both the same RMS at the same learning rate.
 
-    GaLore 2 (SPECS §5). Every 2-D leaf that reaches this transform is projected: choose
-    which leaves do with `optax.partition` / `optax.multi_transform`. Leaves of any other
-    rank pass to `inner` unprojected (and get no `scale`). The projector of each leaf is
+    GaLore 2 (SPECS §5). Every leaf of rank >= 2 that reaches this transform is projected:
+    choose which leaves do with `optax.partition` / `optax.multi_transform`. Vectors and
+    scalars pass to `inner` unprojected (and get no `scale`). The projector of each leaf is
     recomputed from the current gradient at steps 0, T, 2T, ... (T = `update_every`) inside
     one `lax.cond`, so the step compiles once. `svd="full"` uses `jnp.linalg.svd`;
     `svd="randomized"` uses `randomized_svd_basis` with a key folded from `seed`, the step
@@ -126,38 +136,47 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
                           f"{power_iters} and {oversample}")
 
     def eff_rank(shape):
-        return min(rank, *shape)
+        return min(rank, *shape[-2:])
 
     def leaf_scale(shape) -> float:
-        return (min(shape) / eff_rank(shape)) ** 0.5 if scale == "rank" else scale
+        return (min(shape[-2:]) / eff_rank(shape)) ** 0.5 if scale == "rank" else scale
 
     def placeholder_or_projector(x):
-        if x.ndim != 2:
+        if x.ndim < 2:
             return jnp.zeros((0,), x.dtype)
-        short = x.shape[0] if _is_wide(x.shape) else x.shape[1]
-        return jnp.zeros((short, eff_rank(x.shape)), x.dtype)  # filled at step 0
+        *lead, m, n = x.shape
+        short = m if _is_wide(x.shape) else n
+        return jnp.zeros((*lead, short, eff_rank(x.shape)), x.dtype)  # filled at step 0
 
     def project_all(xs, projs):
-        return [_project(x, p) if x.ndim == 2 else x for x, p in zip(xs, projs, strict=True)]
+        return [_project(x, p) if x.ndim >= 2 else x for x, p in zip(xs, projs, strict=True)]
 
     def init_fn(params):
         leaves, treedef = jax.tree.flatten(params)
         proxies = [jnp.zeros(_projected_shape(x.shape, eff_rank(x.shape)), x.dtype)
-                   if x.ndim == 2 else jnp.zeros_like(x) for x in leaves]
+                   if x.ndim >= 2 else jnp.zeros_like(x) for x in leaves]
         projectors = treedef.unflatten([placeholder_or_projector(x) for x in leaves])
         return GaLoreState(count=jnp.zeros([], jnp.int32), projectors=projectors,
                            inner_state=inner.init(treedef.unflatten(proxies)))
 
     def new_projector(g, i, count):
-        a = (g if _is_wide(g.shape) else g.T).astype(jnp.float32)  # [short, long]
+        a = (g if _is_wide(g.shape) else _transpose(g)).astype(jnp.float32)  # [..., short, long]
         r = eff_rank(g.shape)
-        if svd == "full":
-            basis = full_svd_basis(a, r)
-        else:
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), count), i)
-            basis = randomized_svd_basis(a, r, key, power_iters=power_iters,
-                                         oversample=oversample)
-        return basis.astype(g.dtype)  # [short, r]
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), count), i)
+
+        def basis(a, key):  # one matrix [short, long] -> [short, r]
+            if svd == "full":
+                return full_svd_basis(a, r)
+            return randomized_svd_basis(a, r, key, power_iters=power_iters,
+                                        oversample=oversample)
+
+        lead = a.shape[:-2]
+        if lead:  # one projector per matrix of the leading axes, each with its own key
+            n = int(np.prod(lead))
+            keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(n))
+            bases = jax.vmap(basis)(a.reshape(n, *a.shape[-2:]), keys)
+            return bases.reshape(*lead, *bases.shape[-2:]).astype(g.dtype)
+        return basis(a, key).astype(g.dtype)  # [short, r]
 
     def update_fn(updates, state, params=None):
         grads, treedef = jax.tree.flatten(updates)
@@ -165,7 +184,7 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
         refresh = state.count % update_every == 0
 
         def recompute():
-            return [new_projector(g, i, state.count) if g.ndim == 2 else p
+            return [new_projector(g, i, state.count) if g.ndim >= 2 else p
                     for i, (g, p) in enumerate(zip(grads, old, strict=True))]
 
         projs = jax.lax.cond(refresh, recompute, lambda: old)
@@ -175,7 +194,7 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
             low_params = treedef.unflatten(project_all(jax.tree.leaves(params), projs))
         inner_updates, inner_state = inner.update(low, state.inner_state, low_params)
         out = [(leaf_scale(g.shape) * _back_project(n, p, g.shape)).astype(g.dtype)
-               if g.ndim == 2 else n
+               if g.ndim >= 2 else n
                for g, n, p in zip(grads, jax.tree.leaves(inner_updates), projs, strict=True)]
         return treedef.unflatten(out), GaLoreState(
             count=optax.safe_int32_increment(state.count),

@@ -125,8 +125,10 @@ def quantize_states(inner: optax.GradientTransformation, *, block_size: int = 25
     run diverged); wrap only momentum-like states, or pass `dynamic=True`.
     """
     inner = optax.with_extra_args_support(inner)
-    quantize_ = lambda tree: quantize_tree(tree, block_size=block_size, min_size=min_size,
-                                           dynamic=dynamic)
+
+    def quantize_(tree):
+        return quantize_tree(tree, block_size=block_size, min_size=min_size,
+                                               dynamic=dynamic)
 
     def init(params):
         # The inner init is usually constant (zeros); without the barrier XLA constant-folds

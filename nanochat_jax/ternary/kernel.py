@@ -89,7 +89,10 @@ class Tiling:
         self.check_packed(k4, n_p)
         cap_m, cap_k, cap_n = self.default_max
         bm = max(b for b in self.bm if b <= max(self.bm[0], min(cap_m, _next_pow2(m))))
-        pick = lambda sizes, cap: max([b for b in sizes if b <= cap] or [min(sizes)])
+
+        def pick(sizes, cap):
+            return max([b for b in sizes if b <= cap] or [min(sizes)])
+
         return bm, pick(self._sizes(self.bk4, k4), cap_k), pick(self._sizes(self.bn, n_p),
                                                                  cap_n)
 
@@ -410,8 +413,10 @@ def codes_matmul(x: jax.Array, codes: jax.Array, *, impl: str = "auto",
         raise ValueError(f"codes_matmul wants x [M, K] and codes [K, N], got {x.shape} and "
                          f"{codes.shape}")
     n = codes.shape[1]
-    reference = lambda a, c: jnp.dot(a, c.astype(a.dtype),
-                                     preferred_element_type=_acc_dtype(a.dtype))
+
+    def reference(a, c):
+        return jnp.dot(a, c.astype(a.dtype),
+                                         preferred_element_type=_acc_dtype(a.dtype))
     return _dispatch(impl, x, codes, n, reference, pack_codes, blocks)
 
 
@@ -444,6 +449,9 @@ def ternary_matmul(x: jax.Array, w: PackedTernary, *, impl: str = "auto",
         if impl == "auto" and native:
             return cpu_kernel.matmul(x, w.codes)[:, :n]
         return ternary_matmul_reference(x, w)
-    reference = lambda a, c: ternary_matmul_reference(a, PackedTernary(c, w.scale, (k, n)))
+
+    def reference(a, c):
+        return ternary_matmul_reference(a, PackedTernary(c, w.scale, (k, n)))
+
     cpu = (lambda a, c: cpu_kernel.matmul(a, cpu_tiles(c))[:, :n]) if native else None
     return _dispatch(impl, x, w.codes, n, reference, lambda c: c, blocks, cpu)

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model import axes as axes_lib
-from nanochat_jax.model.axes import AXES, LOGICAL_RULES, logical_axes
+from nanochat_jax.model.axes import AXES, LOGICAL_RULES, param_axes
 
 MIN_SHARDED_STATE = 2**12  # optimizer-state leaves smaller than this stay replicated
 
@@ -113,7 +113,7 @@ def param_specs(params: Any, mesh: Mesh) -> Any:
     rule of PARAM_AXES."""
     def spec(path, leaf):
         name = path_name(path)
-        axes = logical_axes(name)
+        axes = param_axes(name)
         if axes is None or len(axes) not in (0, leaf.ndim):
             raise ConfigError(f"no sharding rule for parameter {name} {leaf.shape}: add one "
                               f"to PARAM_AXES in {axes_lib.__name__}")
@@ -134,7 +134,7 @@ def state_specs(tree: Any, params: Any, mesh: Mesh) -> Any:
         name = path_name(path)
         owner = next((p for p in shapes if name == p or name.endswith("/" + p)), None)
         if owner is not None and shapes[owner] == shape:
-            return _spec(shape, logical_axes(owner) or (), mesh)
+            return _spec(shape, param_axes(owner) or (), mesh)
         if math.prod(shape) < MIN_SHARDED_STATE or fsdp == 1:
             return P()
         for dim in range(len(shape)):  # 8-bit codes [blocks, block]: split the blocks

@@ -44,7 +44,9 @@ class StepShardings:
     @classmethod
     def on(cls, mesh: jax.sharding.Mesh, state: TrainState, reference_params=None):
         """The shardings of a state (and reference params) already placed on `mesh`."""
-        shardings_of = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        def shardings_of(tree):
+            return jax.tree.map(lambda x: x.sharding, tree)
+
         return cls(state=shardings_of(state), batch=sharding.batch_sharding(mesh),
                    reference=shardings_of(reference_params),
                    replicated=sharding.replicated(mesh))
@@ -160,7 +162,10 @@ def train_step(state: TrainState, tokens: jax.Array, reference_params=None, *,
     # the step, the data position and the optimizers' own step counts advance); the host
     # reads the counters only when it logs.
     finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in GUARDED]))
-    keep = lambda new, old: jax.tree.map(functools.partial(_keep_unless, finite), new, old)
+
+    def keep(new, old):
+        return jax.tree.map(functools.partial(_keep_unless, finite), new, old)
+
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     in_a_row = jnp.where(finite, 0, state.consecutive_skips + 1)
     metrics.update({"training/skipped": (~finite).astype(jnp.float32),

@@ -66,7 +66,10 @@ def test_the_file_reads_back_with_our_metadata_tokenizer_and_weights(tokenizer, 
     per_block += [f"{n}.scale" for n in LINEARS.values()]
     assert set(tensors) == {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{n}" for i in range(2) for n in per_block}
-    value = lambda name: gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+
+    def value(name):
+        return gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+
     embed_tol = 0 if type_name == "f32" else 1e-3  # F16 otherwise
     np.testing.assert_allclose(value("token_embd.weight"), params["embed"]["embedding"],
                                atol=embed_tol * 0.1, rtol=embed_tol)

@@ -92,8 +92,10 @@ def _trained_on_cycle(kind: str, cycle=(3, 7, 2, 9, 5), steps=150):
     def loss(params):
         out = model.apply({"params": params}, jnp.asarray(rows[:, :-3]),
                           method=Transformer.forward)
-        ce = lambda h, shift: optax.softmax_cross_entropy_with_integer_labels(
-            h @ out.head, jnp.asarray(rows[:, shift:rows.shape[1] - 3 + shift])).mean()
+
+        def ce(h, shift):
+            return optax.softmax_cross_entropy_with_integer_labels(
+                    h @ out.head, jnp.asarray(rows[:, shift:rows.shape[1] - 3 + shift])).mean()
         return ce(out.hidden[-1], 1) + ce(out.mtp_hidden[0], 2) + ce(out.mtp_hidden[1], 3)
 
     tx = optax.adam(1e-2)

@@ -24,7 +24,9 @@ def test_top_k_keeps_exactly_the_k_largest():
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    kept = lambda p: np.isfinite(np.asarray(filter_top_p(LOGITS, p)))[0].tolist()
+    def kept(p):
+        return np.isfinite(np.asarray(filter_top_p(LOGITS, p)))[0].tolist()
+
     assert kept(0.5) == [True, False, False, False, False]  # 0.5 alone reaches 0.5
     assert kept(0.6) == [True, True, False, False, False]
     assert kept(0.86) == [True, True, True, True, False]

@@ -30,7 +30,10 @@ def test_sinkhorn_output_is_doubly_stochastic():
 
 def test_sinkhorn_converges_with_more_iterations():
     logits = _normal((16, 4, 4), 1, scale=5.0)  # far from doubly stochastic: slow to converge
-    col_error = lambda iters: np.abs(np.asarray(sinkhorn(logits, iters)).sum(-2) - 1).max()
+
+    def col_error(iters):
+        return np.abs(np.asarray(sinkhorn(logits, iters)).sum(-2) - 1).max()
+
     assert col_error(50) < col_error(5) < col_error(1)
 
 
@@ -60,7 +63,10 @@ def test_composite_gain_of_identities_is_one_and_of_a_scaling_is_its_power():
 
 def test_one_stream_with_identity_maps_is_the_plain_residual():
     x = _normal((2, 5, 1, 8), 4)
-    f = lambda h: jnp.tanh(h) * 3.0
+
+    def f(h):
+        return jnp.tanh(h) * 3.0
+
     ones = jnp.ones((2, 5, 1))
     out = hyper_residual(x, f, ones, ones, ones[..., None])
     assert_allclose(out[:, :, 0], x[:, :, 0] + f(x[:, :, 0]), rtol=1e-6)
@@ -71,7 +77,10 @@ def test_hyper_residual_mixes_streams_as_the_formula_says():
     x = _normal((1, 2, n, d), 5)
     pre, post = jax.nn.softmax(_normal((1, 2, n), 6)), _normal((1, 2, n), 7)
     res = sinkhorn(_normal((1, 2, n, n), 8), 20)
-    f = lambda h: 2.0 * h
+
+    def f(h):
+        return 2.0 * h
+
     out = hyper_residual(x, f, pre, post, res)
     b, t = 0, 1
     read = sum(pre[b, t, j] * x[b, t, j] for j in range(n))
@@ -83,8 +92,8 @@ def test_hyper_residual_mixes_streams_as_the_formula_says():
 def test_maps_have_their_ranges_and_static_maps_are_shared_by_tokens():
     x = _normal((2, 6, 4, 16), 9)
     for dynamic in (True, False):
-        maps = HyperMaps(4, layer=1, dynamic=dynamic)
-        pre, post, res = maps.apply(maps.init(jax.random.PRNGKey(0), x), x)
+        maps = HyperMaps(4, dynamic=dynamic)
+        pre, post, res = maps.apply(maps.init(jax.random.PRNGKey(0), x, 1), x, 1)
         chex.assert_shape([pre, post, res], [(2, 6, 4), (2, 6, 4), (2, 6, 4, 4)])
         assert ((pre > 0) & (pre < 1)).all() and ((post > 0) & (post < 2)).all()
         assert_allclose(res.sum(-1), 1.0, atol=1e-5)

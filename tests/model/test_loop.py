@@ -94,7 +94,10 @@ def test_each_loop_reapplies_the_same_blocks():
         return module.final_norm(x)
 
     norm = nn.RMSNorm(epsilon=PLAIN.norm_eps)
-    looped_norm = lambda x: norm.apply({"params": params["loop_norm"]}, x)
+
+    def looped_norm(x):
+        return norm.apply({"params": params["loop_norm"]}, x)
+
     want = plain.apply({"params": shared}, _tokens(), method=twice)
     assert_allclose(out.hidden[1], want, rtol=1e-5, atol=1e-5)
 

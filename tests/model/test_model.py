@@ -240,7 +240,10 @@ def test_rotary_preserves_per_pair_norms():
     cos, sin = rotary_tables(jnp.arange(6) * 37, head_dim, 10_000.0)
     y = apply_rotary(x, cos, sin)
     half = head_dim // 2
-    pair_norm = lambda a: np.hypot(np.asarray(a[..., :half]), np.asarray(a[..., half:]))
+
+    def pair_norm(a):
+        return np.hypot(np.asarray(a[..., :half]), np.asarray(a[..., half:]))
+
     assert_allclose(pair_norm(y), pair_norm(x), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(y), np.asarray(x), atol=1e-3)
 
@@ -252,7 +255,10 @@ def test_rotary_at_position_zero_is_identity():
 
 def test_rotary_dot_product_depends_only_on_relative_position():
     q, k = _normal((16,), 2), _normal((16,), 3)
-    dot = lambda m, n: float(jnp.dot(_rotate(q, m, theta=100.0), _rotate(k, n, theta=100.0)))
+
+    def dot(m, n):
+        return float(jnp.dot(_rotate(q, m, theta=100.0), _rotate(k, n, theta=100.0)))
+
     for offset in (0, 1, 3, 7):
         ref = dot(offset, 0)
         for n in (1, 5, 20):

@@ -98,8 +98,9 @@ def test_fire_params_reinitialises_exactly_the_block_kernels():
 
 
 def _muon():
-    dims = lambda params: jax.tree_util.tree_map_with_path(
-        lambda p, x: MuonDimensionNumbers(0, 1) if is_block_kernel(p, x) else None, params)
+    def dims(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: MuonDimensionNumbers(0, 1) if is_block_kernel(p, x) else None, params)
     return optax.contrib.muon(0.02, muon_weight_dimension_numbers=dims)
 
 

@@ -169,7 +169,9 @@ def _run_jitted(tx, steps=4):
     """A few jitted steps on a 2-D + 1-D toy problem; returns (initial, final) params."""
     params = {"w": jax.random.normal(jax.random.key(0), (12, 20)), "b": jnp.ones(20)}
     target = jax.random.normal(jax.random.key(1), (12, 20))
-    loss = lambda p: jnp.sum((p["w"] + p["b"][None, :] - target) ** 2)
+
+    def loss(p):
+        return jnp.sum((p["w"] + p["b"][None, :] - target) ** 2)
 
     @jax.jit
     def step(p, s):
@@ -219,7 +221,10 @@ def test_least_squares_trains_at_rank_8():
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (128, 32))
     y = x @ jax.random.normal(k2, (32, 48))
-    loss = lambda w: jnp.mean((x @ w - y) ** 2)
+
+    def loss(w):
+        return jnp.mean((x @ w - y) ** 2)
+
     tx = galore(optax.adam(0.3), rank=8, update_every=20)
 
     @jax.jit

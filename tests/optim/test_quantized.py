@@ -243,7 +243,10 @@ def test_8bit_muon_tracks_fp32_muon():
     k_x, k_w, k_b = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(k_x, (256, 64))  # [N, D_in]
     y = x @ (jax.random.normal(k_w, (64, 64)) / 8) + jax.random.normal(k_b, (1, 64))  # [N, D_out]
-    loss = lambda p: jnp.mean((x @ p["w"] + p["b"][None, :] - y) ** 2)
+
+    def loss(p):
+        return jnp.mean((x @ p["w"] + p["b"][None, :] - y) ** 2)
+
     params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(64)}
     lr = optax.cosine_decay_schedule(0.02, 300)
 

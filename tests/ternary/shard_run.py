@@ -45,7 +45,10 @@ def kernel_case(mesh, name: str) -> dict:
     x = jnp.asarray(rng.normal(size=(8, 16, k)), jnp.float32)  # [B, T, K]
     w = jnp.asarray(rng.normal(size=(k, n)) * 0.05, jnp.float32)
     cot = jnp.asarray(rng.normal(size=(8, 16, n)), jnp.float32)
-    loss = lambda impl, lay: lambda x, w: jnp.sum(ternary_dot(x, w, impl, lay) * cot)
+
+    def loss(impl, lay):
+        return lambda x, w: jnp.sum(ternary_dot(x, w, impl, lay) * cot)
+
     y_ref = ternary_dot(x, w, "reference")
     g_ref = jax.grad(loss("reference", None), (0, 1))(x, w)
     x_spec = P(("data", "fsdp"), None, "tensor" if layout.k else None)

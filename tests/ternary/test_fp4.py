@@ -86,8 +86,13 @@ def test_random_hadamard_is_orthogonal_and_keeps_products():
 @pytest.mark.parametrize("hadamard", [False, True])
 def test_fp4_dot_has_an_exact_forward_and_an_fp4_backward(hadamard):
     w = jax.random.normal(jax.random.key(6), (96, 40)) * 0.1
-    exact = lambda x, w: jnp.sum(jnp.sin(x @ w))
-    low = lambda x, w, k: jnp.sum(jnp.sin(fp4.fp4_dot(x, w, k, "nvfp4", hadamard)))
+
+    def exact(x, w):
+        return jnp.sum(jnp.sin(x @ w))
+
+    def low(x, w, k):
+        return jnp.sum(jnp.sin(fp4.fp4_dot(x, w, k, "nvfp4", hadamard)))
+
     assert float(low(X, w, jax.random.key(7))) == float(exact(X, w))
     want = jax.grad(exact, (0, 1))(X, w)
     got = jax.jit(jax.grad(low, (0, 1)))(X, w, jax.random.key(7))
@@ -121,7 +126,10 @@ def test_model_fp4_backward_changes_gradients_not_the_loss(ternary):
         cfg, dataclasses.replace(cfg, fp4_backward="nvfp4", fp4_hadamard=True,
                                  fp4_head=True)))
     assert float(loss4) == pytest.approx(float(loss), rel=1e-6)
-    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+    def rel(a, b):
+        return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
     assert 0.01 < rel(grads4["lm_head"], grads["lm_head"]) < 0.3  # the head: FP4 always
     q, q4 = grads["block_0"]["attn"]["q"]["kernel"], grads4["block_0"]["attn"]["q"]["kernel"]
     if ternary:  # ternary layers keep their own straight-through backward; only the FP4

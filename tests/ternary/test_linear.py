@@ -34,7 +34,10 @@ def test_forward_equals_fake_quant_forward(impl):
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_gradients_are_the_straight_through_estimator(impl):
     x, w, cot = _inputs(1)
-    loss = lambda f: lambda x, w: jnp.sum(f(x, w) * cot)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w) * cot)
+
     dx, dw = jax.grad(loss(lambda x, w: ternary_dot(x, w, impl)), (0, 1))(x, w)
     ex, ew = jax.grad(loss(_fake_quant), (0, 1))(x, w)
     assert_allclose(np.asarray(dx), np.asarray(ex), rtol=1e-5, atol=1e-6)

@@ -46,7 +46,10 @@ def main(argv):
     q = state.params["block_0"]["attn"]["q"]["kernel"]
     mu = next(leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
               if sharding.path_name(path).endswith("mu/block_0/attn/q/kernel"))
-    spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+
+    def spec(x):
+        return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+
     out = {"summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
            "devices": jax.device_count(), "processes": jax.process_count(),
            "flops_per_token": flops_per_token(from_run_config(c), c.model.seq_len),
