@@ -176,7 +176,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
             f"{mcfg.ternary_impl} -> "
             f"{kernel.resolve_impl(mcfg.ternary_impl, devices[0].platform)}",
             "ternary": mcfg.ternary, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers,
-            "compute_dtype": mcfg.compute_dtype,
+            "loops": mcfg.loops, "compute_dtype": mcfg.compute_dtype,
             "optimizer": config.optimizer.name, "batch": data.batch_size, "seq_len": mcfg.seq_len}
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, training.steps)
@@ -256,9 +256,9 @@ def print_report(info: dict, reports: list[dict]) -> None:
 
 def render(path: str) -> str:
     """The markdown table of a JSONL file of compile rows (BUILD.md's pod table)."""
-    lines = ["| model | topology | mesh | ternary | remat | step | total GiB / device | "
+    lines = ["| model | topology | mesh | ternary | remat | blocks | step | total GiB / device | "
              "HBM GiB | fits | TFLOP / device | ms at bf16 peak | compile s |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     commands = []
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -269,9 +269,12 @@ def render(path: str) -> str:
         fits = "yes" if r.get("fits") else (
             "**no**" if r["total_bytes"] is not None
             else f"**no**: temporaries {_gib(r.get('temp_bytes'))}")
+        blocks = ("scanned" if r.get("scan_layers") else "unrolled") + (
+            f", {r['loops']} loops" if r.get("loops", 1) > 1 else "")
         lines.append(
             f"| {r['config']} | {r['topology']} | {mesh} | {r['ternary_impl']} | {r['remat']} | "
-            f"{r['step'].split(' ')[0]} | {_gib(r['total_bytes'])} | {_gib(r['hbm_bytes'])} | "
+            f"{blocks} | {r['step'].split(' ')[0]} | {_gib(r['total_bytes'])} | "
+            f"{_gib(r['hbm_bytes'])} | "
             f"{fits} | {_tflop(r['flops'])} | {_ms(r.get('seconds_at_peak'))} | "
             f"{r['compile_s']:.0f} | [{commands.index(r['command']) + 1}] |")
     lines[0] += " command |"

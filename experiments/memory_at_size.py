@@ -14,7 +14,8 @@ where the hidden matrices dominate, and a measured training step's peak host RSS
    activations and the runtime together.
 3. Compiled (minutes per arm): each arm's real train step compiled in its own process by
    `python -m experiments.compile` for PRESET@TOPOLOGY: on a TPU topology (needs libtpu, no
-   TPU) the base run's batch 32 x 1024 in bf16 with full remat over fsdp = all chips, per
+   TPU) the base run's batch 32 x 1024 in bf16 with full remat and scanned blocks
+   (`model.scan_layers`: compile time independent of depth) over fsdp = all chips, per
    device; on `cpu` the measured runs' batch and sequence, for this host. Arguments
    (parameters + optimizer state + batch), temporaries (gradients, activations, the
    optimizer's update intermediates) and the total, from XLA's memory analysis.
@@ -100,7 +101,7 @@ def compiled(target: str, arms: list[str], seq_len: int, vocab: int, out: str
                  f"--config.data.vocab_size={vocab}", f"--config.model.vocab_size={vocab}"]
     else:  # the base run's step, for the chips
         shape = ["--config.model.compute_dtype=bfloat16", "--config.model.remat=full",
-                 "--mesh=data=1,fsdp=-1"]
+                 "--config.model.scan_layers=True", "--mesh=data=1,fsdp=-1"]
     path = os.path.join(out, "logs", f"compile_{preset}_{topology.replace(':', '_')}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = {}
@@ -182,8 +183,10 @@ def report(results: dict) -> str:
 
 def _compiled_caption(row: dict) -> str:
     mesh = ", ".join(f"{k}={v}" for k, v in row["mesh"].items())
+    blocks = "scanned" if row.get("scan_layers") else "unrolled"
     return (f"{row['chips']} x {row['device_kind']}, mesh {mesh}, batch {row['batch']} x "
-            f"{row['seq_len']}, {row['compute_dtype']}, remat {row['remat']}; per device, "
+            f"{row['seq_len']}, {row['compute_dtype']}, remat {row['remat']}, {blocks} blocks; "
+            f"per device, "
             f"from XLA's memory analysis of the compiled step (arguments: parameters, "
             f"optimizer state and the batch; temporaries: gradients, activations and the "
             f"update's intermediates). Command: `{row['command']}` (and the arm's config).")
