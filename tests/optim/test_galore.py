@@ -99,14 +99,26 @@ def test_full_rank_identity_inner_gives_scale_times_gradient(svd, shape):
     assert_allclose(update, 0.25 * np.asarray(g), atol=1e-5)
 
 
-def test_non_matrix_leaves_pass_to_inner_unprojected_and_unscaled():
-    grads = {"w": jnp.ones((8, 12)), "b": jnp.arange(5.0), "k": jnp.ones((2, 3, 4))}
+def test_vectors_pass_to_inner_unprojected_and_unscaled():
+    grads = {"w": jnp.ones((8, 12)), "b": jnp.arange(5.0)}
     tx = galore(optax.identity(), rank=2, scale=0.25)
     state = tx.init(jax.tree.map(jnp.zeros_like, grads))
     updates, state = tx.update(grads, state)
     assert_allclose(updates["b"], grads["b"])
-    assert_allclose(updates["k"], grads["k"])
     chex.assert_shape([state.projectors["b"], state.projectors["w"]], [(0,), (8, 2)])
+
+
+def test_a_stack_of_matrices_gets_one_projector_per_matrix():
+    """A [L, m, n] leaf (model.scan_layers) is L matrices: each projected on its own, as
+    the same matrices would be as separate leaves."""
+    stack = jax.random.normal(jax.random.key(5), (2, 6, 10))
+    tx = galore(optax.scale_by_adam(), rank=3, scale=0.25, svd="full")
+    state = tx.init({"k": jnp.zeros_like(stack)})
+    updates, state = tx.update({"k": stack}, state)
+    chex.assert_shape(state.projectors["k"], (2, 6, 3))  # wide [6, 10]: P [6, 3] per layer
+    separate = {"k0": stack[0], "k1": stack[1]}
+    want, _ = tx.update(separate, tx.init(jax.tree.map(jnp.zeros_like, separate)))
+    assert_allclose(updates["k"], jnp.stack([want["k0"], want["k1"]]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("svd", SVD_MODES)
