@@ -46,6 +46,7 @@ def test_compiled_memory_is_added_to_a_report_per_arm_from_the_compile_command(t
     assert muon8["argument_bytes"] < dense["argument_bytes"]
     report = (out / "report.md").read_text()
     assert "## Compiled: the train step at tiny for cpu" in report
+    assert "| saved vs ternary AdamW | saved vs dense AdamW |" in report
     assert "| e3_muon_8bit |" in report.split("## Compiled")[1]
 
 
