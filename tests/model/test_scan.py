@@ -26,6 +26,7 @@ CFG = ModelConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=3, n_heads=4, 
 VARIANTS = {"plain": {}, "mhc": dict(mhc_streams=2, ternary=False), "looped": dict(loops=2),
             "mtp": dict(mtp_depth=1), "remat": dict(remat="full"),
             "dense": dict(ternary=False)}
+FAST = ("plain", "mhc")  # the fast tier's; the others run in the slow tier
 
 
 def _stack(unrolled: dict, n_layers: int) -> dict:
@@ -48,7 +49,8 @@ def _pair(**overrides):
     return cfg, scanned, params, _stack(params, cfg.n_layers)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v if v in FAST else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
 def test_the_scanned_stack_gives_the_unrolled_logits_and_gradients(variant):
     cfg, scanned, params, stacked = _pair(**VARIANTS[variant])
     tokens = _tokens(2)
@@ -64,11 +66,11 @@ def test_the_scanned_stack_gives_the_unrolled_logits_and_gradients(variant):
             return total
         return value
 
-    logits = Transformer(cfg).apply({"params": params}, tokens)
-    assert_allclose(Transformer(scanned).apply({"params": stacked}, tokens), logits,
+    logits = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
+    assert_allclose(jax.jit(Transformer(scanned).apply)({"params": stacked}, tokens), logits,
                     rtol=1e-5, atol=1e-5)
-    grads = jax.grad(loss(cfg))(params)
-    scanned_grads = jax.grad(loss(scanned))(stacked)
+    grads = jax.jit(jax.grad(loss(cfg)))(params)
+    scanned_grads = jax.jit(jax.grad(loss(scanned)))(stacked)
     chex.assert_trees_all_close(unscan(scanned, scanned_grads)[1], grads, rtol=1e-4, atol=1e-6)
 
 
@@ -106,7 +108,8 @@ OPTIMIZER = dict(lr=3e-3, adam_lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=
                  state_min_size=4096)
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion", "muon", "galore2"])
+@pytest.mark.parametrize("name", ["muon", *[pytest.param(n, marks=pytest.mark.slow)
+                                            for n in ("adamw", "lion", "galore2")]])
 def test_optimizers_update_a_stack_of_matrices_as_they_update_each_layer(name):
     """Muon orthogonalises each layer's matrix on its own (the layer axis is a batch axis),
     GaLore keeps one projector per layer: three steps on stacked params end where three
@@ -121,10 +124,14 @@ def test_optimizers_update_a_stack_of_matrices_as_they_update_each_layer(name):
         def loss(p):
             return jnp.mean(jnp.square(Transformer(cfg).apply({"params": p}, tokens)))
 
+        @jax.jit
+        def step(params, state):
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
+            return jax.tree.map(jnp.add, params, updates), state
+
         state = tx.init(params)
         for _ in range(3):
-            updates, state = tx.update(jax.grad(loss)(params), state, params)
-            params = jax.tree.map(jnp.add, params, updates)
+            params, state = step(params, state)
         return params
 
     want = train(cfg, params)
