@@ -120,7 +120,7 @@ def test_optimizers_update_a_stack_of_matrices_as_they_update_each_layer(name):
                             total_steps=10)
     tokens = _tokens(4)
 
-    def train(cfg, params):
+    def three_steps(cfg, params):
         def loss(p):
             return jnp.mean(jnp.square(Transformer(cfg).apply({"params": p}, tokens)))
 
@@ -134,8 +134,8 @@ def test_optimizers_update_a_stack_of_matrices_as_they_update_each_layer(name):
             params, state = step(params, state)
         return params
 
-    want = train(cfg, params)
-    got = unscan(scanned, train(scanned, stacked))[1]
+    want = three_steps(cfg, params)
+    got = unscan(scanned, three_steps(scanned, stacked))[1]
     chex.assert_trees_all_close(got, want, rtol=1e-3, atol=1e-4)  # a step is ~3e-3
 
 
@@ -158,3 +158,4 @@ def test_a_scanned_model_decodes_only_after_unscan():
     assert set(unrolled) == {f"block_{i}" for i in range(3)} | {"embed", "final_norm",
                                                                   "lm_head"}
     assert np.shape(unrolled["block_2"]["attn"]["q"]["kernel"]) == (32, 32)
+
