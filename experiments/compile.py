@@ -139,7 +139,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     from nanochat_jax.infer.engine import Engine
     from nanochat_jax.model.axes import AXES
     from nanochat_jax.model.packed import pack_params
-    from nanochat_jax.model.transformer import Transformer, unscan
+    from nanochat_jax.model.transformer import Transformer, unscan, unscanned
     from nanochat_jax.optim.factory import build_optimizer
     from nanochat_jax.ternary import kernel
     from nanochat_jax.train import metrics, sharding
@@ -202,7 +202,6 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
         reports.append(row)
         if decode_batch:
             replicated = sharding.replicated(mesh)
-            decode_cfg = unscan(mcfg, {})[0]  # decoding runs on unrolled blocks
             variables = jax.eval_shape(lambda p: pack_params(unscan(mcfg, p)[1]), state.params)
             variables = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
@@ -210,7 +209,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
             rows_sharding = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(
                 ("data", "fsdp") if split else None))
             started = time.perf_counter()
-            lowered = Engine(Transformer(decode_cfg), variables).lower_decode_step(
+            lowered = Engine(Transformer(unscanned(mcfg)), variables).lower_decode_step(
                 decode_batch, mcfg.seq_len, rows=rows_sharding)
             reports.append(_report(f"decode (batch {decode_batch}, cache {mcfg.seq_len})",
                                    lowered, chip, started))

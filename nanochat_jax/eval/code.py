@@ -23,7 +23,7 @@ from nanochat_jax.eval import rust
 from nanochat_jax.eval.passk import mean_pass_at_k
 from nanochat_jax.eval.rust import Problem, RustResult, check_compiles, run_tests
 from nanochat_jax.infer.engine import Engine, Generation
-from nanochat_jax.model.transformer import Transformer, unscan
+from nanochat_jax.model.transformer import Transformer, unscan, unscanned
 from nanochat_jax.train.schedule import Evaluator
 
 # text-level generation: (prompts, n, temperature) -> n completions per prompt
@@ -191,8 +191,8 @@ def training_evaluators(config) -> tuple[Evaluator, ...]:
     problems = rust.load_problems(training.code_eval_problems or "builtin")
 
     def build(model: Transformer, tokenizer: BPETokenizer):
-        cfg = unscan(model.cfg, {})[0]  # decoding runs on unrolled blocks
-        engine = Engine(Transformer(cfg), {})  # variables set per call: one compilation
+        # decoding runs unrolled blocks; variables are set per call: one compilation serves all
+        engine = Engine(Transformer(unscanned(model.cfg)), {})
         sampler = Sampler(engine, tokenizer, max_new_tokens=training.code_eval_max_new_tokens)
 
         def evaluate(params) -> dict[str, float]:

@@ -276,6 +276,11 @@ class Transformer(nn.Module):
         return jnp.stack(drafts, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))
 
 
+def unscanned(cfg: ModelConfig) -> ModelConfig:
+    """The architecture of a model's unrolled twin (what decoding and export run)."""
+    return dataclasses.replace(cfg, scan_layers=False)
+
+
 def unscan(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
     """The unrolled twin of a `scan_layers` model: `blocks/block/...` [L, ...] split into
     `block_{i}/...` (what decoding, packing and export read). Other models are returned as
@@ -286,7 +291,7 @@ def unscan(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
     stacked = params.pop(STACK)["block"]
     for i in range(cfg.n_layers):
         params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return dataclasses.replace(cfg, scan_layers=False), params
+    return unscanned(cfg), params
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
