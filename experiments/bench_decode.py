@@ -64,7 +64,8 @@ def _model(args):
         prompts = [[tok.bos_id] + tok.encode(t).tolist() for t in texts]
         return (loaded.cfg, loaded.variables, prompts,
                 f"{args.checkpoint} step {loaded.step}")
-    cfg = model_config(args.preset, mtp_depth=args.mtp_depth, loops=args.loops)
+    cfg = model_config(args.preset, vocab_size=args.vocab_size, seq_len=2048,
+                       mtp_depth=args.mtp_depth, loops=args.loops)
     variables = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     prompts = [[1] + [b % cfg.vocab_size for b in t.encode()] for t in texts]  # bytes as ids
     return cfg, variables, prompts, f"preset {args.preset} (random weights)"
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="llama.cpp's threads (ours: XLA's, every core)")
     parser.add_argument("--preset", default="tiny", help="without --checkpoint: random init")
+    parser.add_argument("--vocab_size", type=int, default=32768,
+                        help="with --preset (presets hold the architecture only)")
     parser.add_argument("--mtp_depth", type=int, default=1, help="with --preset")
     parser.add_argument("--loops", type=int, default=1, help="with --preset")
     parser.add_argument("--batches", default="1,8")

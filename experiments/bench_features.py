@@ -1,6 +1,6 @@
 """Architecture features side by side: step time, and validation loss at equal tokens.
 
-    python -m experiments.bench_features --config=tiny_rust [--rounds=5 --steps=5]
+    python -m experiments.bench_features --config=tiny:rust [--rounds=5 --steps=5]
         [--train_steps=300] [--variants=baseline,mtp,loop,mhc,all] [--out=DIR]
 
 Variants are the config with nothing, one, or all of the `mtp`, `loop`, `mhc` groups
@@ -78,7 +78,7 @@ def time_steps(configs: dict, rounds: int, steps: int) -> dict[str, list[float]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny_rust")
+    parser.add_argument("--config", default="tiny:rust")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")

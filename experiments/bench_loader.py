@@ -1,6 +1,6 @@
 """Does the loader keep up with the train step?  Loader tokens/s vs step tokens/s.
 
-    python -m experiments.bench_loader --config=tiny_rust [--steps=100]
+    python -m experiments.bench_loader --config=tiny:rust [--steps=100]
 
 Measures, for the config's corpus, batch and model: (1) the loader alone (prefetch thread
 + device placement, consumed as fast as possible), (2) the train step alone on one fixed

@@ -2,8 +2,8 @@
 one after another on the same data and token budget, with a report.
 
     python -m experiments.benchmark --quick                  # tiny model, ~12 min on 2 CPUs
-    python -m experiments.benchmark --configs=e3_muon,e3_muon_8bit,e3_galore2,\\
-        e3_galore2_muon_8bit,e3_full --model=125m --steps=2000 --out=runs/benchmark_125m
+    python -m experiments.benchmark --configs=e3:muon,e3:muon_8bit,e3:galore2,\\
+        e3:galore2_muon_8bit,e3:full --model=125m --steps=2000 --out=runs/benchmark_125m
 
 Each run is `python -m experiments.run` in its own process (so its peak host memory is its
 own), with the same overrides: model preset, data (rust-src, one BPE), batch, sequence
@@ -37,16 +37,21 @@ import time
 
 import numpy as np
 
-E3_CONFIGS = ("e3_muon", "e3_muon_8bit", "e3_galore2", "e3_galore2_muon_8bit", "e3_full")
+from experiments.configs import variant_names
+from experiments.run import canonical, load_config, run_name, split_configs
+
+# run names (experiments.run.run_name) e3_muon, ..., e3_full
+E3_CONFIGS = ("e3:muon", "e3:muon_8bit", "e3:galore2", "e3:galore2_muon_8bit", "e3:full")
 BASELINE = "adamw_dense"
 # name -> (experiment config, overrides): the two AdamW references
 BASELINES = {BASELINE: ("base", ["--config.model.ternary=False"]),
              "adamw_ternary": ("base", [])}
 # The tiny model's rates (the E3 configs' defaults are for 125m): what e3_full sets
-TINY_RATES = ["--config.optimizer.adam_lr=3e-3", "--config.optimizer.galore_rank=32",
-              "--config.optimizer.galore_update_every=50"]
+TINY_RATES = ["--config.optimizer.adam_lr=3e-3", "--config.optimizer.galore.rank=32",
+              "--config.optimizer.galore.update_every=50"]
 # Arms whose own rate is set for 125m against AdamW's 1.5e-3: rescaled to tiny's AdamW 3e-3
-TINY_ARM_RATES = {"e3_lion": ["--config.optimizer.lr=6e-4"]}  # Lion: AdamW's / 5, as e3_lion
+# by run name; Lion: AdamW's / 5, as e3:lion
+TINY_ARM_RATES = {"e3_lion": ["--config.optimizer.lr=6e-4"]}
 CLAIMS = (
     ("2-3x faster training", "tokens/s against dense AdamW"),
     ("50-80% less memory", "parameter + optimizer-state bytes and peak memory against dense "
@@ -54,6 +59,14 @@ CLAIMS = (
     ("15-20% data efficiency", "tokens to reach dense AdamW's final validation loss"),
     ("35% faster backprop", "Collider's filtered backward"),
 )
+
+
+def _is_e3(config: str) -> bool:
+    """Whether a run's config is one of the seed's E3 arms (`E3_CONFIGS`, any variant of
+    them, in new or old spelling); Lion and the AdamW references are not."""
+    family, _, variants = canonical(config).partition(":")
+    arms = {canonical(c).partition(":")[2] for c in E3_CONFIGS}
+    return family == "e3" and bool(set(variant_names(variants)) & arms)
 
 
 def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -74,8 +87,8 @@ def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
     else:
         baseline_lr = []
     runs = [(name, cfg, over + baseline_lr) for name, (cfg, over) in BASELINES.items()]
-    runs += [(config.replace(":", "_"), config,
-              TINY_ARM_RATES.get(config, []) if args.model == "tiny" else [])
+    runs += [(run_name(config), config,
+              TINY_ARM_RATES.get(run_name(config), []) if args.model == "tiny" else [])
              for config in args.configs]
     return [(name, cfg, common + over + extra) for name, cfg, over in runs]
 
@@ -97,8 +110,6 @@ def centre_lr(config: str, overrides: list[str]) -> float:
     lr = _last_override(overrides, LR_FLAG)
     if lr is not None:
         return float(lr)
-    from experiments.run import load_config
-
     return float(load_config(config).optimizer.lr)
 
 
@@ -106,8 +117,6 @@ def is_looped(config: str, overrides: list[str]) -> bool:
     """Whether the arm runs LoopLM (`loop.enabled`), from its overrides or its config."""
     enabled = _last_override(overrides, LOOP_FLAG)
     if enabled is None:
-        from experiments.run import load_config
-
         return bool(load_config(config).loop.enabled)
     return enabled.lower() in ("true", "1")
 
@@ -375,7 +384,7 @@ def claim_verdicts(results: list[dict], info: dict) -> list[str]:
     judged on the error bars."""
     reach = time_to_dense(info)
     base = next(r for r in results if r["name"] == BASELINE)
-    e3 = [r for r in results if r["config"].partition(":")[0] in E3_CONFIGS]
+    e3 = [r for r in results if _is_e3(r["config"])]
     lines = ["", "## The seed's claims, judged", "", "| claim | measured here | verdict |",
              "|---|---|---|"]
     fast = {r["name"]: reach[r["name"]] for r in e3 if reach[r["name"]]["reached"]}
@@ -529,7 +538,7 @@ def report(results: list[dict], info: dict, out: str) -> str:
     if info.get("sweep"):
         lines += claim_verdicts(results, info)
         lines += sweep_section(results, info)
-    e3 = [r for r in results if r["config"].partition(":")[0] in E3_CONFIGS]
+    e3 = [r for r in results if _is_e3(r["config"])]
     fastest = max(e3, key=lambda r: r["tokens_per_sec"], default=None)
     if fastest and not info.get("sweep"):
         lines += ["", "## The seed's claims next to this run", "", "| claim | measured here |",
@@ -638,12 +647,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.configs = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in args.configs  # NAME or NAME:VARIANT (e3_full:seed)
-               if not os.path.exists(os.path.join(os.path.dirname(__file__), "configs",
-                                                  f"{c.partition(':')[0]}.py"))]
-    if unknown:
-        raise SystemExit(f"error: unknown config(s) {unknown}: see experiments/configs/")
+    args.configs = split_configs(args.configs)
+    for config in args.configs:  # NAME, NAME:VARIANTS (e3:full,seed) or an old name (e3_muon)
+        load_config(config)  # an unknown name or variant exits with the choices
     try:
         multiples = [float(m) for m in args.lrs.split(",") if m]
     except ValueError:

@@ -1,8 +1,11 @@
 """`python -m experiments.run --config=NAME [--config.group.field=value ...] [--workdir=DIR]`
 
-NAME is a module in `experiments/configs/` (or a path to a config file). Overrides go through
-ml_collections' config flags; a name or field that does not exist fails before any compute.
-The default workdir is `runs/NAME`; re-running the same command resumes from it.
+NAME is a config family in `experiments/configs/` with optional variants
+(`tiny:rust,gguf`; experiments/configs/__init__.py lists them), one of the names they had
+before families (`tiny_rust_gguf`), or a path to a config file. Overrides go through
+ml_collections' config flags; a name, variant or field that does not exist fails before any
+compute. The default workdir is `runs/NAME` with the variants joined by underscores
+(`runs/tiny_rust_gguf`); re-running the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.configs import ALIASES, variant_names
 from nanochat_jax.errors import NanochatError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -23,13 +27,51 @@ DEFAULT_CONFIG = "tiny"
 
 
 def available_configs() -> list[str]:
-    return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                  if f.endswith(".py") and not f.startswith("_"))
+    """The config families (modules of experiments/configs/) and the old names (ALIASES)."""
+    families = [f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith(".py") and not f.startswith("_")]
+    return sorted(families + list(ALIASES))
+
+
+def canonical(value: str) -> str:
+    """An old config name (`tiny_rust_gguf`, `e3_full:seed`) -> FAMILY:VARIANTS; other
+    values unchanged."""
+    name, sep, variants = value.partition(":")
+    if name not in ALIASES:
+        return value
+    family, _, own = ALIASES[name].partition(":")
+    joined = ",".join(v for v in (own, variants) if v)
+    return f"{family}:{joined}" if joined else family
+
+
+def run_name(value: str) -> str:
+    """The default workdir's name of a `--config` value: the family and its variants joined
+    by underscores (`tiny:rust,gguf` and `tiny_rust_gguf` -> tiny_rust_gguf)."""
+    name, _, variants = canonical(value).partition(":")
+    name = os.path.basename(name).removesuffix(".py")
+    return "_".join([name, *variant_names(variants)])
+
+
+def split_configs(text: str) -> list[str]:
+    """A comma-separated list of configs whose own variants are comma-separated too:
+    "e3:muon,e3:full,seed,tiny_rust" -> ["e3:muon", "e3:full,seed", "tiny_rust"] (a piece
+    that names no config is a variant of the one before it)."""
+    names, configs = available_configs(), []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        family = piece.partition(":")[0]
+        if configs and ":" in configs[-1] and ":" not in piece and family not in names:
+            configs[-1] += "," + piece
+        else:
+            configs.append(piece)
+    return configs
 
 
 def resolve_config_arg(value: str) -> str:
-    """A config NAME (or NAME:arg) -> the path of its file; paths pass through unchanged."""
-    name, sep, arg = value.partition(":")
+    """A config NAME[:VARIANTS] (or old name) -> the path of its file[:VARIANTS]; paths pass
+    through unchanged."""
+    name, sep, arg = canonical(value).partition(":")
     if name.endswith(".py") or os.sep in name:
         return value
     if name not in available_configs():
@@ -57,17 +99,21 @@ def _rewrite_argv(argv: list[str]) -> tuple[list[str], str]:
         i += 1
     if not any(a == "--config" or a.startswith("--config=") for a in out):
         out.insert(1, "--config=" + resolve_config_arg(DEFAULT_CONFIG))
-    return out, os.path.basename(name.partition(":")[0]).removesuffix(".py")
+    return out, run_name(name)
 
 
 def load_config(name_or_path: str):
-    """The ConfigDict of a config NAME, NAME:VARIANT or file path (what `--config` accepts);
-    a variant is passed to `get_config` as ml_collections' config_flags does."""
-    path, sep, variant = resolve_config_arg(name_or_path).partition(":")
+    """The ConfigDict of a config NAME, NAME:VARIANTS or file path (what `--config` accepts);
+    the variants are passed to `get_config` as ml_collections' config_flags does. A bad
+    variant exits with the family's choices."""
+    path, sep, variants = resolve_config_arg(name_or_path).partition(":")
     spec = importlib.util.spec_from_file_location("_run_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(variant) if sep else module.get_config()
+    try:
+        return module.get_config(variants) if sep else module.get_config()
+    except ValueError as e:
+        raise SystemExit(f"error: --config={name_or_path}: {e}") from None
 
 
 def apply_overrides(config, items: list[str]):

@@ -13,12 +13,12 @@ stores), and the embedding and head, which stay in floating point.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 import jax
 import jax.numpy as jnp
 
+from experiments.run import load_config
 from nanochat_jax.model.config import PRESETS, ModelConfig, from_run_config
 from nanochat_jax.model.transformer import Transformer, is_block_kernel
 from nanochat_jax.ternary.packing import pack
@@ -26,12 +26,12 @@ from nanochat_jax.ternary.packing import pack
 # The experiment config (experiments/configs/) that trains each preset: `tiny` and `tiny256`
 # (tied, SwiGLU: the llama.cpp-exportable tiny Rust model) have their own, every other
 # preset is the `base` run (125m, rust-src, 32k BPE) with the preset swapped in.
-TRAINED_BY = {"tiny": "tiny", "tiny256": "tiny_rust_gguf"}
+TRAINED_BY = {"tiny": "tiny", "tiny256": "tiny:rust,gguf"}
 
 
 def _run_config(preset: str):
     name = TRAINED_BY.get(preset, "base")
-    return name, importlib.import_module(f"experiments.configs.{name}").get_config()
+    return name, load_config(name)
 
 
 def train_command(preset: str) -> str:

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 import nanochat_jax  # noqa: F401  (first: libtpu's start-up settings, before JAX loads)
-from experiments.configs import e3_full, tiny, tiny_rust, tiny_rust_gguf
+from experiments.configs import e3, tiny
 
 # Broadcasting must be spelled out: `x * scale[None, None]`, not a silent rank promotion
 # that would also accept a transposed or wrongly shaped operand.
@@ -85,20 +85,20 @@ def _small_rust(c):
 
 @pytest.fixture
 def small_rust_config():
-    """tiny_rust (rust-src) with a 1k BPE on 2 MB of it."""
-    return _small_rust(tiny_rust.get_config())
+    """tiny:rust (rust-src) with a 1k BPE on 2 MB of it."""
+    return _small_rust(tiny.get_config("rust"))
 
 
 @pytest.fixture
 def small_e3_full_config():
-    """e3_full (every architecture feature, GaLore 2 + 8-bit Muon), small, on the 1k BPE."""
-    return _small_rust(e3_full.get_config())
+    """e3:full (every architecture feature, GaLore 2 + 8-bit Muon), small, on the 1k BPE."""
+    return _small_rust(e3.get_config("full"))
 
 
 @pytest.fixture
 def small_rust_gguf_config():
-    """tiny_rust_gguf (tied, SwiGLU, 256 wide: llama.cpp-exportable) on the 1k BPE."""
-    return _small_rust(tiny_rust_gguf.get_config())
+    """tiny:rust,gguf (tied, SwiGLU, 256 wide: llama.cpp-exportable) on the 1k BPE."""
+    return _small_rust(tiny.get_config("rust,gguf"))
 
 
 @pytest.fixture(scope="session")

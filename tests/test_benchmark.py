@@ -47,23 +47,33 @@ def test_bad_arguments_fail_before_any_run(tmp_path):
 
 
 def test_a_config_variant_is_an_arm_of_its_own():
-    """`--configs=e3_full:seed` runs the seed's E3 setting under its own name."""
+    """`--configs=e3_full:seed` (old spelling) and `e3:full,seed` run the seed's E3 setting
+    under its own name, e3_full_seed."""
     import argparse
 
     from experiments.benchmark import plan
-    from experiments.configs import e3_full
+    from experiments.configs import e3
 
     args = argparse.Namespace(steps=10, model="tiny", seq_len=128, batch=16, max_bytes=0,
                               vocab=8192, evals=2, eval_batches=1, peak=1e9,
-                              configs=["e3_full", "e3_full:seed"])
-    runs = {name: config for name, config, _ in plan(args, [])}
-    assert runs["e3_full"] == "e3_full" and runs["e3_full_seed"] == "e3_full:seed"
-    seed, ours = e3_full.get_config("seed"), e3_full.get_config()
+                              configs=["e3_full", "e3_full:seed", "e3:muon", "e3:full,seed"])
+    runs = [(name, config) for name, config, _ in plan(args, [])]
+    assert runs[2:] == [("e3_full", "e3_full"), ("e3_full_seed", "e3_full:seed"),
+                        ("e3_muon", "e3:muon"), ("e3_full_seed", "e3:full,seed")]
+    seed, ours = e3.get_config("full,seed"), e3.get_config("full")
     assert (seed.mtp.depth, seed.collider.keep_ratio) == (3, 0.5)
     assert (ours.mtp.depth, ours.collider.keep_ratio) == (1, 0.7)
     assert not seed.loop.enabled and not seed.mhc.enabled and ours.loop.enabled
     with pytest.raises(ValueError, match="variant"):
-        e3_full.get_config("nope")
+        e3.get_config("full,nope")
+
+
+def test_configs_list_keeps_each_configs_variants_together():
+    from experiments.run import split_configs
+
+    assert split_configs("e3:muon,e3:full,seed,e3_lion,tiny:rust,gguf") == [
+        "e3:muon", "e3:full,seed", "e3_lion", "tiny:rust,gguf"]
+    assert split_configs("e3_muon,e3_full:seed") == ["e3_muon", "e3_full:seed"]
 
 
 def test_lr_grid_centres_each_arm_on_its_own_rate_and_verdicts_respect_noise():

@@ -168,8 +168,8 @@ def _all_features():
     """(run config, params, jitted value_and_grad) of the model with MTP, LoopLM, mHC and
     Collider (keep 0.7) on one batch: compiled once, shared by every optimizer."""
     config = base.get_config()
-    config.optimizer.galore_rank = 8
-    config.optimizer.state_min_size = 256
+    config.optimizer.galore.rank = 8
+    config.optimizer.int8.min_size = 256
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule = "constant"
     config.training.steps = 4

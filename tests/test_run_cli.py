@@ -23,6 +23,35 @@ def test_unknown_config_name_lists_the_choices():
     assert "e3_muon" in out.stderr and "base" in out.stderr
 
 
+def test_config_families_take_variants_and_the_old_names_still_resolve():
+    from experiments.run import load_config, run_name
+
+    assert load_config("tiny:rust,gguf").to_dict() == load_config("tiny_rust_gguf").to_dict()
+    assert load_config("e3:full,seed").to_dict() == load_config("e3_full:seed").to_dict()
+    gguf = load_config("tiny:rust,gguf")
+    assert (gguf.model.preset, gguf.data.source, gguf.model.vocab_size) == (
+        "tiny256", "rust-src", 8192)
+    assert run_name("tiny:rust,gguf") == run_name("tiny_rust_gguf") == "tiny_rust_gguf"
+    assert run_name("e3_full:seed") == "e3_full_seed"
+
+
+def test_unknown_variant_lists_the_family_variants():
+    out = _run("--config=tiny:rust,ggfu")
+    assert out.returncode != 0
+    assert "unknown tiny variant(s) 'ggfu'" in out.stderr and "rust, gguf, mtp" in out.stderr
+    out = _run("--config=e3:muon,lion")
+    assert out.returncode != 0 and "one optimizer arm" in out.stderr
+
+
+def test_an_optimizer_field_lives_in_its_optimizers_group():
+    """`optimizer.galore_rank` became `optimizer.galore.rank`: the old spelling is refused
+    with the group's fields listed."""
+    out = _run("--config=e3:galore2", "--config.optimizer.galore_rank=64")
+    assert out.returncode != 0
+    assert "config.optimizer has no field 'galore_rank'" in out.stderr
+    assert "galore" in out.stderr and "muon" in out.stderr
+
+
 def test_misspelt_override_names_the_field_and_the_options():
     out = _run("--config=tiny", "--config.optimizer.lrr=0.1")
     assert out.returncode != 0

@@ -93,39 +93,54 @@ def get_config() -> config_dict.ConfigDict:
     # training/skipped_steps); this many in a row stop the run, keeping the last checkpoint
     c.training.max_consecutive_skips = 10
 
-    # optim/: name in (adamw, lion, muon, muon_8bit, galore2, galore2_muon_8bit);
-    # schedule in (constant, linear, cosine, bitnet).
+    # optim/factory.py: `name` picks a builder (adamw, lion, muon, muon_8bit, galore2,
+    # galore2_muon_8bit), which reads the shared fields and the sub-groups it uses.
     c.optimizer = config_dict.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.lr = 1.5e-3  # lr of the hidden matrices (all leaves for adamw / lion)
     c.optimizer.adam_lr = 3e-4  # muon*, galore2*: lr of the AdamW group (embedding, head, norms)
-    c.optimizer.b1 = 0.9  # AdamW (every arm's AdamW group)
-    c.optimizer.b2 = 0.95
-    c.optimizer.eps = 1e-8
     # every >= 2-D weight (embedding and head too; not norms) in every arm, times its lr
     c.optimizer.weight_decay = 0.1
-    c.optimizer.lion_b1 = 0.9  # Lion's own (Chen et al. 2023): b1 interpolates the update,
-    c.optimizer.lion_b2 = 0.99  # b2 the momentum; use lr 3-10x below AdamW's (e3_lion)
-    c.optimizer.momentum = 0.95  # Muon
-    c.optimizer.ns_steps = 5  # Muon Newton-Schulz iterations
-    c.optimizer.consistent_rms = config_dict.placeholder(float)  # Muon; 0.2: Moonlight scaling
     c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
-    c.optimizer.state_block_size = 256  # *_8bit: int8 block size of optimizer states
-    c.optimizer.state_min_size = 4096  # *_8bit: smaller state tensors stay fp32
-    c.optimizer.galore_rank = 128  # galore2*: projection rank (SPECS §5: 128 at 60M)
-    c.optimizer.galore_update_every = 200  # galore2*: projector refresh period T
-    # galore2: alpha on the back-projected Adam update (galore2_muon_8bit instead scales its
-    # Muon update to full-rank Muon's RMS: optim/factory.py)
-    c.optimizer.galore_scale = 0.25
-    c.optimizer.galore_svd = "randomized"  # galore2*: randomized (GaLore 2) or full
-    c.optimizer.fire_step = config_dict.placeholder(int)  # FIRE the hidden matrices here
-    c.optimizer.fire_iters = 30  # FIRE Newton-Schulz steps: 10 (SPECS) leaves 768-wide
-    # Gaussian matrices far from isometric (min singular value 0.003); 30 converges
-    c.optimizer.schedule = "bitnet"
+    c.optimizer.schedule = "bitnet"  # constant | linear | cosine | bitnet (two-stage)
     c.optimizer.warmup_steps = 375
     c.optimizer.min_lr_ratio = 0.1
     c.optimizer.stage2_at = 0.5  # bitnet: fraction of steps where LR drops and decay stops
     c.optimizer.stage2_lr_ratio = 2 / 3  # bitnet: 1.5e-3 -> 1e-3 as in the BitNet FAQ
+    # AdamW: the adamw arm, every hybrid arm's AdamW group, GaLore 2's rank-r Adam
+    c.optimizer.adamw = config_dict.ConfigDict()
+    c.optimizer.adamw.b1 = 0.9
+    c.optimizer.adamw.b2 = 0.95
+    c.optimizer.adamw.eps = 1e-8
+    # Lion's own (Chen et al. 2023): b1 interpolates the update, b2 the momentum; use an lr
+    # 3-10x below AdamW's (e3_lion)
+    c.optimizer.lion = config_dict.ConfigDict()
+    c.optimizer.lion.b1 = 0.9
+    c.optimizer.lion.b2 = 0.99
+    # Muon: muon, muon_8bit, and galore2_muon_8bit's inner step
+    c.optimizer.muon = config_dict.ConfigDict()
+    c.optimizer.muon.momentum = 0.95
+    c.optimizer.muon.ns_steps = 5  # Newton-Schulz iterations
+    c.optimizer.muon.eps = 1e-8
+    c.optimizer.muon.consistent_rms = config_dict.placeholder(float)  # 0.2: Moonlight scaling
+    # *_8bit: blockwise int8 optimizer states
+    c.optimizer.int8 = config_dict.ConfigDict()
+    c.optimizer.int8.block_size = 256
+    c.optimizer.int8.min_size = 4096  # smaller state tensors stay fp32
+    # galore2*: GaLore 2 on the hidden matrices
+    c.optimizer.galore = config_dict.ConfigDict()
+    c.optimizer.galore.rank = 128  # projection rank (SPECS §5: 128 at 60M)
+    c.optimizer.galore.update_every = 200  # projector refresh period T
+    # alpha on the back-projected Adam update (galore2_muon_8bit instead scales its Muon
+    # update to full-rank Muon's RMS: optim/factory.py)
+    c.optimizer.galore.scale = 0.25
+    c.optimizer.galore.svd = "randomized"  # randomized (GaLore 2) or full
+    # optim/fire.py: FIRE re-initialises the hidden matrices once, at `step` (any optimizer)
+    c.optimizer.fire = config_dict.ConfigDict()
+    c.optimizer.fire.step = config_dict.placeholder(int)
+    # Newton-Schulz steps: 10 (SPECS) leaves 768-wide Gaussian matrices far from isometric
+    # (min singular value 0.003); 30 converges
+    c.optimizer.fire.iters = 30
 
     # model/mtp.py + losses.py: multi-token prediction (SPECS §8). Depth k predicts token
     # t+k+1; the loss adds weight * mean_k L_k, weight -> weight_final at switch_at x steps.

@@ -13,7 +13,7 @@ them) is F16, or F32 with `--type=f32`; norms are F32.
 llama.cpp's `bitnet` block is ours (RMSNorm, rotate-half RoPE, GQA attention, sub-norm
 before the output projection, gated FFN with a sub-norm before the down projection) with
 two fixed choices, so the model must have `model.tie_embeddings=True` and
-`model.ffn_activation=silu` (`--config=tiny_rust_gguf` trains one). LoopLM and mHC models
+`model.ffn_activation=silu` (`--config=tiny:rust,gguf` trains one). LoopLM and mHC models
 have no llama.cpp form and are refused; MTP modules are dropped (they never feed the
 next-token logits). Remaining difference: llama.cpp rounds activations to int8 per block of
 256 values (Q8_K) before a ternary matmul and not at all before an F16/F32 one, where our

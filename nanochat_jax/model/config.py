@@ -143,37 +143,33 @@ class ModelConfig:
         return jnp.dtype(self.compute_dtype)
 
 
-# name -> architecture; vocab 32768 (our BPE) unless the preset is byte-level.
+# name -> architecture only: the vocabulary and sequence length are the run's (model_config).
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains in minutes on 2 CPU cores on a byte-level tokenizer.
-    "tiny": dict(vocab_size=384, seq_len=128, d_model=128, n_layers=4, n_heads=4,
-                 n_kv_heads=2, d_ff=384),
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
     # The smallest geometry llama.cpp's ternary GGUF types (TQ1_0/TQ2_0) can hold: every
     # ternary layer's input width a multiple of 256.
-    "tiny256": dict(vocab_size=8192, seq_len=128, d_model=256, n_layers=4, n_heads=4,
-                    n_kv_heads=2, d_ff=768),
+    "tiny256": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768),
     # nanochat's d20 geometry (depth 20, width 64 * depth).
-    "d20": dict(vocab_size=32768, seq_len=2048, d_model=1280, n_layers=20, n_heads=10,
-                n_kv_heads=10, d_ff=3584),
-    "125m": dict(vocab_size=32768, seq_len=2048, d_model=768, n_layers=12, n_heads=12,
-                 n_kv_heads=12, d_ff=2048),
-    "350m": dict(vocab_size=32768, seq_len=2048, d_model=1024, n_layers=24, n_heads=16,
-                 n_kv_heads=16, d_ff=2816),
-    "1b": dict(vocab_size=32768, seq_len=2048, d_model=2048, n_layers=16, n_heads=32,
-               n_kv_heads=8, d_ff=8192),
+    "d20": dict(d_model=1280, n_layers=20, n_heads=10, n_kv_heads=10, d_ff=3584),
+    "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048),
+    "350m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=2816),
+    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192),
     # BitNet b1.58 2B4T-like width with Llama-3.2-3B depth.
-    "3b": dict(vocab_size=32768, seq_len=4096, d_model=3072, n_layers=28, n_heads=24,
-               n_kv_heads=8, d_ff=8192),
+    "3b": dict(d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192),
     # Llama-2-7B geometry.
-    "7b": dict(vocab_size=32768, seq_len=4096, d_model=4096, n_layers=32, n_heads=32,
-               n_kv_heads=32, d_ff=11008),
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+# what every model_config call names: the run's values, never a preset's
+RUN_FIELDS = ("vocab_size", "seq_len")
 
 
 def model_config(preset: str, **overrides: Any) -> ModelConfig:
-    """A preset with some fields replaced; None-valued overrides keep the preset's value."""
+    """A preset's architecture with `vocab_size` and `seq_len` (the tokenizer's and the run's,
+    never the preset's) and any other fields replaced; None-valued overrides keep the
+    preset's value."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
     unknown = set(overrides) - _FIELDS
@@ -181,6 +177,11 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"unknown model field(s) {sorted(unknown)}: fields are {sorted(_FIELDS)}")
     fields = dict(PRESETS[preset])
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [name for name in RUN_FIELDS if name not in fields]
+    if missing:
+        raise ConfigError(f"model_config({preset!r}) needs {' and '.join(missing)}: a preset "
+                          f"holds the architecture only (the tokenizer decides the vocabulary, "
+                          f"the run its sequence length)")
     return ModelConfig(**fields)
 
 

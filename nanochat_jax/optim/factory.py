@@ -1,15 +1,17 @@
 """Config -> optax chain: the optimizer compositions, with LR / weight-decay schedules.
 
-`optimizer.name` picks the composition. Hidden matrices (the BitLinear kernels inside
-blocks) and everything else (embedding, LM head, norms) form two groups:
+`optimizer.name` picks the composition from `BUILDERS`; each reads the sub-groups of the
+`optimizer` group it uses (`adamw`, `lion`, `muon`, `int8`, `galore`) and the shared fields
+(`lr`, `adam_lr`, `weight_decay`, `grad_clip`, the schedule). Hidden matrices (the BitLinear
+kernels inside blocks) and everything else (embedding, LM head, norms) form two groups:
 
 | name | hidden matrices | other leaves |
 |---|---|---|
 | adamw | AdamW (lr) | AdamW (lr) |
 | lion | Lion (lr), masked decay | Lion (lr) |
 | muon | Muon (lr), `optax.contrib.muon` | AdamW (adam_lr) |
-| muon_8bit | as muon, momentum >= state_min_size stored as blockwise int8 | AdamW (fp32) |
-| galore2 | GaLore 2 (rank-r Adam, lr, scale galore_scale) | AdamW (adam_lr) |
+| muon_8bit | as muon, momentum >= int8.min_size stored as blockwise int8 | AdamW (fp32) |
+| galore2 | GaLore 2 (rank-r Adam, lr, scale galore.scale) | AdamW (adam_lr) |
 | galore2_muon_8bit | GaLore 2 with an 8-bit Muon inner (lr), Muon's RMS | AdamW (adam_lr) |
 
 Weight decay is one convention in every arm: every weight of two or more dimensions
@@ -19,7 +21,7 @@ Weight decay is one convention in every arm: every weight of two or more dimensi
 `galore2_muon_8bit` gives its back-projected Muon update Muon's own shape factor
 (`_muon_shape_scale`, on the full matrix) and rescales the rank-r update to
 full-rank Muon's RMS (galore `scale="rank"`), so at Muon's lr it steps like the `muon` arm;
-`galore_scale` is GaLore-Adam's (`galore2`).
+`galore.scale` is GaLore-Adam's (`galore2`).
 
 Hyper-parameters are wrapped in `optax.inject_hyperparams`, so schedules drive both the
 learning rate and the weight decay (BitNet's stage-2 decay of 0) and the current values are
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,6 @@ from nanochat_jax.model.transformer import is_block_kernel, layer_ndim, path_nam
 from nanochat_jax.optim.galore import galore
 from nanochat_jax.optim.quantized import quantize_states
 
-OPTIMIZERS = ("adamw", "lion", "muon", "muon_8bit", "galore2", "galore2_muon_8bit")
 SCHEDULES = ("constant", "linear", "cosine", "bitnet")
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -118,55 +119,115 @@ def _muon_shape_scale(consistent_rms: float | None) -> optax.GradientTransformat
     return optax.stateless(lambda updates, params: jax.tree.map(scale, updates))
 
 
-def _hybrid_muon(cfg, lr, adam_lr, wd, *, quantize: bool) -> optax.GradientTransformation:
-    """Muon (`optax.contrib.muon`) on the hidden matrices, optionally with 8-bit states;
-    AdamW (adam_lr) on the embedding, head and norms, whose states stay fp32: linear int8
-    codes zero Adam's small second moments and blow up the update."""
-    matrices = optax.inject_hyperparams(
-        optax.contrib.muon,
-        static_args=("ns_steps", "muon_weight_dimension_numbers", "consistent_rms"))(
-        learning_rate=lr, beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]),
-        eps=cfg["eps"], weight_decay=wd, muon_weight_dimension_numbers=_every_matrix,
-        consistent_rms=cfg["consistent_rms"])
-    if quantize:
-        matrices = _quantized(cfg, matrices)
-    return optax.partition({"matrix": matrices, "other": _other_adamw(cfg, adam_lr, wd)},
-                           matrix_labels)
+class Rates(NamedTuple):
+    """The run's schedules, each a function of the step: `lr` (the hidden matrices' rate;
+    every leaf's for adamw / lion), `adam_lr` (the AdamW group of the hybrid arms) and `wd`
+    (the weight decay)."""
+
+    lr: Schedule
+    adam_lr: Schedule
+    wd: Schedule
 
 
-def _other_adamw(cfg, adam_lr, wd) -> optax.GradientTransformation:
-    """AdamW on the leaves that are not hidden matrices (embedding, head, norms, ...), with
-    the weight decay every arm applies (module doc)."""
+def _adamw(cfg, rates: Rates) -> optax.GradientTransformation:
+    """AdamW on every leaf (`optimizer.adamw`)."""
+    adamw = cfg["adamw"]
     return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=adam_lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=wd,
+        learning_rate=rates.lr, b1=adamw["b1"], b2=adamw["b2"], eps=adamw["eps"],
+        weight_decay=rates.wd, mask=_decay_mask)
+
+
+def _lion(cfg, rates: Rates) -> optax.GradientTransformation:
+    """Lion on every leaf with its own betas (`optimizer.lion`)."""
+    lion = cfg["lion"]
+    return optax.inject_hyperparams(optax.lion, static_args=("mask",))(
+        learning_rate=rates.lr, b1=lion["b1"], b2=lion["b2"], weight_decay=rates.wd,
         mask=_decay_mask)
 
 
+def _hybrid_muon(cfg, rates: Rates, *, quantize: bool) -> optax.GradientTransformation:
+    """Muon (`optax.contrib.muon`, `optimizer.muon`) on the hidden matrices, optionally
+    with 8-bit states (`optimizer.int8`); AdamW (adam_lr) on the embedding, head and norms,
+    whose states stay fp32: linear int8 codes zero Adam's small second moments and blow up
+    the update."""
+    muon = cfg["muon"]
+    matrices = optax.inject_hyperparams(
+        optax.contrib.muon,
+        static_args=("ns_steps", "muon_weight_dimension_numbers", "consistent_rms"))(
+        learning_rate=rates.lr, beta=muon["momentum"], ns_steps=int(muon["ns_steps"]),
+        eps=muon["eps"], weight_decay=rates.wd, muon_weight_dimension_numbers=_every_matrix,
+        consistent_rms=muon["consistent_rms"])
+    if quantize:
+        matrices = _quantized(cfg, matrices)
+    return optax.partition({"matrix": matrices, "other": _other_adamw(cfg, rates)},
+                           matrix_labels)
+
+
+def _other_adamw(cfg, rates: Rates) -> optax.GradientTransformation:
+    """AdamW (`optimizer.adamw`, at adam_lr) on the leaves that are not hidden matrices
+    (embedding, head, norms, ...), with the weight decay every arm applies (module doc)."""
+    adamw = cfg["adamw"]
+    return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=rates.adam_lr, b1=adamw["b1"], b2=adamw["b2"], eps=adamw["eps"],
+        weight_decay=rates.wd, mask=_decay_mask)
+
+
 def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    return quantize_states(inner, block_size=int(cfg["state_block_size"]),
-                           min_size=int(cfg["state_min_size"]))
+    """`inner` with its states stored as blockwise int8 (`optimizer.int8`)."""
+    int8 = cfg["int8"]
+    return quantize_states(inner, block_size=int(int8["block_size"]),
+                           min_size=int(int8["min_size"]))
 
 
 def _galore_matrices(learning_rate, weight_decay, *, inner, cfg, muon: bool
                      ) -> optax.GradientTransformation:
-    """GaLore 2 on the hidden matrices: project, inner step, back-project, (Muon: its shape
-    factor on the full matrix), decay, lr."""
-    projected = galore(inner, rank=int(cfg["galore_rank"]),
-                       update_every=int(cfg["galore_update_every"]),
-                       scale="rank" if muon else float(cfg["galore_scale"]),
-                       svd=cfg["galore_svd"])
-    shape = [_muon_shape_scale(cfg["consistent_rms"])] if muon else []
+    """GaLore 2 (`optimizer.galore`) on the hidden matrices: project, inner step,
+    back-project, (Muon: its shape factor on the full matrix), decay, lr."""
+    settings = cfg["galore"]
+    projected = galore(inner, rank=int(settings["rank"]),
+                       update_every=int(settings["update_every"]),
+                       scale="rank" if muon else float(settings["scale"]),
+                       svd=settings["svd"])
+    shape = [_muon_shape_scale(cfg["muon"]["consistent_rms"])] if muon else []
     return optax.chain(projected, *shape, optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(learning_rate))
 
 
-def _galore2(cfg, lr, adam_lr, wd, inner, *, muon: bool = False
+def _galore2(cfg, rates: Rates, inner: optax.GradientTransformation, *, muon: bool
              ) -> optax.GradientTransformation:
     matrices = optax.inject_hyperparams(
         functools.partial(_galore_matrices, inner=inner, cfg=cfg, muon=muon))(
-        learning_rate=lr, weight_decay=wd)
-    return optax.partition({"matrix": matrices, "other": _other_adamw(cfg, adam_lr, wd)},
+        learning_rate=rates.lr, weight_decay=rates.wd)
+    return optax.partition({"matrix": matrices, "other": _other_adamw(cfg, rates)},
                            matrix_labels)
+
+
+def _galore2_adam(cfg, rates: Rates) -> optax.GradientTransformation:
+    """GaLore 2 with a rank-r Adam inner step (`optimizer.adamw`'s betas)."""
+    adamw = cfg["adamw"]
+    inner = optax.scale_by_adam(b1=adamw["b1"], b2=adamw["b2"], eps=adamw["eps"])
+    return _galore2(cfg, rates, inner, muon=False)
+
+
+def _galore2_muon_8bit(cfg, rates: Rates) -> optax.GradientTransformation:
+    """GaLore 2 with an 8-bit Muon inner step (`optimizer.muon`, `optimizer.int8`)."""
+    muon = cfg["muon"]
+    inner = _quantized(cfg, optax.contrib.scale_by_muon(
+        beta=muon["momentum"], ns_steps=int(muon["ns_steps"]), eps=muon["eps"],
+        weight_dimension_numbers=_every_matrix))
+    return _galore2(cfg, rates, inner, muon=True)
+
+
+# optimizer.name -> its builder: (the optimizer group, the schedules) -> the transform
+BUILDERS: dict[str, Callable[[Mapping[str, Any], Rates], optax.GradientTransformation]] = {
+    "adamw": _adamw,
+    "lion": _lion,
+    "muon": functools.partial(_hybrid_muon, quantize=False),
+    "muon_8bit": functools.partial(_hybrid_muon, quantize=True),
+    "galore2": _galore2_adam,
+    "galore2_muon_8bit": _galore2_muon_8bit,
+}
+OPTIMIZERS = tuple(BUILDERS)
 
 
 def build_optimizer(cfg: Mapping[str, Any], total_steps: int
@@ -177,6 +238,8 @@ def build_optimizer(cfg: Mapping[str, Any], total_steps: int
     primary learning rate (`lr`, the hidden matrices' rate) for logging.
     """
     name = cfg["name"]
+    if name not in BUILDERS:
+        raise ConfigError(f"unknown optimizer.name {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     lr_factor, wd_factor = lr_schedule(cfg, total_steps)
 
     def lr(s):
@@ -188,26 +251,7 @@ def build_optimizer(cfg: Mapping[str, Any], total_steps: int
     def wd(s):
         return cfg["weight_decay"] * wd_factor(s)
 
-    if name == "adamw":
-        tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-            learning_rate=lr, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
-            weight_decay=wd, mask=_decay_mask)
-    elif name == "lion":
-        tx = optax.inject_hyperparams(optax.lion, static_args=("mask",))(
-            learning_rate=lr, b1=cfg["lion_b1"], b2=cfg["lion_b2"], weight_decay=wd,
-            mask=_decay_mask)
-    elif name in ("muon", "muon_8bit"):
-        tx = _hybrid_muon(cfg, lr, adam_lr, wd, quantize=name == "muon_8bit")
-    elif name == "galore2":
-        inner = optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"])
-        tx = _galore2(cfg, lr, adam_lr, wd, inner)
-    elif name == "galore2_muon_8bit":
-        inner = _quantized(cfg, optax.contrib.scale_by_muon(
-            beta=cfg["momentum"], ns_steps=int(cfg["ns_steps"]), eps=cfg["eps"],
-            weight_dimension_numbers=_every_matrix))
-        tx = _galore2(cfg, lr, adam_lr, wd, inner, muon=True)
-    else:
-        raise ConfigError(f"unknown optimizer.name {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    tx = BUILDERS[name](cfg, Rates(lr, adam_lr, wd))
     if cfg["grad_clip"]:
         tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
     return tx, lr

@@ -55,7 +55,7 @@ from nanochat_jax.model.transformer import is_block_kernel
 Select = Callable[[Any, jax.Array], bool]
 # Newton-Schulz iterations: 10 (SPECS) leaves a 128x128 Gaussian kernel's singular values
 # down to 0.02 c (isometry error 0.22); 30 converges for the presets' shapes. The run's
-# default is experiments/configs/base.py `optimizer.fire_iters` (a test keeps them equal).
+# default is experiments/configs/base.py `optimizer.fire.iters` (a test keeps them equal).
 ITERS = 30
 # Optimizer-state fields that mirror params but are not moments: reset_moments keeps them.
 NOT_MOMENTS = ("projectors",)  # nanochat_jax.optim.galore.GaLoreState

@@ -1,6 +1,6 @@
 """`training.profile_steps = "START,COUNT"`: a `jax.profiler` trace of those train steps.
 
-    python -m experiments.run --config=tiny_rust --config.training.profile_steps=5,3
+    python -m experiments.run --config=tiny:rust --config.training.profile_steps=5,3
     tensorboard --logdir runs/tiny_rust/profile      # the profile plugin; or open the
                                                      # *.trace.json.gz in ui.perfetto.dev
 

@@ -1,6 +1,6 @@
 """Experiment trackers beside metrics.jsonl and TensorBoard: Weights & Biases.
 
-    python -m experiments.run --config=tiny_rust --config.logging.wandb=True \\
+    python -m experiments.run --config=tiny:rust --config.logging.wandb=True \\
         [--config.logging.project=P --config.logging.entity=E --config.logging.name=N \\
          --config.logging.mode=auto|online|offline]
 

@@ -235,7 +235,7 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
                 "data": {**data_identity, "batches_consumed": step, "seed": training.seed}}
 
     optimizer = config.optimizer
-    fire = jax.jit(functools.partial(apply_fire, iters=optimizer.fire_iters), donate_argnums=0,
+    fire = jax.jit(functools.partial(apply_fire, iters=optimizer.fire.iters), donate_argnums=0,
                    out_shardings=jax.tree.map(lambda x: x.sharding, state))
     reference, reference_params = None, None
     if filtering and filtering.enabled and filtering.score == "excess_loss":
@@ -343,10 +343,10 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
             while step < training.steps and stop.signal is None and not preempted:
                 batch_step, batch = next(batches)
                 assert batch_step == step, (batch_step, step)
-                if step == optimizer.fire_step:  # a data boundary: re-initialise once (SPECS §7)
+                if step == optimizer.fire.step:  # a data boundary: re-initialise once (SPECS §7)
                     state = fire(state)
                     note(f"step {step}: FIRE re-initialised the hidden matrices "
-                         f"({optimizer.fire_iters} Newton-Schulz iterations), moments reset")
+                         f"({optimizer.fire.iters} Newton-Schulz iterations), moments reset")
                 with profiler.annotate(step + 1):
                     state, step_metrics = train_step(state, batch, *step_extra)
                 profiler.after(step + 1, (state, step_metrics))

@@ -221,5 +221,5 @@ def test_llama_cpp_tokenizes_like_our_tokenizer(tokenizer, tmp_path, rust_texts)
 def test_the_zoos_tiny256_run_exports_to_ternary_gguf(tokenizer, qtype):
     from experiments.zoo import train_command, trained_model
 
-    assert train_command("tiny256") == "python -m experiments.run --config=tiny_rust_gguf"
+    assert train_command("tiny256") == "python -m experiments.run --config=tiny:rust,gguf"
     assert check_exportable(trained_model("tiny256"), qtype, tokenizer) == []

@@ -287,8 +287,19 @@ def test_model_config_unknown_field_names_the_fields():
         assert field in message
 
 
+def test_presets_hold_the_architecture_only_and_model_config_asks_for_the_rest():
+    """The vocabulary is the tokenizer's and the sequence length the run's: one value in one
+    place, so no preset carries them and model_config refuses a call without them."""
+    assert all(not set(fields) & {"vocab_size", "seq_len"} for fields in PRESETS.values())
+    with pytest.raises(ConfigError, match="needs vocab_size and seq_len"):
+        model_config("125m")
+    with pytest.raises(ConfigError, match="needs seq_len"):
+        model_config("125m", vocab_size=32768)
+    assert model_config("125m", vocab_size=1000, seq_len=64).vocab_size == 1000
+
+
 def test_model_config_overrides_apply_and_none_keeps_preset():
-    cfg = model_config("tiny", d_model=64, n_layers=None)
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, d_model=64, n_layers=None)
     assert cfg.d_model == 64
     assert cfg.n_layers == PRESETS["tiny"]["n_layers"]
 
@@ -322,7 +333,7 @@ def test_ffn_is_down_of_sub_normed_activation_of_gate_times_up(activation, act):
 
 
 def test_count_params_for_tiny_preset_matches_model_init():
-    cfg = model_config("tiny")
+    cfg = model_config("tiny", vocab_size=384, seq_len=128)
     model = Transformer(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     actual = sum(int(x.size) for x in jax.tree.leaves(params))
@@ -334,7 +345,7 @@ def test_count_params_for_tiny_preset_matches_model_init():
 
 
 def test_count_params_for_tiny_preset_matches_the_architecture():
-    c = model_config("tiny")
+    c = model_config("tiny", vocab_size=384, seq_len=128)
     q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     per_block = (2 * c.d_model  # attn_norm, ffn_norm
                  + c.d_model * q_out + 2 * c.d_model * kv_out + q_out * c.d_model  # q, k, v, o
@@ -352,7 +363,8 @@ def test_count_params_for_tiny_preset_matches_the_architecture():
 @pytest.fixture(scope="module")
 def preset_counts():
     """count_params of every preset (jax.eval_shape: shapes only, nothing allocated)."""
-    return {name: count_params(model_config(name)) for name in PRESETS}
+    return {name: count_params(model_config(name, vocab_size=32768, seq_len=2048))
+            for name in PRESETS}
 
 
 def test_every_preset_builds_and_sizes_increase(preset_counts):

@@ -67,7 +67,7 @@ def test_packed_variables_hold_no_latent_ternary_weights():
 
 @pytest.mark.parametrize("preset", ["tiny", "125m"])
 def test_packed_ternary_layers_take_at_most_a_seventh_of_bf16(preset):
-    cfg = model_config(preset)
+    cfg = model_config(preset, vocab_size=384 if preset == "tiny" else 32768, seq_len=128)
     model = Transformer(cfg)
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)  # no allocation

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from numpy.testing import assert_allclose
 
+from experiments.configs import base
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache
@@ -100,12 +101,9 @@ def test_stacked_kernels_are_hidden_matrices_and_shard_like_their_layers():
         assert stacked_specs["blocks"]["block"]["attn"][name]["kernel"] == P(None, *layer)
 
 
-OPTIMIZER = dict(lr=3e-3, adam_lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                 lion_b1=0.9, lion_b2=0.99, momentum=0.95, ns_steps=5, consistent_rms=None,
-                 grad_clip=1.0, schedule="constant", warmup_steps=0, min_lr_ratio=0.1,
-                 stage2_at=0.5, stage2_lr_ratio=2 / 3, galore_rank=4, galore_update_every=2,
-                 galore_scale=0.25, galore_svd="full", state_block_size=256,
-                 state_min_size=4096)
+OPTIMIZER = dict(base.get_config().optimizer.to_dict(), lr=3e-3, adam_lr=3e-3,
+                 schedule="constant", warmup_steps=0)
+OPTIMIZER["galore"] = dict(OPTIMIZER["galore"], rank=4, update_every=2, svd="full")
 
 
 @pytest.mark.parametrize("name", ["muon", *[pytest.param(n, marks=pytest.mark.slow)

@@ -24,8 +24,8 @@ def _optimizer_config(name):
     c = base.get_config().optimizer
     c.name, c.lr, c.adam_lr = name, LRS[name], 3e-3
     c.schedule, c.warmup_steps = "constant", 0
-    c.galore_rank, c.galore_update_every = 16, 10
-    c.state_min_size = 1024  # so the tiny model's matrices are stored in 8 bits
+    c.galore.rank, c.galore.update_every = 16, 10
+    c.int8.min_size = 1024  # so the tiny model's matrices are stored in 8 bits
     return c
 
 

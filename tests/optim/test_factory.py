@@ -1,5 +1,6 @@
 """Optimizer factory: hybrid Muon routing (SPECS §3), AdamW, and the LR / weight-decay schedules."""
 
+import copy
 import functools
 
 import chex
@@ -10,6 +11,7 @@ import optax
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from experiments.configs import base, e3
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import chunked_cross_entropy
 from nanochat_jax.model.config import ModelConfig
@@ -20,14 +22,20 @@ CFG = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, n
                   d_ff=64)
 HIDDEN_KERNELS = ("attn/q", "attn/k", "attn/v", "attn/o", "ffn/w1", "ffn/w2", "ffn/w3")
 
-BASE = dict(name="adamw", lr=3e-3, adam_lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-            lion_b1=0.9, lion_b2=0.99, momentum=0.95, ns_steps=5, consistent_rms=None,
-            grad_clip=1.0, schedule="constant", warmup_steps=0, min_lr_ratio=0.1,
-            stage2_at=0.5, stage2_lr_ratio=2 / 3)
+# The base run's optimizer group (its sub-groups included) at a constant rate; _cfg
+# replaces top-level fields and merges the sub-groups it is given (galore=dict(rank=4)).
+BASE = dict(base.get_config().optimizer.to_dict(), lr=3e-3, adam_lr=3e-3,
+            schedule="constant", warmup_steps=0)
 
 
 def _cfg(**overrides):
-    return dict(BASE, **overrides)
+    cfg = copy.deepcopy(BASE)
+    for name, value in overrides.items():
+        if isinstance(value, dict):
+            cfg[name].update(value)
+        else:
+            cfg[name] = value
+    return cfg
 
 
 TOTAL_STEPS = 20
@@ -337,8 +345,9 @@ def test_every_arm_decays_the_same_leaves(name):
     group's lr x weight_decay in every arm; norms never (the hybrids once left their AdamW
     group undecayed)."""
     _, params = _model_and_params()
-    cfg = _cfg(name=name, lr=0.02, adam_lr=3e-3, galore_rank=4, galore_update_every=10,
-               galore_scale=0.25, galore_svd="full", state_block_size=256, state_min_size=64)
+    cfg = _cfg(name=name, lr=0.02, adam_lr=3e-3,
+               galore=dict(rank=4, update_every=10, scale=0.25, svd="full"),
+               int8=dict(block_size=256, min_size=64))
     tx, _ = build_optimizer(cfg, total_steps=TOTAL_STEPS)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
@@ -364,9 +373,9 @@ def test_galore_muon_steps_like_muon_at_the_same_lr():
                                                                     (128, 384))}}}}
     norms = {}
     for name in ("muon", "galore2_muon_8bit"):
-        cfg = _cfg(name=name, lr=1.0, weight_decay=0.0, grad_clip=0.0, galore_rank=32,
-                   galore_update_every=200, galore_scale=0.25, galore_svd="full",
-                   state_block_size=256, state_min_size=4096)
+        cfg = _cfg(name=name, lr=1.0, weight_decay=0.0, grad_clip=0.0,
+                   galore=dict(rank=32, update_every=200, scale=0.25, svd="full"),
+                   int8=dict(block_size=256, min_size=4096))
         tx, _ = build_optimizer(cfg, total_steps=10)
         updates, _ = tx.update(grads, tx.init(params), params)
         norms[name] = float(jnp.linalg.norm(updates["block_0"]["ffn"]["w1"]["kernel"]))
@@ -379,10 +388,8 @@ def test_galore_muon_steps_like_muon_at_the_same_lr():
 def test_lion_uses_its_own_betas_and_e3_lion_steps_3_to_10x_smaller_than_adamw():
     """Lion with AdamW's b2 0.95 and lr 1.5e-3 took updates 1.6x AdamW's RMS; e3_lion's
     settings (lr 5x below, decay 5x above, b2 0.99) take them 3-10x smaller."""
-    from experiments.configs import base, e3_lion
-
-    lion_cfg = e3_lion.get_config().optimizer
-    assert (lion_cfg.lion_b1, lion_cfg.lion_b2) == (0.9, 0.99)
+    lion_cfg = e3.get_config("lion").optimizer
+    assert (lion_cfg.lion.b1, lion_cfg.lion.b2) == (0.9, 0.99)
     assert lion_cfg.lr * lion_cfg.weight_decay == pytest.approx(
         base.get_config().optimizer.lr * base.get_config().optimizer.weight_decay)
     _, params = _model_and_params()
@@ -399,7 +406,8 @@ def test_lion_uses_its_own_betas_and_e3_lion_steps_3_to_10x_smaller_than_adamw()
         rms[name] = np.mean(total)
     assert 3 <= rms["adamw"] / rms["lion"] <= 10, rms
     # and the optimizer runs with them: Lion's momentum after one step is (1 - b2) g
-    tx, _ = build_optimizer(_cfg(name="lion", lion_b2=0.99, grad_clip=0.0), total_steps=TOTAL_STEPS)
+    tx, _ = build_optimizer(_cfg(name="lion", lion=dict(b2=0.99), grad_clip=0.0),
+                            total_steps=TOTAL_STEPS)
     ones = jax.tree.map(jnp.ones_like, params)
     _, state = tx.update(ones, tx.init(params), params)
     (lion_state,) = _find_states(state, optax.ScaleByLionState)

@@ -183,7 +183,7 @@ def test_the_command_and_the_library_default_to_the_runs_iterations():
 
     from experiments.configs import base
 
-    runs = base.get_config().optimizer.fire_iters
+    runs = base.get_config().optimizer.fire.iters
     assert fire.ITERS == runs
     for fn in (fire.nearest_isometry, fire.fire_params, fire.apply_fire,
                fire_command.fire_checkpoint):

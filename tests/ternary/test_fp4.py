@@ -121,7 +121,7 @@ def _grads(cfg, tokens):
 @pytest.mark.parametrize("ternary", [True, False])
 def test_model_fp4_backward_changes_gradients_not_the_loss(ternary):
     tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, 384)
-    cfg = model_config("tiny", n_layers=2, ternary=ternary)
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, n_layers=2, ternary=ternary)
     (loss, grads), (loss4, grads4) = (_grads(c, tokens) for c in (
         cfg, dataclasses.replace(cfg, fp4_backward="nvfp4", fp4_hadamard=True,
                                  fp4_head=True)))
@@ -140,7 +140,7 @@ def test_model_fp4_backward_changes_gradients_not_the_loss(ternary):
 
 def test_an_unknown_fp4_format_is_refused():
     with pytest.raises(ConfigError, match="unknown model.fp4_backward 'fp8'"):
-        model_config("tiny", fp4_backward="fp8")
+        model_config("tiny", vocab_size=384, seq_len=128, fp4_backward="fp8")
 
 
 def test_nvfp4_scales_rounded_up_reach_every_value_even_below_the_normal_range():
@@ -174,20 +174,21 @@ def test_mxfp4_scales_are_exact_at_powers_of_two(power):
 
 def test_fp4_on_a_ternary_model_reaches_only_the_head_and_only_when_asked():
     with pytest.raises(ConfigError, match="only non-ternary matmul is the LM head"):
-        model_config("tiny", fp4_backward="nvfp4")
-    cfg = model_config("tiny", fp4_backward="nvfp4", fp4_head=True)
+        model_config("tiny", vocab_size=384, seq_len=128, fp4_backward="nvfp4")
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, fp4_backward="nvfp4", fp4_head=True)
     assert cfg.fp4_head_backward is not None
-    dense = model_config("tiny", ternary=False, fp4_backward="nvfp4")
+    dense = model_config("tiny", vocab_size=384, seq_len=128, ternary=False, fp4_backward="nvfp4")
     assert dense.fp4 is not None and dense.fp4_head_backward is None  # the head stays exact
     with pytest.raises(ConfigError, match="fp4_head=True needs model.fp4_backward"):
-        model_config("tiny", fp4_head=True)
+        model_config("tiny", vocab_size=384, seq_len=128, fp4_head=True)
 
 
 def test_an_fp4_backward_without_a_rounding_key_is_refused_the_forward_is_not():
     """No "fp4" rng used to mean jax.random.key(0) on every step: the same draws forever."""
     from nanochat_jax.losses import chunked_cross_entropy
 
-    cfg = model_config("tiny", n_layers=1, ternary=False, fp4_backward="nvfp4")
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, n_layers=1, ternary=False,
+                       fp4_backward="nvfp4")
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 384)
     params = model.init(jax.random.key(0), tokens[:, :-1])
@@ -204,7 +205,8 @@ def test_collider_with_an_fp4_dense_model_is_refused():
     ~0.18): the combination is refused rather than silently full precision."""
     from nanochat_jax.collider import Carrier
 
-    cfg = model_config("tiny", n_layers=1, ternary=False, fp4_backward="nvfp4")
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, n_layers=1, ternary=False,
+                       fp4_backward="nvfp4")
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 384)
     params = model.init(jax.random.key(0), tokens)

@@ -23,7 +23,7 @@ from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import make_train_step
 from nanochat_jax.train.trainer import train
 
-TINY = model_config("tiny", n_layers=2, seq_len=32)
+TINY = model_config("tiny", vocab_size=384, n_layers=2, seq_len=32)
 TOKENS = jax.random.randint(jax.random.key(1), (4, 33), 0, TINY.vocab_size)  # [B, T+1]
 
 

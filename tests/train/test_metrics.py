@@ -11,13 +11,13 @@ from nanochat_jax.train.metrics import flops_per_token
 
 
 def test_flops_per_token_of_the_plain_model_is_the_palm_count():
-    c = model_config("125m")
+    c = model_config("125m", vocab_size=32768, seq_len=2048)
     matmul = c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.d_ff) + c.d_model * c.vocab_size
     assert flops_per_token(c, 1024) == 6 * matmul + 12 * c.n_layers * c.d_model * 1024
 
 
 def test_flops_per_token_counts_every_loop_mtp_depth_and_hyper_map():
-    c = model_config("tiny")
+    c = model_config("tiny", vocab_size=384, seq_len=128)
     base = flops_per_token(c, 128)
     head = 6 * c.d_model * c.vocab_size
     looped = flops_per_token(dataclasses.replace(c, loops=3), 128)

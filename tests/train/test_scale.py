@@ -20,7 +20,7 @@ from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import make_train_step
 from nanochat_jax.train.trainer import train
 
-TINY = model_config("tiny", n_layers=2, seq_len=32)
+TINY = model_config("tiny", vocab_size=384, n_layers=2, seq_len=32)
 TOKENS = jax.random.randint(jax.random.key(1), (8, 33), 0, TINY.vocab_size)  # [B, T+1]
 OBJECTIVE = Objective(pad_id=-1, vocab_chunk=8192)  # no padding: every token counts
 

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _shapes(**fields):
-    cfg = model_config("tiny", **fields)
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, **fields)
     return jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
 

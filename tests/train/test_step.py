@@ -20,7 +20,8 @@ OBJECTIVE = Objective(pad_id=-1, vocab_chunk=8192)
 
 
 def _setup(impl="reference"):
-    model = Transformer(model_config("tiny", n_layers=1, seq_len=16, ternary_impl=impl))
+    model = Transformer(model_config("tiny", vocab_size=384, n_layers=1, seq_len=16,
+                                     ternary_impl=impl))
     tx = optax.sgd(0.1)
     return model, tx, init_train_state(model, tx, 0, 16)
 
@@ -140,8 +141,9 @@ def test_after_a_skipped_step_the_schedule_applies_the_logged_rate(name):
     from nanochat_jax.optim.factory import build_optimizer
 
     cfg = base.get_config().optimizer
-    cfg.name, cfg.warmup_steps, cfg.state_min_size, cfg.galore_rank = name, 4, 64, 8
-    model = Transformer(model_config("tiny", n_layers=1, seq_len=16, ternary_impl="reference"))
+    cfg.name, cfg.warmup_steps, cfg.int8.min_size, cfg.galore.rank = name, 4, 64, 8
+    model = Transformer(model_config("tiny", vocab_size=384, n_layers=1, seq_len=16,
+                                     ternary_impl="reference"))
     tx, lr_fn = build_optimizer(cfg, 100)
     state = init_train_state(model, tx, 0, 16)
     step = make_train_step(model, tx, lr_fn, OBJECTIVE)

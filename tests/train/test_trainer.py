@@ -159,12 +159,12 @@ def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_c
 
 
 def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path):
-    """optimizer.fire_step reaches FIRE: with a negligible LR afterwards, the saved hidden
+    """optimizer.fire.step reaches FIRE: with a negligible LR afterwards, the saved hidden
     matrices are still isometries while the embedding is untouched."""
     c = small_config
     c.training.steps = 4
-    c.optimizer.fire_step = 3
-    c.optimizer.fire_iters = 60
+    c.optimizer.fire.step = 3
+    c.optimizer.fire.iters = 60
     c.optimizer.lr = 1e-12
     c.optimizer.grad_clip = 0.0
     train(c, str(tmp_path))
