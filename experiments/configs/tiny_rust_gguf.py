@@ -1,4 +1,4 @@
-"""The tiny Rust model in a form llama.cpp runs: `python -m nanochat_jax.export.gguf` takes it.
+"""The tiny Rust model in a form llama.cpp runs: `python -m nanochat_jax.cli.export_gguf` takes it.
 
 llama.cpp's `bitnet` architecture ties the output head to the token embedding and gates its
 FFN with SiLU, and its ternary block formats (TQ1_0, TQ2_0) need layer inputs a multiple of
