@@ -1,5 +1,6 @@
-"""Dependencies point one way (DESIGN.md, BUILD.md "Layout"): each part of the package imports
-only the parts before it in LAYERS, never `experiments`, and never inside a function."""
+"""Dependencies point one way (DESIGN.md, BUILD.md "Design notes"): each part of the package
+imports only the parts before it in LAYERS, never `experiments`, and never inside a function.
+The commands (`cli`) come last: they may import any part of the package."""
 
 import ast
 import os
@@ -11,7 +12,7 @@ PACKAGE = os.path.join(ROOT, "nanochat_jax")
 # Each part may import the parts on earlier lines (and itself); parts on one line are
 # unordered and do not import each other.
 LAYERS = (("errors",), ("ternary",), ("collider",), ("model",), ("losses",), ("optim",),
-          ("data",), ("train",), ("infer",), ("eval", "export"))
+          ("data",), ("train",), ("infer",), ("eval", "export"), ("cli",))
 RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

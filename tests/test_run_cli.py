@@ -135,15 +135,15 @@ def test_runner_trains_and_writes_its_workdir(tmp_path):
 
 
 @pytest.mark.parametrize("command,message", [
-    (["nanochat_jax.export.gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf"],
+    (["nanochat_jax.cli.export_gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf"],
      "no checkpoints in /no/run: train a run there first"),
-    (["nanochat_jax.export.gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf", "--type=q4_0"],
+    (["nanochat_jax.cli.export_gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf", "--type=q4_0"],
      "argument --type: invalid choice: 'q4_0'"),
-    (["nanochat_jax.export.hf", "--checkpoint=/no/run", "--out=OUT"], "no checkpoints in"),
-    (["nanochat_jax.eval", "--checkpoint=/no/run"], "no checkpoints in /no/run"),
-    (["nanochat_jax.infer.chat", "--checkpoint=/no/run", "--prompt=fn"], "no checkpoints in"),
-    (["nanochat_jax.train.fire", "--workdir=/no/run", "--out=OUT"], "no checkpoints in"),
-    (["nanochat_jax.data.corpus", "--source=/no/such", "--out=OUT"],
+    (["nanochat_jax.cli.export_hf", "--checkpoint=/no/run", "--out=OUT"], "no checkpoints in"),
+    (["nanochat_jax.cli.eval", "--checkpoint=/no/run"], "no checkpoints in /no/run"),
+    (["nanochat_jax.cli.chat", "--checkpoint=/no/run", "--prompt=fn"], "no checkpoints in"),
+    (["nanochat_jax.cli.fire", "--workdir=/no/run", "--out=OUT"], "no checkpoints in"),
+    (["nanochat_jax.cli.corpus", "--source=/no/such", "--out=OUT"],
      "data source '/no/such' is not a named source"),
 ])
 def test_bad_command_lines_of_the_other_tools_give_one_message(tmp_path, command, message):

@@ -4,7 +4,7 @@
                              tokenizer (real text on any machine with Python), ~2 minutes
     --config=tiny:rust       Debian's rust-src (`apt-get install rust-src`) with an 8k BPE;
                              the first run builds the corpus into the cache (~20 s)
-    --config=tiny:rust,gguf  a form llama.cpp runs (`python -m nanochat_jax.export.gguf`)
+    --config=tiny:rust,gguf  a form llama.cpp runs (`python -m nanochat_jax.cli.export_gguf`)
     --config=tiny:rust,mtp   sequential multi-token prediction, depth 1 (self-speculative
                              decoding drafts with it)
 

@@ -1,21 +1,21 @@
 """Build a tokenized corpus from source files: dedup, filter, split, train BPE, write shards.
 
-    python -m nanochat_jax.data.corpus --source=rust-src --out=DIR [--vocab_size=32768]
+The command is `python -m nanochat_jax.cli.corpus`; `ensure` builds one on first use.
 
 Sources: `rust-src` (Debian's Rust sources, `/usr/src/rustc-*`, without the compiler test
 suite `src/test`), `rust-src-full` (with it), `librust` (Debian `librust-*-dev` crate sources
 under `/usr/share/cargo/registry`), `python-stdlib` (the quick-start text present on every
 machine with Python), or any directory (searched for `extensions`) or glob.
 
-Output in DIR: `tokenizer.json`, `{train,val}_NNN.bin` token shards (uint16 when the vocab
-fits, else uint32; each document is BOS + tokens), and `manifest.json` with file/byte/token
-counts, per-shard SHA-256 and a content hash of the whole corpus. Files are split into
-train/val by a hash of their path relative to the source root, so the split is stable.
+Output in DIR (`build(spec, DIR)`): `tokenizer.json`, `{train,val}_NNN.bin` token shards
+(uint16 when the vocab fits, else uint32; each document is BOS + tokens), and
+`manifest.json` with file/byte/token counts, per-shard SHA-256 and a content hash of the
+whole corpus. Files are split into train/val by a hash of their path relative to the source
+root, so the split is stable.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import hashlib
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nanochat_jax.data.tokenizer import BYTE_VOCAB, BPETokenizer, train_tokenizer
+from nanochat_jax.data.tokenizer import BPETokenizer, train_tokenizer
 from nanochat_jax.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -232,7 +232,7 @@ class Corpus:
         path = os.path.join(directory, MANIFEST)
         if not os.path.exists(path):
             raise DataError(f"{directory} holds no corpus ({MANIFEST} missing); build one with "
-                            f"`python -m nanochat_jax.data.corpus --source=... --out={directory}`")
+                            f"`python -m nanochat_jax.cli.corpus --source=... --out={directory}`")
         with open(path) as f:
             manifest = json.load(f)
         return cls(directory, manifest, BPETokenizer.load(directory))
@@ -284,35 +284,3 @@ def ensure(spec: BuildSpec, directory: str | None = None) -> Corpus:
         build(spec, directory)
     return Corpus.open(directory)
 
-
-def main() -> None:
-    defaults = BuildSpec()
-    p = argparse.ArgumentParser(description="Build a tokenized corpus (see module docstring).")
-    p.add_argument("--source", default=defaults.source,
-                   help=f"{', '.join(SOURCES)}, a directory or a glob")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab_size", type=int, default=defaults.vocab_size,
-                   help=f"BPE vocabulary ({BYTE_VOCAB} = bytes only)")
-    p.add_argument("--extensions", default=",".join(defaults.extensions))
-    p.add_argument("--max_file_bytes", type=int, default=defaults.max_file_bytes)
-    p.add_argument("--val_fraction", type=float, default=defaults.val_fraction)
-    p.add_argument("--max_bytes", type=int, default=defaults.max_bytes)
-    a = p.parse_args()
-    if os.path.exists(os.path.join(a.out, MANIFEST)):
-        raise SystemExit(f"error: {a.out} already holds a corpus; choose another --out")
-    spec = BuildSpec(a.source, tuple(a.extensions.split(",")), a.max_file_bytes, a.val_fraction,
-                     a.max_bytes, a.vocab_size)
-    try:
-        m = build(spec, a.out)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    for split in ("train", "val"):
-        s = m["splits"][split]
-        print(f"{split}: {s['files']:,} files, {s['bytes']:,} bytes, {s['tokens']:,} tokens "
-              f"({s['bytes'] / max(s['tokens'] - s['docs'], 1):.2f} bytes/token), "
-              f"{len(s['shards'])} shard(s)")
-    print(f"wrote {a.out} (content sha256 {m['content_sha256'][:16]}...)")
-
-
-if __name__ == "__main__":
-    main()

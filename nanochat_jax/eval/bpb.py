@@ -1,22 +1,17 @@
 """Validation bits per byte of a trained run, on the corpus it was trained on.
 
-    python -m nanochat_jax.eval.bpb --checkpoint=WORKDIR [--step=N] [--batches=N]
-
-Rebuilds the model from the config saved with the checkpoint, opens (or rebuilds) the same
-corpus, checks the tokenizer is the one the run used, and evaluates the validation split
-with the trainer's own eval step (so the number matches the run's `eval/bpb`).
+`evaluate_bpb` rebuilds the model from the config saved with the checkpoint, opens (or
+rebuilds) the same corpus, checks the tokenizer is the one the run used, and evaluates the
+validation split with the trainer's own eval step (so the number matches the run's
+`eval/bpb`). The command is `python -m nanochat_jax.cli.bpb`.
 """
 
 from __future__ import annotations
-
-import argparse
-import json
 
 import jax.numpy as jnp
 
 from nanochat_jax.data.pipeline import open_data
 from nanochat_jax.errors import CheckpointError
-from nanochat_jax.infer.load import add_checkpoint_flags
 from nanochat_jax.model.config import from_run_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.checkpoint import load_run
@@ -43,20 +38,3 @@ def evaluate_bpb(workdir: str, step: int | None = None, batches: int | None = No
           f"{config.data.batch_size} x {mcfg.seq_len} tokens")
     return {**evaluate(eval_step, state.params, val, n), "step": meta["step"], "batches": n}
 
-
-def add_batches_flag(parser) -> None:
-    """`--batches`: how many validation batches bits/byte is measured on."""
-    parser.add_argument("--batches", type=int, default=None,
-                        help="validation batches (default: the run's training.eval_batches)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_checkpoint_flags(parser)
-    add_batches_flag(parser)
-    args = parser.parse_args(argv)
-    print(json.dumps(evaluate_bpb(args.checkpoint, args.step, args.batches), indent=1))
-
-
-if __name__ == "__main__":
-    main()

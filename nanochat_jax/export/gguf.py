@@ -1,7 +1,7 @@
 """Export a trained run as a GGUF file that llama.cpp runs (its `bitnet` architecture).
 
-    python -m nanochat_jax.export.gguf --checkpoint=WORKDIR --out=model.gguf --type=tq2_0
-        [--step=N] [--check]   # --check: run it in llama.cpp (llama-cpp-python) and compare
+The command is `python -m nanochat_jax.cli.export_gguf`; its `--check` runs the file in
+llama.cpp (llama-cpp-python) and compares (`check`).
 
 `--type` sets how the ternary layers are stored: `tq2_0` (2.0625 bits/weight) or `tq1_0`
 (1.6875), llama.cpp's ternary block formats, or `f16` / `f32`. Each ternary layer is
@@ -22,7 +22,6 @@ forward rounds per token.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterator
@@ -32,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, BPETokenizer
-from nanochat_jax.errors import ExportError, NanochatError
+from nanochat_jax.errors import ExportError
 from nanochat_jax.export.common import dropped_parts, one_pass_problems
 from nanochat_jax.infer.engine import Engine, Generation
-from nanochat_jax.infer.load import add_checkpoint_flags, load
+from nanochat_jax.infer.load import load
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.ternary import quant
 
@@ -253,39 +252,3 @@ def check(path: str, workdir: str, prompt: str, new_tokens: int = 32,
     result = compare(path, run.model, run.variables, ids, new_tokens, llm)
     return {**result, "tokenizer_equal": ids == ours_ids,
             "text": run.tokenizer.decode(result["llama_greedy"])}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_checkpoint_flags(parser)
-    parser.add_argument("--out", required=True, help="the .gguf file to write")
-    parser.add_argument("--type", default="tq2_0", choices=list(TYPES),
-                        help="storage of the ternary layers")
-    parser.add_argument("--check", action="store_true",
-                        help="load the file in llama.cpp and compare logits and greedy output")
-    parser.add_argument("--prompt", default="fn main() {\n    let mut v = Vec::new();\n",
-                        help="the prompt --check compares on")
-    parser.add_argument("--new_tokens", type=int, default=32, help="greedy tokens --check "
-                        "compares")
-    args = parser.parse_args(argv)
-    try:
-        info = export(args.checkpoint, args.out, args.type, args.step)
-        print(f"wrote {info['path']}: {info['type']}, step {info['step']}, "
-              f"{info['bytes'] / 2**20:.2f} MiB, {info['bits_per_linear_weight']:.4f} bits per "
-              f"ternary-layer weight, {info['bits_per_weight']:.3f} bits per weight overall")
-        for part in info["dropped"]:
-            print(f"dropped: {part}")
-        if args.check:
-            r = check(args.out, args.checkpoint, args.prompt, args.new_tokens, args.step)
-            print(f"llama.cpp vs ours on a {r['prompt_tokens']}-token prompt: tokenizer "
-                  f"{'equal' if r['tokenizer_equal'] else 'DIFFERENT'}, max |logit diff| "
-                  f"{r['max_logit_diff']:.4f} (logit scale {r['logit_scale']:.2f}), argmax "
-                  f"agreement {r['argmax_agree']:.0%}, greedy {args.new_tokens} tokens "
-                  f"{'equal' if r['greedy_equal'] else 'DIFFERENT'}")
-            print(f"llama.cpp continuation: {r['text']!r}")
-    except NanochatError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()

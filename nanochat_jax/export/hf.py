@@ -1,13 +1,10 @@
 """Export a trained run as a model-hub directory, and load such a directory back.
 
-    python -m nanochat_jax.export.hf --checkpoint=WORKDIR --out=DIR [--step=N]
-    python -m nanochat_jax.export.hf --checkpoint=WORKDIR --out=DIR --format=transformers \
-        [--quantization_mode=online|offline] [--check]
-
-`--format=transformers` writes a directory `transformers.AutoModelForCausalLM` loads as
+The command is `python -m nanochat_jax.cli.export_hf`. With `--format=transformers`
+(`export_transformers`) it writes a directory `transformers.AutoModelForCausalLM` loads as
 `BitNetForCausalLM` (export/hf_bitnet.py; `--check` loads it back with the hf extra and
-compares logits and greedy tokens with ours). The default, `--format=nanochat`, is this
-module's own format:
+compares logits and greedy tokens with ours). The default, `--format=nanochat` (`export`), is
+this module's own format:
 
 DIR gets `model.safetensors` (the latent fp32 weights, named by their Flax path joined with
 "/", e.g. `block_0/attn/q/kernel`, layout `[in, out]`), `config.json` (the architecture,
@@ -20,7 +17,6 @@ variables from DIR alone.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,9 +27,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from nanochat_jax.data.tokenizer import FILENAME, BPETokenizer
-from nanochat_jax.errors import CheckpointError, NanochatError
+from nanochat_jax.errors import CheckpointError
 from nanochat_jax.export import hf_bitnet
-from nanochat_jax.infer.load import add_checkpoint_flags
 from nanochat_jax.infer.load import load as load_run
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer, path_names
@@ -145,7 +140,7 @@ def model_card(cfg: ModelConfig, config: dict[str, Any], n_params: int,
         "---", "library_name: nanochat-jax", "tags: [bitnet, ternary, jax, flax, rust]", "---",
         "", f"# {run['model']['preset']} {'ternary (BitNet b1.58)' if cfg.ternary else 'dense'}"
         f" language model, step {config['step']}", "",
-        "Trained with nanochat-jax and exported by `python -m nanochat_jax.export.hf`.", "",
+        "Trained with nanochat-jax and exported by `python -m nanochat_jax.cli.export_hf`.", "",
         "## Model", "",
         f"- {n_params:,} parameters: d_model {cfg.d_model}, {cfg.n_layers} layers, "
         f"{cfg.n_heads} heads ({cfg.n_kv_heads} KV), FFN {cfg.d_ff}, vocabulary "
@@ -191,45 +186,3 @@ def export_transformers(workdir: str, out: str, mode: str = "online",
     ids = [run.tokenizer.bos_id] + run.tokenizer.encode("fn main() {\n    let").tolist()
     return hf_bitnet.compare(out, run.model, run.variables, ids)
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_checkpoint_flags(parser)
-    parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--format", default="nanochat", choices=["nanochat", "transformers"],
-                        help="nanochat: this package's format; transformers: a BitNet "
-                        "model for AutoModelForCausalLM")
-    parser.add_argument("--quantization_mode", default="online", choices=hf_bitnet.MODES,
-                        help="--format=transformers: latent weights quantised on the fly "
-                        "(online) or packed ternary codes (offline)")
-    parser.add_argument("--check", action="store_true",
-                        help="--format=transformers: load it with transformers (the hf "
-                        "extra) and compare logits and 32 greedy tokens with ours")
-    args = parser.parse_args(argv)
-    if args.format == "nanochat" and (args.check or args.quantization_mode != "online"):
-        parser.error("--check and --quantization_mode go with --format=transformers")
-    try:
-        if args.format == "transformers":
-            result = export_transformers(args.checkpoint, args.out, args.quantization_mode,
-                                         args.step, args.check)
-        else:
-            export(args.checkpoint, args.out, args.step)
-            result = None
-    except NanochatError as e:
-        raise SystemExit(f"error: {e}") from None
-    out = args.out
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))} ({size / 2**20:.1f} MiB)")
-    if result is not None:
-        print(f"transformers vs ours: last-position logits max |diff| "
-              f"{result['max_abs_diff']:.3g} ({result['relative_diff']:.2%} of the largest "
-              f"logit), argmax {'equal' if result['argmax_equal'] else 'DIFFERENT'}; "
-              f"{len(result['ours'])} greedy tokens "
-              f"{'equal' if result['greedy_equal'] else 'DIFFERENT'}")
-        if not (result["argmax_equal"] and result["greedy_equal"]):
-            raise SystemExit(f"error: transformers disagrees with our forward: ours "
-                             f"{result['ours']}, theirs {result['theirs']}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Export a trained run as a Hugging Face `transformers` BitNet model directory.
 
-    python -m nanochat_jax.export.hf --checkpoint=WORKDIR --out=DIR --format=transformers \\
+    python -m nanochat_jax.cli.export_hf --checkpoint=WORKDIR --out=DIR --format=transformers \\
         [--quantization_mode=online|offline] [--check]
 
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads DIR as `BitNetForCausalLM`

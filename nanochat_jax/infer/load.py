@@ -21,12 +21,6 @@ from nanochat_jax.model.transformer import Transformer, unscan
 from nanochat_jax.train.checkpoint import load_run
 
 
-def add_checkpoint_flags(parser, required: bool = True) -> None:
-    """`--checkpoint` and `--step`, taken by every command that reads a trained run."""
-    parser.add_argument("--checkpoint", required=required, help="the run's workdir")
-    parser.add_argument("--step", type=int, default=None, help="default: the latest")
-
-
 @dataclasses.dataclass
 class Loaded:
     """A checkpoint ready for generation."""

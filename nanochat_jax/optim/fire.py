@@ -37,7 +37,7 @@ k = 12, so lower the LR for a while if you FIRE an Adam run with a large b2. Muo
 is orthogonalised, so its scale does not depend on the momentum's. GaLore's projectors are
 kept (see `reset_moments`).
 
-`python -m nanochat_jax.train.fire --workdir=RUN --out=NEW` applies it to a run's
+`python -m nanochat_jax.cli.fire --workdir=RUN --out=NEW` applies it to a run's
 checkpoint (train/fire.py).
 """
 

@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None
     if training.code_eval_every and jax.process_count() > 1:
         raise ConfigError("training.code_eval_every runs on a single process; in a "
                           "multi-host run set it to 0 and evaluate checkpoints with "
-                          "`python -m nanochat_jax.eval --checkpoint=WORKDIR`")
+                          "`python -m nanochat_jax.cli.eval --checkpoint=WORKDIR`")
     _check_features(config, mcfg)
     build_objective(config, pad_id=0)  # the objective's own checks (collider.keep_ratio)
     sizes = mesh_shape(config.mesh, n_devices or jax.device_count())

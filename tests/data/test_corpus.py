@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from nanochat_jax.cli import corpus as corpus_command
 from nanochat_jax.data import corpus
 from nanochat_jax.errors import DataError
 
@@ -97,18 +98,17 @@ def test_cache_key_changes_with_every_setting(tmp_path):
     assert len(keys) == 3
 
 
-def test_builder_command_refuses_to_overwrite(tmp_path, monkeypatch, capsys):
+def test_builder_command_refuses_to_overwrite(tmp_path, capsys):
     src = tmp_path / "crate"
     src.mkdir()
     _write_crate(src)
     out = tmp_path / "out"
-    argv = ["corpus", f"--source={src}", f"--out={out}", "--vocab_size=300",
-            "--max_file_bytes=1000", "--val_fraction=0.2"]
-    monkeypatch.setattr("sys.argv", argv)
-    corpus.main()
+    argv = [f"--source={src}", f"--out={out}", "--vocab_size=300", "--max_file_bytes=1000",
+            "--val_fraction=0.2"]
+    corpus_command.main(argv)
     assert "bytes/token" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already holds a corpus"):
-        corpus.main()
+        corpus_command.main(argv)
 
 
 @pytest.mark.skipif(not glob.glob("/usr/src/rustc-*"),

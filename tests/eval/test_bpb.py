@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from nanochat_jax.eval.bpb import evaluate_bpb, main
+from nanochat_jax.cli.bpb import main
+from nanochat_jax.eval.bpb import evaluate_bpb
 
 
 @pytest.mark.slow

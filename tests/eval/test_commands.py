@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from nanochat_jax.cli import grpo
+from nanochat_jax.cli.eval import main as eval_main
 from nanochat_jax.errors import EvalError
-from nanochat_jax.eval import grpo
-from nanochat_jax.eval.__main__ import main as eval_main
 from nanochat_jax.eval.code import (
     Sampler,
     _after,

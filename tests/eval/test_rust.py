@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from nanochat_jax.cli.check_solutions import main
 from nanochat_jax.errors import EvalError
 from nanochat_jax.eval import rust
 from nanochat_jax.eval.rust import (
@@ -16,7 +17,6 @@ from nanochat_jax.eval.rust import (
     close_body,
     extract_code,
     load_problems,
-    main,
     network_isolation,
     run_tests,
     rustc_available,
@@ -247,11 +247,11 @@ def test_check_solutions_command_fails_when_a_solution_fails(tmp_path, capsys):
             {"task_id": "bad", "prompt": prompt, "canonical_solution": "    a * b\n}\n",
              "tests": ADD_TESTS}]
     path = _write_jsonl(tmp_path / "p.jsonl", rows)
-    assert main([f"--problems={path}", "--check-solutions"]) == 1
+    assert main([f"--problems={path}"]) == 1
     out = capsys.readouterr().out
     assert "good" in out and "test_failure" in out and "1/2 canonical solutions pass" in out
     _write_jsonl(path, rows[:1])
-    assert main([f"--problems={path}", "--check-solutions"]) == 0
+    assert main([f"--problems={path}"]) == 0
 
 
 @needs_rustc

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nanochat_jax.cli.export_gguf import main
 from nanochat_jax.data.tokenizer import train_tokenizer
 from nanochat_jax.errors import ExportError
-from nanochat_jax.export.gguf import LINEARS, TYPES, check_exportable, compare, main, write
+from nanochat_jax.export.gguf import LINEARS, TYPES, check_exportable, compare, write
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.ternary import quant

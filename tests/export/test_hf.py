@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from nanochat_jax.cli.export_hf import main
 from nanochat_jax.errors import CheckpointError
-from nanochat_jax.export.hf import export, flatten, load, main, unflatten
+from nanochat_jax.export.hf import export, flatten, load, unflatten
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.infer.load import load as load_run
 from nanochat_jax.model.transformer import Transformer

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
+from nanochat_jax.cli.export_hf import main
 from nanochat_jax.errors import ExportError
-from nanochat_jax.export.hf import main
 from nanochat_jax.export.hf_bitnet import check_exportable, compare, pack_codes, write
 from nanochat_jax.model.config import ModelConfig
 

@@ -5,7 +5,8 @@ import io
 import jax
 import pytest
 
-from nanochat_jax.infer.chat import main, stream_text
+from nanochat_jax.cli.chat import main
+from nanochat_jax.infer.chat import stream_text
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.infer.load import load
 

@@ -12,12 +12,13 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from optax.contrib import MuonDimensionNumbers
 
+from nanochat_jax.cli import fire as fire_command
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer, is_block_kernel
 from nanochat_jax.optim import fire
 from nanochat_jax.optim.fire import fire_params, isometry_error, nearest_isometry, reset_moments
-from nanochat_jax.train import fire as fire_command
 from nanochat_jax.train.checkpoint import Checkpointer
+from nanochat_jax.train.fire import fire_checkpoint
 from nanochat_jax.train.state import abstract_train_state
 from nanochat_jax.train.trainer import train
 
@@ -186,7 +187,7 @@ def test_the_command_and_the_library_default_to_the_runs_iterations():
     runs = base.get_config().optimizer.fire.iters
     assert fire.ITERS == runs
     for fn in (fire.nearest_isometry, fire.fire_params, fire.apply_fire,
-               fire_command.fire_checkpoint):
+               fire_checkpoint):
         assert inspect.signature(fn).parameters["iters"].default == runs
     assert fire_command.command_parser().parse_args(["--workdir=a", "--out=b"]).iters == runs
     assert float(isometry_error(nearest_isometry(_gaussian((128, 128))))) < 1e-3

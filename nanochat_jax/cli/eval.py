@@ -1,8 +1,8 @@
 """Evaluate a trained run: validation bits per byte and Rust code generation.
 
-    python -m nanochat_jax.eval --checkpoint=WORKDIR [--problems=PATH|builtin|humaneval-rust]
+    python -m nanochat_jax.cli.eval --checkpoint=WORKDIR [--problems=PATH|builtin|humaneval-rust]
         [--samples=N] [--save_generations=F.jsonl]
-    python -m nanochat_jax.eval --load_generations=F.jsonl [--problems=...]   # re-score
+    python -m nanochat_jax.cli.eval --load_generations=F.jsonl [--problems=...]   # re-score
 
 Prints bpb on the run's validation split, then the compile rate (`rustc --emit=metadata`),
 test pass rate and pass@k of completions of a Rust problem set (default: the builtin set),
@@ -19,8 +19,9 @@ import argparse
 import json
 import time
 
+from nanochat_jax.cli.flags import add_batches_flag, add_checkpoint_flags
 from nanochat_jax.errors import NanochatError
-from nanochat_jax.eval.bpb import add_batches_flag, evaluate_bpb
+from nanochat_jax.eval.bpb import evaluate_bpb
 from nanochat_jax.eval.code import (
     Sampler,
     generate_completions,
@@ -30,7 +31,7 @@ from nanochat_jax.eval.code import (
 )
 from nanochat_jax.eval.rust import PROBLEM_SETS, load_problems, network_isolation
 from nanochat_jax.infer.engine import Engine
-from nanochat_jax.infer.load import add_checkpoint_flags, load
+from nanochat_jax.infer.load import load
 
 
 def main(argv: list[str] | None = None) -> None:
