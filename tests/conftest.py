@@ -2,7 +2,9 @@
 
 import glob
 import os
+import shutil
 import struct
+import tempfile
 
 import jax
 import pytest
@@ -13,6 +15,36 @@ from experiments.configs import e3, tiny
 # Broadcasting must be spelled out: `x * scale[None, None]`, not a silent rank promotion
 # that would also accept a transposed or wrongly shaped operand.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """One persistent compilation cache per test run, shared by the xdist workers and the
+    runner subprocesses (through the environment): tests that compile the same program
+    (the same small train step in another test, another process) load it instead of
+    compiling it again. It starts empty, so a run's time is a fresh machine's. A cache
+    named in the environment is used as it is."""
+    if CACHE_ENV in os.environ and not hasattr(config, "workerinput"):
+        return
+    if not hasattr(config, "workerinput"):  # the controller (or the only process)
+        path = tempfile.mkdtemp(prefix="nanochat_jax_compile_cache_")
+        os.environ[CACHE_ENV] = path
+        config._nanochat_cache = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+    """The run's own cache goes when the run ends (the controller outlives its workers)."""
+    path = getattr(config, "_nanochat_cache", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

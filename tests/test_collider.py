@@ -131,6 +131,7 @@ def test_keep_ratio_one_reproduces_the_exact_gradients(features):
         assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("features", [dict(), dict(mhc_streams=2), dict(loops=2)],
                          ids=["plain", "mhc", "loop"])
 def test_dropped_positions_send_no_gradient_to_the_embedding(features):
@@ -154,6 +155,7 @@ def test_dropped_positions_send_no_gradient_to_the_embedding(features):
     assert (rows[~keep] > 0).any()
 
 
+@pytest.mark.slow
 def test_keep_ratio_is_logged_and_the_step_never_recompiles():
     config = base.get_config()
     config.collider.enabled = True
@@ -175,6 +177,7 @@ def test_keep_ratio_is_logged_and_the_step_never_recompiles():
     assert losses[-1] < losses[0]  # training on half the positions still lowers the loss
 
 
+@pytest.mark.slow
 def test_without_the_sparse_backward_the_gradient_is_the_exact_filtered_loss_gradient():
     """collider.sparse_backward=False: the loss is filtered, the backward is plain autodiff
     (attention's gradient through dropped positions kept): Rho-1 without the savings."""

@@ -25,6 +25,7 @@ def _tiny(**mesh):
     return c
 
 
+@pytest.mark.slow
 def test_compile_command_reports_memory_flops_and_the_mosaic_kernel(tmp_path):
     out = tmp_path / "rows.jsonl"
     done = subprocess.run(
@@ -44,6 +45,7 @@ def test_compile_command_reports_memory_flops_and_the_mosaic_kernel(tmp_path):
     assert "--mesh=data=1,fsdp=4,tensor=1" in train["command"]
 
 
+@pytest.mark.slow
 def test_train_step_compiles_with_tensor_parallel_kernels_and_fake_quant_has_none():
     from experiments.compile import compile_steps
 
@@ -68,6 +70,7 @@ def test_impossible_meshes_are_refused_before_compiling():
         compile_steps(_tiny(data=1, fsdp=8, tensor=1), "v5e:2x2", 0)
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_fit_is_reported_not_raised():
     """XLA's TPU compiler refuses a program whose temporaries exceed HBM: the row says so
     and what it asked for (here 131,072 rows of the tiny model on four 16 GiB chips)."""

@@ -1,6 +1,8 @@
 """`experiments.compile --topology=cpu`: the train step compiled for this host, with its memory
 analysis (no libtpu needed), and the loss's vocabulary chunk as a memory lever."""
 
+import pytest
+
 from experiments.configs import tiny
 
 
@@ -15,6 +17,7 @@ def _compiled_train_row(vocab_chunk: int) -> dict:
     return train
 
 
+@pytest.mark.slow
 def test_the_cpu_compile_reports_memory_and_a_smaller_vocab_chunk_needs_less():
     whole, chunked = _compiled_train_row(384), _compiled_train_row(128)  # tiny's vocab: 384
     for row in (whole, chunked):
@@ -23,6 +26,7 @@ def test_the_cpu_compile_reports_memory_and_a_smaller_vocab_chunk_needs_less():
     assert chunked["temp_bytes"] < whole["temp_bytes"]
 
 
+@pytest.mark.slow
 def test_a_scanned_model_compiles_its_train_step_and_the_unrolled_decode_step():
     """The decode row of a `model.scan_layers` run is compiled from the unrolled twin
     (`transformer.unscan`), as inference runs it."""

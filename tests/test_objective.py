@@ -87,6 +87,7 @@ def test_mtp_hidden_at_position_i_sees_no_token_past_i_plus_k(kind):
         assert_allclose(out3.mtp_hidden[1][:, :i + 1], out.mtp_hidden[1][:, :i + 1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mtp_with_weight_zero_is_the_base_model_and_gradients_reach_the_trunk():
     base_model, base_params = _model()
     mtp_model, mtp_params = _model(mtp_depth=1)

@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments.run import load_config
 from experiments.zoo import main, sizes, train_command
@@ -28,6 +29,7 @@ def test_each_train_command_builds_the_config_of_its_preset():
         assert flags.get("config.model.preset", config.model.preset) == name
 
 
+@pytest.mark.slow
 def test_zoo_lists_every_preset_with_its_command(capsys):
     main(["--json"])
     rows = json.loads(capsys.readouterr().out)

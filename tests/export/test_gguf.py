@@ -190,6 +190,7 @@ def cycle_model(tokenizer, train_on_cycle):
     return cycle, *train_on_cycle(CFG, cycle)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("type_name", list(TYPES))
 def test_llama_cpp_computes_our_next_token_logits(tokenizer, cycle_model, tmp_path, type_name):
     _llama_cpp()

@@ -27,6 +27,7 @@ def _transformers():
         "torch 2.13 CPU wheel and transformers; .ci/run does)")
 
 
+@pytest.mark.slow
 def test_offline_packing_is_transformers_unpack_weights_inverse():
     codes = np.random.default_rng(0).integers(-1, 2, size=(16, 24)).astype(np.int8)
     packed = pack_codes(codes)
@@ -74,6 +75,7 @@ def cycle(tokenizer):
     *(pytest.param(*case, marks=pytest.mark.slow) for case in [
         (True, "online", True), (False, "offline", True), (True, "offline", True),
         (False, "online", False)])])
+@pytest.mark.slow
 def test_transformers_computes_our_logits_and_greedy_tokens(tokenizer, cycle, train_on_cycle,
                                                            tmp_path, tied, mode, ternary):
     _transformers()
@@ -101,6 +103,7 @@ def test_transformers_computes_our_logits_and_greedy_tokens(tokenizer, cycle, tr
         assert layer.online_quant == (mode == "online")
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_tokenizes_like_ours(tokenizer, rust_texts, train_on_cycle, cycle,
                                             tmp_path):
     _transformers()

@@ -49,6 +49,7 @@ def _greedy_reference(model, variables, prompts, n, loops=None):
     return [buf[b, lengths[b]:lengths[b] + n].tolist() for b in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [{}, {"mhc_streams": 2}, {"loops": 3}, {"mtp_depth": 2}],
                          ids=["plain", "mhc", "looped", "mtp"])
 def test_prefill_then_decode_gives_the_full_forward_logits(arch):
@@ -72,6 +73,7 @@ def test_prefill_then_decode_gives_the_full_forward_logits(arch):
         position, cache = position + 1, out.cache
 
 
+@pytest.mark.slow
 def test_generate_and_stream_equal_full_forward_greedy_for_prompts_of_different_lengths():
     model, variables = _model()
     engine = Engine(model, variables)
@@ -113,6 +115,7 @@ def _trained_on_cycle(kind: str, cycle=(3, 7, 2, 9, 5), steps=150):
     return model, {"params": params}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sequential", "parallel"])
 def test_speculative_greedy_output_equals_plain_greedy_token_for_token(kind):
     engine = Engine(*_trained_on_cycle(kind))
@@ -141,6 +144,7 @@ def test_stop_tokens_end_a_row_and_are_not_returned():
     assert len(stopped.tokens[0]) <= 3
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_stream_matches_generate():
     model, variables = _model()
     engine = Engine(model, variables)
@@ -163,6 +167,7 @@ def test_packed_weights_generate_what_the_latent_weights_do():
     assert Engine(model, variables).generate(PROMPTS, gen).tokens == latent  # packs itself
 
 
+@pytest.mark.slow
 def test_early_exit_threshold_zero_runs_one_loop_and_one_runs_them_all():
     model, variables = _model(loops=3)
     engine = Engine(model, variables)
@@ -172,6 +177,7 @@ def test_early_exit_threshold_zero_runs_one_loop_and_one_runs_them_all():
     assert engine.generate(PROMPTS, Generation(8, exit_threshold=1.0)).tokens == every
 
 
+@pytest.mark.slow
 def test_early_exit_picks_the_same_loop_as_the_full_forward():
     model, variables = _model(loops=3)
     tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, 64)
@@ -207,6 +213,7 @@ def test_engine_rejects_what_it_cannot_do():
         Generation(temperature=0.7, speculative=True)
 
 
+@pytest.mark.slow
 def test_cached_attention_equals_causal_attention_with_grouped_heads():
     """8 query heads on 2 KV heads, 5 new tokens per row, rows at different positions."""
     keys = jax.random.split(jax.random.key(7), 3)

@@ -69,6 +69,7 @@ def _looped(loops):
     return looped, params, Transformer(PLAIN), shared
 
 
+@pytest.mark.slow
 def test_one_loop_without_a_gate_is_the_plain_stack():
     looped, params, plain, shared = _looped(3)
     assert set(params) - set(shared) == {"exit_gate", "loop_norm"}  # weights are shared

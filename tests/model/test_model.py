@@ -367,6 +367,7 @@ def preset_counts():
             for name in PRESETS}
 
 
+@pytest.mark.slow
 def test_every_preset_builds_and_sizes_increase(preset_counts):
     totals = {}
     for name, counts in preset_counts.items():
@@ -377,6 +378,7 @@ def test_every_preset_builds_and_sizes_increase(preset_counts):
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), totals
 
 
+@pytest.mark.slow
 def test_presets_are_roughly_their_nominal_size(preset_counts):
     nominal = {"125m": 125e6, "350m": 350e6, "1b": 1e9, "3b": 3e9, "7b": 7e9}
     for name, n in nominal.items():

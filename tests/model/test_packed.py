@@ -22,6 +22,7 @@ def _model_and_vars(impl="auto", **features):
     return model, model.init(jax.random.PRNGKey(0), tokens), tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_packed_forward_equals_the_latent_weight_forward(impl):
     model, variables, tokens = _model_and_vars(impl)
@@ -29,6 +30,7 @@ def test_packed_forward_equals_the_latent_weight_forward(impl):
                                np.asarray(model.apply(variables, tokens)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_packed_weights_run_every_architecture_feature():
     """MTP modules, the looped stack with its gate, and mHC maps: packed == latent."""
     model, variables, tokens = _model_and_vars("reference", mtp_depth=1, loops=2, mhc_streams=2)

@@ -52,6 +52,7 @@ def _pair(**overrides):
 
 @pytest.mark.parametrize("variant", [v if v in FAST else pytest.param(v, marks=pytest.mark.slow)
                                      for v in VARIANTS])
+@pytest.mark.slow
 def test_the_scanned_stack_gives_the_unrolled_logits_and_gradients(variant):
     cfg, scanned, params, stacked = _pair(**VARIANTS[variant])
     tokens = _tokens(2)
@@ -75,6 +76,7 @@ def test_the_scanned_stack_gives_the_unrolled_logits_and_gradients(variant):
     chex.assert_trees_all_close(unscan(scanned, scanned_grads)[1], grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_mhc_maps_of_a_scanned_stack_are_initialised_by_depth():
     """Sub-layer j of block l first reads stream (2 l + j) mod n, as in the unrolled stack:
     the depth is the scan's input, not a constant of the traced block."""
@@ -108,6 +110,7 @@ OPTIMIZER["galore"] = dict(OPTIMIZER["galore"], rank=4, update_every=2, svd="ful
 
 @pytest.mark.parametrize("name", ["muon", *[pytest.param(n, marks=pytest.mark.slow)
                                             for n in ("adamw", "lion", "galore2")]])
+@pytest.mark.slow
 def test_optimizers_update_a_stack_of_matrices_as_they_update_each_layer(name):
     """Muon orthogonalises each layer's matrix on its own (the layer axis is a batch axis),
     GaLore keeps one projector per layer: three steps on stacked params end where three

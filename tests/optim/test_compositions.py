@@ -57,6 +57,7 @@ def _train(tx, params, loss, steps):
     return params, state, values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_composition_lowers_the_loss(problem, name):
     params, loss = problem
@@ -65,6 +66,7 @@ def test_every_composition_lowers_the_loss(problem, name):
     assert values[-1] < 0.7 * values[0], (name, values[0], values[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_composition_works_inside_multisteps_and_round_trips_orbax(problem, name,
                                                                          tmp_path):
@@ -83,6 +85,7 @@ def test_every_composition_works_inside_multisteps_and_round_trips_orbax(problem
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_optimizer_state_bytes_per_param_follow_the_formulas():
     c = base.get_config()
     c.model.preset = "125m"

@@ -171,6 +171,7 @@ def _newton_schulz(g, steps=5, eps=1e-8):
     return x.T if tall else x
 
 
+@pytest.mark.slow
 def test_muon_first_update_is_newton_schulz_of_gradient_and_adam_takes_sign_steps():
     """SPECS §3 on hidden matrices: W <- W (1 - lr wd) - lr sqrt(max(1, fan_out/fan_in)) NS(G)."""
     _, params = _model_and_params()
@@ -338,6 +339,7 @@ def test_bitnet_stage2_weight_decay_is_really_zero(name):
 # ------------------------------------------------------------------- fair comparisons
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "lion", "muon", "muon_8bit", "galore2",
                                   "galore2_muon_8bit"])
 def test_every_arm_decays_the_same_leaves(name):
@@ -385,6 +387,7 @@ def test_galore_muon_steps_like_muon_at_the_same_lr():
     assert norms["galore2_muon_8bit"] == pytest.approx(norms["muon"], rel=0.15), norms
 
 
+@pytest.mark.slow
 def test_lion_uses_its_own_betas_and_e3_lion_steps_3_to_10x_smaller_than_adamw():
     """Lion with AdamW's b2 0.95 and lr 1.5e-3 took updates 1.6x AdamW's RMS; e3_lion's
     settings (lr 5x below, decay 5x above, b2 0.99) take them 3-10x smaller."""

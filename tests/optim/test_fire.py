@@ -131,6 +131,7 @@ def test_reset_moments_zeroes_exactly_the_moments_of_reinitialised_leaves(name):
     assert counts and all(int(c) == 1 for c in counts)
 
 
+@pytest.mark.slow
 def test_command_fires_a_checkpoint_into_a_new_run_that_resumes(small_config, tmp_path, capsys):
     c = small_config
     c.training.steps = 2

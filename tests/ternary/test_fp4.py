@@ -64,6 +64,7 @@ def test_stochastic_rounding_is_on_the_grid_and_unbiased(fmt):
     assert len(np.unique(np.asarray(samples[:, 0, 0]))) == 2  # it does round both ways
 
 
+@pytest.mark.slow
 def test_an_all_zero_block_stays_zero():
     x = jnp.zeros((2, 64)).at[1, 40].set(3.0)
     for fmt in fp4.FORMATS:
@@ -118,6 +119,7 @@ def _grads(cfg, tokens):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ternary", [True, False])
 def test_model_fp4_backward_changes_gradients_not_the_loss(ternary):
     tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, 384)
@@ -183,6 +185,7 @@ def test_fp4_on_a_ternary_model_reaches_only_the_head_and_only_when_asked():
         model_config("tiny", vocab_size=384, seq_len=128, fp4_head=True)
 
 
+@pytest.mark.slow
 def test_an_fp4_backward_without_a_rounding_key_is_refused_the_forward_is_not():
     """No "fp4" rng used to mean jax.random.key(0) on every step: the same draws forever."""
     from nanochat_jax.losses import chunked_cross_entropy

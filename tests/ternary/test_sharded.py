@@ -23,6 +23,7 @@ def results():
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("kernel", ["q", "w2"])
 def test_kernel_per_shard_equals_the_unsharded_reference(results, mesh, kernel):
@@ -34,6 +35,7 @@ def test_kernel_per_shard_equals_the_unsharded_reference(results, mesh, kernel):
     assert r["packed"] <= 1e-6 * r["scale"]  # the packed inference weights, split over N
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("kernel", ["q", "w2"])
 def test_gradients_through_the_sharded_kernel_are_the_unsharded_ste_gradients(results, mesh,

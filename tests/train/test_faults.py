@@ -106,6 +106,7 @@ def two_checkpoints(tmp_path_factory, make_small_config):
     return partial, straight, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_loaded(
         two_checkpoints, tmp_path, kind, capsys):
@@ -123,6 +124,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_loaded(
         load_run(workdir, step=8)  # asked for by number: an error, not a silent fallback
 
 
+@pytest.mark.slow
 def test_training_resumes_past_a_cut_short_save_and_a_silently_corrupted_step(
         two_checkpoints, tmp_path, capsys):
     """On disk: what SIGKILL during an async save leaves (orbax renames a step into place
@@ -233,6 +235,7 @@ def test_an_altered_data_shard_stops_the_run_before_training(built_corpus, tmp_p
 
 # --- NaN / inf steps -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_non_finite_step_is_skipped_on_device_and_counted():
     model, tx = Transformer(TINY), optax.adamw(1e-3)
     step = make_train_step(model, tx, lambda _: 1e-3, Objective(pad_id=-1, vocab_chunk=8192))
@@ -256,6 +259,7 @@ def test_a_non_finite_step_is_skipped_on_device_and_counted():
     assert (int(state.step), int(state.skipped_steps), int(state.consecutive_skips)) == (3, 1, 0)
 
 
+@pytest.mark.slow
 def test_an_exploding_learning_rate_stops_the_run_naming_the_steps_and_metric(
         two_checkpoints, tmp_path):
     """lr=1e30 from step 8 on: every update is inf, each is skipped; the third in a row

@@ -37,6 +37,7 @@ def _steps(grad_accum: int, n: int = 2, tx=None):
     return state, losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 def test_k_micro_batches_give_the_update_of_the_whole_batch(k):
     (whole, whole_losses), (acc, acc_losses) = _steps(1), _steps(k)
@@ -75,6 +76,7 @@ def _residual_bytes(fn, *args, capsys) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients_and_keeps_fewer_activations(capsys):
     # fake_quant: the ternary layers are plain matmuls, which the "dots" policy may keep
     cfg = dataclasses.replace(TINY, n_layers=4, ternary_impl="fake_quant")
@@ -93,12 +95,13 @@ def test_remat_gives_the_same_gradients_and_keeps_fewer_activations(capsys):
     assert activations["none"] > activations["dots"] > activations["full"] > 0, activations
 
 
+@pytest.mark.slow
 def test_loop_remat_gives_the_same_gradients_and_keeps_only_the_loop_inputs(capsys):
     """remat="loop": each LoopLM loop's pass through the blocks is recomputed in the
     backward; what the backward keeps shrinks below the un-remat'd model's, and below
     per-block "full" remat's (which keeps every block's input in every loop)."""
-    cfg = dataclasses.replace(TINY, n_layers=3, loops=3, mhc_streams=2,
-                              ternary_impl="fake_quant")
+    cfg = dataclasses.replace(TINY, n_layers=2, loops=2, mhc_streams=2, d_model=64,
+                              n_heads=2, n_kv_heads=1, d_ff=128, ternary_impl="fake_quant")
     kept, results = {}, {}
     for policy in ("none", "full", "loop"):
         loss, params = _loss(dataclasses.replace(cfg, remat=policy))
@@ -120,6 +123,7 @@ def test_the_cpu_schedule_sets_xlas_scheduler_flag_unless_the_user_did():
         step_lib.cpu_schedule_flags("fast", "")
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_weights_gradients_and_loss():
     cfg = dataclasses.replace(TINY, compute_dtype="bfloat16")
     model = Transformer(cfg)

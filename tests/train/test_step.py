@@ -26,6 +26,7 @@ def _setup(impl="reference"):
     return model, tx, init_train_state(model, tx, 0, 16)
 
 
+@pytest.mark.slow
 def test_make_train_step_returns_the_jitted_step_that_lowers_ahead_of_time():
     model, tx, state = _setup()
     step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
@@ -40,6 +41,7 @@ def test_make_train_step_returns_the_jitted_step_that_lowers_ahead_of_time():
                                float(direct[1]["loss/total"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_kernel_tiles_are_tuned_on_concrete_arrays_before_the_step_compiles(monkeypatch,
                                                                              tmp_path):
     """As on a GPU/TPU (where `auto` compiles the kernel): an abstract trace leaves every
@@ -62,6 +64,7 @@ def test_kernel_tiles_are_tuned_on_concrete_arrays_before_the_step_compiles(monk
     assert np.isfinite(float(metrics["loss/total"])) and kernel.pending() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_reference", [False, True])
 def test_in_shardings_match_the_arguments_the_step_is_called_with(with_reference):
     from nanochat_jax.train import sharding
@@ -133,6 +136,7 @@ def test_bits_per_byte_counts_the_same_targets_above_and_below_the_line():
     assert float(out["ce_text"]) < float(out["ce_sum"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "muon_8bit", "galore2_muon_8bit"])
 def test_after_a_skipped_step_the_schedule_applies_the_logged_rate(name):
     """A poisoned first step under a warmup: the next update uses lr(1), the rate logged as

@@ -84,6 +84,7 @@ def test_interrupted_muon_run_resumes_the_same_loss_curve(small_config, tmp_path
     assert _train_losses(resumed) == _train_losses(straight)
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_model_is_refused(small_config, tmp_path):
     small_config.training.steps = 1
     train(small_config, str(tmp_path))
@@ -97,6 +98,7 @@ def test_resuming_with_a_different_model_is_refused(small_config, tmp_path):
         train(small_config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_resuming_on_different_data_is_refused(small_config, tmp_path):
     small_config.training.steps = 1
     train(small_config, str(tmp_path))
@@ -158,6 +160,7 @@ def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_c
         tensorboard_events(tmp_path / "tb"))
 
 
+@pytest.mark.slow
 def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path):
     """optimizer.fire.step reaches FIRE: with a negligible LR afterwards, the saved hidden
     matrices are still isometries while the embedding is untouched."""
