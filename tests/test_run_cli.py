@@ -134,6 +134,24 @@ def test_runner_trains_and_writes_its_workdir(tmp_path):
 
 
 
+@pytest.mark.slow
+def test_a_scanned_galore_run_finishes_under_xlas_concurrent_cpu_scheduler(tmp_path):
+    """The scanned stack's GaLore projectors were one vmapped randomized SVD per layer;
+    under XLA:CPU's concurrency-optimized scheduler (training.cpu_schedule=concurrency, and
+    any in-process `train()` that does not set XLA_FLAGS first) the step then waited
+    forever at 0% CPU after its first dispatch. Now a `lax.map` over the layers."""
+    try:
+        out = _run("--config=tiny", "--config.training.steps=2", "--config.training.log_every=1",
+                   "--config.data.max_bytes=300000", "--config.training.peak_flops=1e11",
+                   "--config.model.n_layers=2", "--config.model.scan_layers=True",
+                   "--config.optimizer.name=galore2", "--config.optimizer.galore.rank=32",
+                   "--config.training.cpu_schedule=concurrency", f"--workdir={tmp_path}",
+                   timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the scanned GaLore run hung (no step in 150 s)")
+    assert out.returncode == 0 and "final: step 2" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command,message", [
     (["nanochat_jax.cli.export_gguf", "--checkpoint=/no/run", "--out=OUT/m.gguf"],
      "no checkpoints in /no/run: train a run there first"),

@@ -174,7 +174,11 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
         if lead:  # one projector per matrix of the leading axes, each with its own key
             n = int(np.prod(lead))
             keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(n))
-            bases = jax.vmap(basis)(a.reshape(n, *a.shape[-2:]), keys)
+            # a loop over the matrices, not vmap: the vmapped (batched) randomized SVD inside
+            # the refresh's cond deadlocked XLA:CPU's concurrency-optimized scheduler in a
+            # scanned model's train step (tests/test_run_cli.py); a refresh is rare anyway
+            matrices = a.reshape(n, *a.shape[-2:])
+            bases = jax.lax.map(lambda pair: basis(*pair), (matrices, keys))
             return bases.reshape(*lead, *bases.shape[-2:]).astype(g.dtype)
         return basis(a, key).astype(g.dtype)  # [short, r]
 
