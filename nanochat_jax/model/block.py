@@ -85,8 +85,6 @@ class _ScanStep(nn.Module):
         return (x, carrier), res
 
 
-
-
 def scanned_blocks(cfg: ModelConfig) -> nn.Module:
     """The whole block stack as one `nn.scan` over depth (`cfg.scan_layers`): parameters
     stacked with a leading [n_layers] axis, one block body traced whatever the depth.
