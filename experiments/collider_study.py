@@ -1,10 +1,10 @@
 """Collider, honestly: how close its gradient is to the exact one, what it saves, what it costs.
 
-    python -m experiments.collider_study [--steps=100 --seq_len=128 --out=DIR]
+    python -m experiments.collider_study [--steps=100 --seq_len=128 --keeps=0.7,0.5 --out=DIR]
 
 1. Training, one process per run (experiments.benchmark's runner and data): tiny ternary
    AdamW on rust-src at keep 1.0 (Collider on, every token kept: the exact gradient), then
-   keep 0.7 and 0.5, each scoring tokens by their loss and by their excess loss over a
+   each of `--keeps` (0.7 and 0.5), each scoring tokens by their loss and by their excess loss over a
    reference. The reference is an early checkpoint of the same run: the keep-1.0 run's
    step `--ref_step` (20 of 100), cheap, as Rho-1 suggests, not a finished model.
 2. Fidelity, on the keep-1.0 run's final weights: per layer (the embedding, each block, the
@@ -99,6 +99,8 @@ def layer_cosines(workdir: str, keep: float, seq_len: int, batches: int = 2
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--keeps", default=",".join(map(str, KEEPS)),
+                        help="keep ratios below 1 to train and measure (keep 1.0 always runs)")
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=8192, help="BPE ids")
@@ -110,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="the early checkpoint used as the excess-loss reference")
     parser.add_argument("--out", default=os.path.join("docs", "benchmarks", "collider"))
     args = parser.parse_args(argv)
+    try:
+        keeps = tuple(float(k) for k in args.keeps.split(",") if k)
+    except ValueError:
+        parser.error(f"--keeps={args.keeps}: expected comma-separated ratios, e.g. 0.7,0.5")
+    if not keeps or not all(0 < k < 1 for k in keeps):
+        parser.error(f"--keeps={args.keeps}: each ratio must be in (0, 1)")
     if not 0 < args.ref_step < args.steps or args.steps % args.ref_step:
         parser.error("--ref_step must divide --steps and be smaller than it")
     if os.path.exists(os.path.join(args.out, "results.json")):
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     train("keep1.0", ["--config.collider.keep_ratio=1.0"])
     baseline = os.path.join(args.out, "runs", "keep1.0")
     reference = early_reference(args.out, baseline, args.ref_step)
-    for keep in KEEPS:
+    for keep in keeps:
         train(f"keep{keep}_loss", [f"--config.collider.keep_ratio={keep}"])
         train(f"keep{keep}_excess", [f"--config.collider.keep_ratio={keep}",
                                      "--config.collider.score=excess_loss",
@@ -135,11 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     print("fidelity: Collider's gradient vs the exact kept-token gradient ...", flush=True)
     # keep 1.0 is the exact gradient by construction: its column checks the measurement
     fidelity = {f"{keep}@{t}": layer_cosines(baseline, keep, t)
-                for t in (args.seq_len, 4 * args.seq_len) for keep in (1.0, *KEEPS)}
+                for t in (args.seq_len, 4 * args.seq_len) for keep in (1.0, *keeps)}
 
     print("backward time: experiments.bench_collider at the training shape ...", flush=True)
     timing_path = os.path.join(args.out, "bench_collider.json")
-    subprocess.run([sys.executable, "-m", "experiments.bench_collider", "--keep=1.0,0.7,0.5",
+    subprocess.run([sys.executable, "-m", "experiments.bench_collider",
+                    "--keep=" + ",".join(str(k) for k in (1.0, *keeps)),
                     "--d_model=128", f"--n_layers={args.n_layers}", "--n_heads=4",
                     "--d_ff=384", f"--vocab={args.vocab}", f"--seq_len={args.seq_len}",
                     f"--batch={args.batch}", f"--rounds={args.rounds}", f"--out={timing_path}"],
