@@ -4,8 +4,8 @@
 
 1. Training, one process per run (experiments.benchmark's runner and data): tiny ternary
    AdamW on rust-src at keep 1.0 (Collider on, every token kept: the exact gradient), then
-   each of `--keeps` (0.7 and 0.5), each scoring tokens by their loss and by their excess loss over a
-   reference. The reference is an early checkpoint of the same run: the keep-1.0 run's
+   each of `--keeps` (0.7 and 0.5), each scoring tokens by their loss and by their excess
+   loss over a reference. The reference is an early checkpoint of the same run: the keep-1.0 run's
    step `--ref_step` (20 of 100), cheap, as Rho-1 suggests, not a finished model.
 2. Fidelity, on the keep-1.0 run's final weights: per layer (the embedding, each block, the
    final norm, the head), the cosine between Collider's gradient (backward on the kept rows
