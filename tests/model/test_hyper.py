@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from numpy.testing import assert_allclose
 
 from nanochat_jax.model.config import ModelConfig
@@ -102,6 +103,7 @@ def test_maps_have_their_ranges_and_static_maps_are_shared_by_tokens():
         assert (spread == 0.0) != dynamic  # dynamic maps differ per token, static do not
 
 
+@pytest.mark.slow
 def test_model_with_one_stream_and_identity_maps_equals_the_plain_model():
     """n = 1 static mHC with H_pre = H_post = H_res = 1 is exactly the plain residual."""
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)

@@ -42,6 +42,7 @@ def test_packed_weights_run_every_architecture_feature():
             np.asarray(model.apply(variables, tokens, exit_threshold=q)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_fake_quant_forward_within_float_tolerance():
     """The int32 path and the fake-quant float path differ by float rounding; a 1-ulp
     difference can flip one int8 activation code in a later layer, so the bound is on the

@@ -111,6 +111,7 @@ def test_on_a_pod_process_zero_tunes_and_every_process_adopts_its_tiles(monkeypa
                                                             for k, v in chosen.items())
 
 
+@pytest.mark.slow
 def test_bits_per_byte_counts_the_same_targets_above_and_below_the_line():
     """A BOS target stands for no bytes: its CE is in `eval/ce` (per token) but not in the
     bits/byte numerator, whose denominator cannot count it."""

@@ -123,6 +123,7 @@ def test_resuming_on_a_rebuilt_corpus_with_other_content_is_refused(small_config
         train(c, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_corpus_dir_built_with_other_settings_is_refused(small_config, tmp_path):
     small_config.training.steps = 1
     small_config.data.corpus_dir = str(tmp_path / "corpus")
@@ -181,6 +182,7 @@ def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path
     assert float(isometry_error(state.params["embed"]["embedding"])) > 0.1
 
 
+@pytest.mark.slow
 def test_profile_steps_trace_exactly_those_steps_each_annotated(small_config, tmp_path,
                                                                  capsys):
     c = small_config
