@@ -31,15 +31,23 @@ def variant_names(variants: str | None) -> list[str]:
     return [v.strip() for v in (variants or "").split(",") if v.strip()]
 
 
+def known_variants(variants: str | None, choices, family: str, choose: str) -> list[str]:
+    """The comma-separated `variants` as a list, each one of `choices`; an unknown one fails
+    naming them (`choose`: how the family's choices read, with an example)."""
+    names = variant_names(variants)
+    unknown = [v for v in names if v not in choices]
+    if unknown:
+        raise ValueError(f"unknown {family} variant(s) {', '.join(map(repr, unknown))}: "
+                         f"choose {choose}")
+    return names
+
+
 def apply_variants(config, variants: str | None, table: dict[str, Callable], family: str):
     """`config` with each comma-separated variant's function (table: name -> fn(config))
     applied in order. Unknown names fail with the family's choices."""
-    names = variant_names(variants)
-    unknown = [v for v in names if v not in table]
-    if unknown:
-        raise ValueError(f"unknown {family} variant(s) {', '.join(map(repr, unknown))}: "
-                         f"choose from {', '.join(table)}, comma-separated "
-                         f"(--config={family}:{','.join(list(table)[:2])})")
+    names = known_variants(variants, table, family,
+                           f"from {', '.join(table)}, comma-separated "
+                           f"(--config={family}:{','.join(list(table)[:2])})")
     for name in names:
         table[name](config)
     return config

@@ -14,7 +14,7 @@ Larger full runs: `--config=e3:full --config.model.preset=125m --config.model.se
 (BUILD.md). Arms' rates are for the 125m model; `full` sets the tiny model's.
 """
 
-from experiments.configs import base, tiny, variant_names
+from experiments.configs import base, known_variants, tiny
 
 
 def adamw(c):
@@ -98,12 +98,9 @@ def _seed(c):
 
 
 def get_config(variants: str | None = None):
-    names = variant_names(variants)
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown e3 variant(s) {', '.join(map(repr, unknown))}: choose an "
-                         f"arm ({', '.join(ARMS)}) and/or full[,seed], comma-separated "
-                         f"(--config=e3:muon, --config=e3:full)")
+    names = known_variants(variants, VARIANTS, "e3",
+                           f"an arm ({', '.join(ARMS)}) and/or full[,seed], comma-separated "
+                           f"(--config=e3:muon, --config=e3:full)")
     arms = [v for v in names if v in ARMS]
     if len(arms) > 1:
         raise ValueError(f"e3 runs one optimizer arm, got {', '.join(arms)}")

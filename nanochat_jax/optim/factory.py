@@ -129,12 +129,18 @@ class Rates(NamedTuple):
     wd: Schedule
 
 
-def _adamw(cfg, rates: Rates) -> optax.GradientTransformation:
-    """AdamW on every leaf (`optimizer.adamw`)."""
+def _adamw_at(cfg, learning_rate: Schedule, rates: Rates) -> optax.GradientTransformation:
+    """AdamW (`optimizer.adamw`) at `learning_rate`, with the weight decay every arm applies
+    (module doc)."""
     adamw = cfg["adamw"]
     return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=rates.lr, b1=adamw["b1"], b2=adamw["b2"], eps=adamw["eps"],
+        learning_rate=learning_rate, b1=adamw["b1"], b2=adamw["b2"], eps=adamw["eps"],
         weight_decay=rates.wd, mask=_decay_mask)
+
+
+def _adamw(cfg, rates: Rates) -> optax.GradientTransformation:
+    """AdamW on every leaf at lr."""
+    return _adamw_at(cfg, rates.lr, rates)
 
 
 def _lion(cfg, rates: Rates) -> optax.GradientTransformation:
@@ -164,12 +170,8 @@ def _hybrid_muon(cfg, rates: Rates, *, quantize: bool) -> optax.GradientTransfor
 
 
 def _other_adamw(cfg, rates: Rates) -> optax.GradientTransformation:
-    """AdamW (`optimizer.adamw`, at adam_lr) on the leaves that are not hidden matrices
-    (embedding, head, norms, ...), with the weight decay every arm applies (module doc)."""
-    adamw = cfg["adamw"]
-    return optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=rates.adam_lr, b1=adamw["b1"], b2=adamw["b2"], eps=adamw["eps"],
-        weight_decay=rates.wd, mask=_decay_mask)
+    """AdamW at adam_lr on the leaves that are not hidden matrices (embedding, head, norms)."""
+    return _adamw_at(cfg, rates.adam_lr, rates)
 
 
 def _quantized(cfg, inner: optax.GradientTransformation) -> optax.GradientTransformation:
