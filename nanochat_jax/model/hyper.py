@@ -83,10 +83,13 @@ class HyperMaps(nn.Module):
         stream it reads first."""
         n = self.streams
         read = jnp.arange(n) == layer % n
-        b_pre = self.param("b_pre", lambda *_: jnp.where(read, 3.0, -3.0), (n,))
+        # explicit float32: a weakly typed initial value would make the first update (strong
+        # float32) retrace and recompile the train step
+        b_pre = self.param("b_pre", lambda *_: jnp.where(read, 3.0, -3.0).astype(jnp.float32),
+                           (n,))
         b_post = self.param("b_post", nn.initializers.zeros, (n,))
-        b_res = self.param("b_res", lambda *_: jnp.where(jnp.eye(n, dtype=bool), 0.0, -4.0),
-                           (n, n))
+        b_res = self.param("b_res", lambda *_: jnp.where(jnp.eye(n, dtype=bool), 0.0,
+                                                             -4.0).astype(jnp.float32), (n, n))
         pre, post, res = b_pre, b_post, b_res  # static maps
         if self.dynamic:
             b, t = x.shape[:2]

@@ -12,6 +12,7 @@ import pytest
 from nanochat_jax.losses import Objective
 from nanochat_jax.model.config import model_config
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.ternary import kernel
 from nanochat_jax.train.state import init_train_state
 from nanochat_jax.train.step import make_train_step, train_step, tune_kernel_tiles
@@ -168,3 +169,28 @@ def test_after_a_skipped_step_the_schedule_applies_the_logged_rate(name):
     logged = float(metrics["training/lr"])
     assert logged == pytest.approx(float(lr_fn(1))) and logged > 0
     assert applied and applied[0] == pytest.approx(logged)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny:mtp", "e3:full", "e3:lion", "e3:galore2"])
+def test_the_step_returns_a_state_of_the_types_it_took_so_it_compiles_once(name):
+    """jit keys its cache on shapes, dtypes and weak types: a state leaf the step returns
+    with another type (a weakly typed initial value, as mHC's maps once were, updated to a
+    strong float32) makes the second step trace and compile the whole step again (it
+    doubled e3:full's compile time)."""
+    from experiments.run import load_config
+    from nanochat_jax.model import config as model_config
+    from nanochat_jax.train.step import build_objective
+
+    config = load_config(name)
+    config.model.vocab_size = config.data.vocab_size = 512
+    config.model.seq_len, config.model.n_layers = 16, 1
+    model = Transformer(model_config.from_run_config(config))
+    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
+    state = jax.eval_shape(lambda: init_train_state(model, tx, 0, 16))
+    step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=0))
+    new, _ = jax.eval_shape(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32))
+
+    def types(tree):
+        return jax.tree.map(lambda x: (x.shape, x.dtype, x.weak_type), tree)
+
+    assert types(new) == types(state)
