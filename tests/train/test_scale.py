@@ -105,7 +105,8 @@ def test_loop_remat_gives_the_same_gradients_and_keeps_only_the_loop_inputs(caps
     kept, results = {}, {}
     for policy in ("none", "full", "loop"):
         loss, params = _loss(dataclasses.replace(cfg, remat=policy))
-        results[policy] = jax.jit(jax.value_and_grad(loss))(params)
+        if policy != "full":  # (per-block remat's gradients: the test above)
+            results[policy] = jax.jit(jax.value_and_grad(loss))(params)
         kept[policy] = _residual_bytes(loss, params, capsys=capsys)
     np.testing.assert_allclose(results["loop"][0], results["none"][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(results["loop"][1]), jax.tree.leaves(results["none"][1]),
