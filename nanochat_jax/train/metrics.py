@@ -10,7 +10,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from tensorboardX import SummaryWriter
 
 from nanochat_jax.model.config import ModelConfig
 
@@ -38,6 +37,10 @@ class MetricWriter:
         if os.path.exists(path):
             _rewind(path, resume_step)
         self._jsonl = open(path, "a")
+        # imported here, not at the top: tensorboardX imports torch whenever it is installed
+        # (1 s), which every command that only checks its config would pay
+        from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"),
                                  purge_step=resume_step + 1 if resume_step else 0)
 
