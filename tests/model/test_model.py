@@ -332,14 +332,19 @@ def test_ffn_is_down_of_sub_normed_activation_of_gate_times_up(activation, act):
     assert_allclose(out, want, rtol=2e-5, atol=2e-5)
 
 
-def test_count_params_for_tiny_preset_matches_model_init():
-    cfg = model_config("tiny", vocab_size=384, seq_len=128)
+@pytest.mark.parametrize("features", [{}, dict(loops=2, mhc_streams=2, mtp_depth=1),
+                                      dict(tie_embeddings=True, mtp_depth=2,
+                                           mtp_kind="parallel")])
+def test_count_params_for_tiny_preset_matches_model_init(features):
+    """count_params counts on the scanned twin: the unrolled model's own init agrees."""
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, **features)
     model = Transformer(cfg)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     actual = sum(int(x.size) for x in jax.tree.leaves(params))
     counts = count_params(cfg)
     assert counts["total"] == actual
-    embed = params["params"]["embed"]["embedding"].size + params["params"]["lm_head"].size
+    embed = sum(x.size for name in ("embed", "lm_head") if name in params["params"]
+                for x in jax.tree.leaves(params["params"][name]))
     assert counts["embedding"] == embed
     assert counts["non_embedding"] == actual - embed
 
