@@ -133,7 +133,6 @@ def test_runner_trains_and_writes_its_workdir(tmp_path):
     assert again.returncode == 0 and "resumed" in again.stdout
 
 
-
 @pytest.mark.slow
 def test_a_scanned_galore_run_finishes_under_xlas_concurrent_cpu_scheduler(tmp_path):
     """The scanned stack's GaLore projectors were one vmapped randomized SVD per layer;

@@ -88,8 +88,9 @@ class HyperMaps(nn.Module):
         b_pre = self.param("b_pre", lambda *_: jnp.where(read, 3.0, -3.0).astype(jnp.float32),
                            (n,))
         b_post = self.param("b_post", nn.initializers.zeros, (n,))
-        b_res = self.param("b_res", lambda *_: jnp.where(jnp.eye(n, dtype=bool), 0.0,
-                                                             -4.0).astype(jnp.float32), (n, n))
+        eye = jnp.eye(n, dtype=bool)
+        b_res = self.param("b_res", lambda *_: jnp.where(eye, 0.0, -4.0).astype(jnp.float32),
+                           (n, n))
         pre, post, res = b_pre, b_post, b_res  # static maps
         if self.dynamic:
             b, t = x.shape[:2]

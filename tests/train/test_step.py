@@ -9,13 +9,14 @@ import numpy as np
 import optax
 import pytest
 
+from experiments.run import load_config
 from nanochat_jax.losses import Objective
-from nanochat_jax.model.config import model_config
+from nanochat_jax.model.config import from_run_config, model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.ternary import kernel
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import make_train_step, train_step, tune_kernel_tiles
+from nanochat_jax.train.step import build_objective, make_train_step, train_step, tune_kernel_tiles
 
 OBJECTIVE = Objective(pad_id=-1, vocab_chunk=8192)
 
@@ -177,14 +178,10 @@ def test_the_step_returns_a_state_of_the_types_it_took_so_it_compiles_once(name)
     with another type (a weakly typed initial value, as mHC's maps once were, updated to a
     strong float32) makes the second step trace and compile the whole step again (it
     doubled e3:full's compile time)."""
-    from experiments.run import load_config
-    from nanochat_jax.model import config as model_config
-    from nanochat_jax.train.step import build_objective
-
     config = load_config(name)
     config.model.vocab_size = config.data.vocab_size = 512
     config.model.seq_len, config.model.n_layers = 16, 1
-    model = Transformer(model_config.from_run_config(config))
+    model = Transformer(from_run_config(config))
     tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
     state = jax.eval_shape(lambda: init_train_state(model, tx, 0, 16))
     step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=0))
