@@ -250,9 +250,17 @@ class Engine:
         fed = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, M+1]
         positions = position[:, None] + jnp.arange(fed.shape[1], dtype=jnp.int32)[None, :]
         out = self.model.apply(variables, fed, positions, cache, method=Transformer.decode)
+        if self.cfg.mtp_kind == "parallel":  # verdicts and drafts from one head product
+            mtp, cache = self.model.apply(variables, out.trunk, positions, out.cache,
+                                          method=Transformer.parallel_draft_hidden)
+            rows = jnp.concatenate([out.hidden[:, None], mtp], axis=1)  # [B, 1 + M, W, D]
+            every = greedy_tokens(self._logits(variables, rows))  # [B, 1 + M, W]
+            greedy = every[:, 0]
+            accepted = _leading_matches(drafts, greedy)
+            new_drafts = jnp.take_along_axis(every[:, 1:], accepted[:, None, None], axis=2)
+            return cache, greedy, accepted + 1, new_drafts[:, :, 0]
         greedy = greedy_tokens(self._logits(variables, out.hidden))
-        matches = (drafts == greedy[:, :-1]).astype(jnp.int32)  # [B, M]
-        accepted = jnp.sum(jnp.cumprod(matches, axis=1), axis=1)  # [B] leading matches
+        accepted = _leading_matches(drafts, greedy)
         new_drafts, cache = self.model.apply(variables, out.trunk, fed, greedy, accepted,
                                              positions, out.cache, method=Transformer.draft)
         return cache, greedy, accepted + 1, new_drafts
@@ -297,6 +305,13 @@ class Engine:
         _, _, _, _, out, count, _, passes, drafted, accepted = jax.lax.while_loop(
             cond, body, state)
         return out, count, passes, drafted, accepted
+
+
+def _leading_matches(drafts: jax.Array, greedy: jax.Array) -> jax.Array:
+    """drafts [B, M] and the main model's argmax over the window greedy [B, M + 1] -> [B]:
+    how many drafts, from the first, equal the main model's own next token."""
+    matches = (drafts == greedy[:, :-1]).astype(jnp.int32)
+    return jnp.sum(jnp.cumprod(matches, axis=1), axis=1)
 
 
 def _write_at(out: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

@@ -253,6 +253,10 @@ class Transformer(nn.Module):
         c = self.cfg
         window = jnp.arange(fed.shape[1])[None, :]  # [1, W]
         last = last[:, None]  # [B, 1]
+        if c.mtp_kind == "parallel":
+            normed, cache = self.parallel_draft_hidden(trunk, positions, cache)  # [B, M, W, D]
+            at_last = jnp.take_along_axis(normed, last[:, :, None, None], axis=2)[:, :, 0]
+            return greedy_tokens(jnp.dot(at_last, self._head().astype(at_last.dtype))), cache
 
         def pick(a, idx):
             return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), 1)
@@ -265,15 +269,30 @@ class Transformer(nn.Module):
             later = pick(jnp.stack(drafts, 1), m - last - 1) if drafts else bonus
             nxt = jnp.where(m < last, pick(fed, m + 1), jnp.where(m == last, bonus, later))
             kv = (mtp_k[d - 1], mtp_v[d - 1])
-            if c.mtp_kind == "sequential":
-                h, normed, _, kv = module(h, self.embed(nxt), None, kv, positions)
-            else:
-                _, normed, _, kv = module(trunk, None, None, kv, positions)
+            h, normed, _, kv = module(h, self.embed(nxt), None, kv, positions)
             mtp_k[d - 1], mtp_v[d - 1] = kv
             at_last = jnp.take_along_axis(normed, last[:, :, None], axis=1)[:, 0]  # [B, D]
             logits = jnp.dot(at_last, self._head().astype(at_last.dtype))  # [B, V]
             drafts.append(greedy_tokens(logits))
         return jnp.stack(drafts, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))
+
+    def parallel_draft_hidden(self, trunk: jax.Array, positions: jax.Array, cache: KVCache
+                              ) -> tuple[jax.Array, KVCache]:
+        """Parallel MTP heads over a decoded window: trunk [B, W, D] at positions [B, W] ->
+        (normed hidden [B, M, W, D] for the LM head, cache with the MTP slots written).
+        Depth d at window index j predicts the token d + 1 after fed[j]. No depth reads a
+        token, so the drafts need not wait for the main head's argmax: the engine multiplies
+        both by the head in one product."""
+        if self.cfg.mtp_kind != "parallel":
+            raise ConfigError("parallel_draft_hidden is for mtp_kind 'parallel'")
+        normed, mtp_k, mtp_v = [], [], []
+        for d, module in enumerate(self.mtp):
+            _, out, _, (k, v) = module(trunk, None, None, (cache.mtp_k[d], cache.mtp_v[d]),
+                                       positions)
+            normed.append(out)
+            mtp_k.append(k)
+            mtp_v.append(v)
+        return jnp.stack(normed, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))
 
 
 def unscanned(cfg: ModelConfig) -> ModelConfig:
