@@ -1,6 +1,8 @@
 """Model FLOPs per token (the MFU numerator) and byte counting."""
 
 import dataclasses
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -60,3 +62,26 @@ def test_the_mfu_peak_is_per_chip_from_the_setting_the_datasheet_or_a_measuremen
     assert metrics.peak_flops_per_chip() == (197e12, "datasheet bf16")
     # 8 chips at 1e12 each, 100 tokens/s of 4e9 FLOPs: 4e11 / 8e12
     assert metrics.mfu(100.0, 4e9, 1e12, 8) == pytest.approx(0.05)
+
+
+def test_the_metrics_writer_opens_without_importing_torch_and_torch_still_imports(tmp_path):
+    """tensorboardX imports torch at import when it is installed (1 s of every training
+    process); the writer hides it while tensorboardX loads, and torch imports after."""
+    code = ("import sys\n"
+            "from nanochat_jax.train.metrics import MetricWriter\n"
+            f"w = MetricWriter({str(tmp_path)!r})\n"
+            "w.write(1, {'loss': 2.5})\n"
+            "w.close()\n"
+            "print('torch' in sys.modules)\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('torch'):\n"
+            "    import torch\n"
+            "    print(torch.zeros(2).sum().item() == 0)\n"
+            "else:\n"
+            "    print(True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
+    assert list((tmp_path / "tb").iterdir())  # the TensorBoard event file
