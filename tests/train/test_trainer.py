@@ -221,7 +221,8 @@ def test_e3_full_trains_with_every_feature_and_logs_their_tags(small_e3_full_con
     c.checkpoint.every = 40
     train(c, str(tmp_path))
     evals = [r["eval/ce"] for r in _rows(tmp_path) if "eval/ce" in r]
-    assert evals[-1] < 0.9 * evals[0], evals  # 6.94 -> 6.01 when written (ln 1024 = 6.93)
+    # 6.94 -> 6.16 (ratio 0.887; 6.01 with the first e3_full config, 5f44403)
+    assert evals[-1] < 0.9 * evals[0], evals  # (ln 1024 = 6.93)
     tags = _tensorboard_tags(tensorboard_events(tmp_path / "tb"))
     assert {"loss/mtp", "loss/mtp/depth1", "loss/loop_exit", "loop/mean_exit_step",
             "mhc/composite_gain", "collider/keep_ratio", "eval/ce"} <= tags, sorted(tags)
