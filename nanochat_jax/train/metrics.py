@@ -38,8 +38,9 @@ class MetricWriter:
         if os.path.exists(path):
             _rewind(path, resume_step)
         self._jsonl = open(path, "a")
-        self._tb = _summary_writer_class()(logdir=os.path.join(workdir, "tb"),
-                                 purge_step=resume_step + 1 if resume_step else 0)
+        summary_writer = _summary_writer_class()
+        self._tb = summary_writer(logdir=os.path.join(workdir, "tb"),
+                                  purge_step=resume_step + 1 if resume_step else 0)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
