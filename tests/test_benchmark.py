@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
+import experiments.benchmark as benchmark
 from experiments.benchmark import BASELINES, CLAIMS, main
+from nanochat_jax.train import metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -117,9 +119,6 @@ def test_lr_sweep_reports_the_grid_and_the_winners_over_seeds(tmp_path, monkeypa
     whose validation CE is known (dense AdamW best at half its rate, the others at their
     own; seed s adds 0.01 s): what is checked is the sweep, not training, which
     `test_quick_benchmark_writes_results_report_and_plots` runs for real."""
-    import experiments.benchmark as benchmark
-    from nanochat_jax.train import metrics
-
     preferred = {"adamw_dense": 0.5, "adamw_ternary": 1.0, "e3_muon_8bit": 1.0}
     calls = []
 

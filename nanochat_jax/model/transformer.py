@@ -250,13 +250,12 @@ class Transformer(nn.Module):
         drafts of the lower depths. -> (drafts [B, M], cache with the MTP slots written):
         the token after greedy[last], and so on.
         """
-        c = self.cfg
-        window = jnp.arange(fed.shape[1])[None, :]  # [1, W]
         last = last[:, None]  # [B, 1]
-        if c.mtp_kind == "parallel":
+        if self.cfg.mtp_kind == "parallel":
             normed, cache = self.parallel_draft_hidden(trunk, positions, cache)  # [B, M, W, D]
             at_last = jnp.take_along_axis(normed, last[:, :, None, None], axis=2)[:, :, 0]
             return greedy_tokens(jnp.dot(at_last, self._head().astype(at_last.dtype))), cache
+        window = jnp.arange(fed.shape[1])[None, :]  # [1, W]
 
         def pick(a, idx):
             return jnp.take_along_axis(a, jnp.clip(idx, 0, a.shape[1] - 1), 1)
