@@ -67,33 +67,37 @@ def early_reference(out: str, workdir: str, step: int) -> str:
     return ref
 
 
-def layer_cosines(workdir: str, keep: float, seq_len: int, batches: int = 2
-                  ) -> dict[str, float]:
-    """Per top-level parameter group: cosine between Collider's gradient and the exact
-    gradient of the kept-token loss, summed over `batches` validation batches of `seq_len`."""
+def layer_cosines(workdir: str, cells: list[tuple[float, int]], batches: int = 2
+                  ) -> dict[str, dict[str, float]]:
+    """For each (keep ratio, sequence length) cell, "keep@seq_len": per top-level parameter
+    group, the cosine between Collider's gradient and the exact gradient of the kept-token
+    loss, summed over `batches` validation batches of that length. The run is loaded once."""
     config, state, _ = load_run(workdir)
-    config.collider.enabled, config.collider.keep_ratio = True, keep
-    mcfg = from_run_config(config)
-    model = Transformer(mcfg)
-    _, _, val = open_data(config, seq_len, say=lambda *_: None)
-    grads = {}
-    for sparse in (True, False):
-        config.collider.sparse_backward = sparse
-        objective = build_objective(config, pad_id=0)
-        fn = jax.jit(lambda params, tokens, obj=objective: grads_and_metrics(
-            params, tokens, jnp.asarray(10**6), None, jax.random.key(0), model=model,
-            objective=obj)[1])
-        total = None
-        for i in range(batches):
-            g = fn(state.params, jnp.asarray(val.batch(i)))
-            total = g if total is None else jax.tree.map(jnp.add, total, g)
-        grads[sparse] = total
-    out = {}
-    for name in grads[True]:
-        a, b = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(grads[s][name])])
-                for s in (True, False))
-        out[name] = float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
-    return out
+    config.collider.enabled = True
+    model = Transformer(from_run_config(config))
+    vals = {t: open_data(config, t, say=lambda *_: None)[2] for t in {t for _, t in cells}}
+    fidelity = {}
+    for keep, seq_len in cells:
+        config.collider.keep_ratio = keep
+        grads = {}
+        for sparse in (True, False):
+            config.collider.sparse_backward = sparse
+            objective = build_objective(config, pad_id=0)
+            fn = jax.jit(lambda params, tokens, obj=objective: grads_and_metrics(
+                params, tokens, jnp.asarray(10**6), None, jax.random.key(0), model=model,
+                objective=obj)[1])
+            total = None
+            for i in range(batches):
+                g = fn(state.params, jnp.asarray(vals[seq_len].batch(i)))
+                total = g if total is None else jax.tree.map(jnp.add, total, g)
+            grads[sparse] = total
+        out = {}
+        for name in grads[True]:
+            a, b = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(grads[s][name])])
+                    for s in (True, False))
+            out[name] = float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+        fidelity[f"{keep}@{seq_len}"] = out
+    return fidelity
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print("fidelity: Collider's gradient vs the exact kept-token gradient ...", flush=True)
     # keep 1.0 is the exact gradient by construction: its column checks the measurement
-    fidelity = {f"{keep}@{t}": layer_cosines(baseline, keep, t)
-                for t in (args.seq_len, 4 * args.seq_len) for keep in (1.0, *keeps)}
+    fidelity = layer_cosines(baseline, [(keep, t) for t in (args.seq_len, 4 * args.seq_len)
+                                        for keep in (1.0, *keeps)])
 
     print("backward time: experiments.bench_collider at the training shape ...", flush=True)
     timing_path = os.path.join(args.out, "bench_collider.json")

@@ -13,6 +13,7 @@ stores), and the embedding and head, which stay in floating point.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -49,14 +50,17 @@ def trained_model(preset: str) -> ModelConfig:
 
 
 def sizes(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter and weight-memory counts of one architecture (nothing is allocated)."""
-    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0),
+    """Parameter and weight-memory counts of one architecture (nothing is allocated). Shapes
+    come from the scanned twin (the blocks' kernels stacked [n_layers, in, out], each layer
+    packed on its own): one block is traced, not n_layers (the whole zoo: 13.0 -> 3.7 s)."""
+    twin = Transformer(dataclasses.replace(cfg, scan_layers=True))
+    shapes = jax.eval_shape(twin.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
     leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
     kernels = [leaf for path, leaf in leaves if is_block_kernel(path, leaf)]
     packed = 0
     for k in kernels:
-        p = jax.eval_shape(pack, k)
+        p = jax.eval_shape(pack if k.ndim == 2 else jax.vmap(pack), k)
         packed += p.codes.size * p.codes.dtype.itemsize + p.scale.size * 4
     ternary = sum(k.size for k in kernels)
     total = sum(leaf.size for _, leaf in leaves)

@@ -59,23 +59,17 @@ def _train(tx, params, loss, steps):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_composition_lowers_the_loss(problem, name):
+def test_every_composition_lowers_the_loss_inside_multisteps_and_round_trips_orbax(
+        problem, name, tmp_path):
+    """Inside optax.MultiSteps (2 micro-steps an update) on one fixed batch, both micro-steps'
+    gradients are the batch's, so 80 micro-steps are 40 of the optimizer alone: the loss
+    falls as it would without the wrapper, and the whole state saves and restores exactly."""
     params, loss = problem
     tx, _ = build_optimizer(_optimizer_config(name), total_steps=40)
-    _, _, values = _train(tx, params, loss, 40)
-    assert values[-1] < 0.7 * values[0], (name, values[0], values[-1])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_composition_works_inside_multisteps_and_round_trips_orbax(problem, name,
-                                                                         tmp_path):
-    params, loss = problem
-    tx, _ = build_optimizer(_optimizer_config(name), total_steps=10)
     tx = optax.MultiSteps(tx, every_k_schedule=2)
-    new_params, state, _ = _train(tx, params, loss, 4)
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)
-    assert any(jax.tree.leaves(changed))
+    new_params, state, values = _train(tx, params, loss, 80)
+    assert values[-1] < 0.7 * values[0], (name, values[0], values[-1])
+    assert int(state.gradient_step) == 40
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp_path / "state", state)
         ckpt.wait_until_finished()

@@ -23,8 +23,7 @@ from nanochat_jax.model.transformer import Transformer  # noqa: E402
 from nanochat_jax.ternary import packing  # noqa: E402
 from nanochat_jax.ternary.linear import packed_dot, ternary_dot  # noqa: E402
 
-MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2 fsdp=2 tensor=2": (2, 2, 2),
-          "data=4 tensor=2": (4, 1, 2)}
+MESHES = {"data=8": (8, 1, 1), "fsdp=8": (1, 8, 1), "data=2 fsdp=2 tensor=2": (2, 2, 2)}
 # (kernel path, K, N): an input projection (K = embed, N = heads) and an output projection
 # (K = mlp, split over tensor: per-shard partial sums)
 KERNELS = {"q": ("block_0/attn/q/kernel", 128, 256), "w2": ("block_0/ffn/w2/kernel", 256, 128)}
