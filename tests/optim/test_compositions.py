@@ -67,7 +67,7 @@ def test_every_composition_lowers_the_loss_inside_multisteps_and_round_trips_orb
     params, loss = problem
     tx, _ = build_optimizer(_optimizer_config(name), total_steps=40)
     tx = optax.MultiSteps(tx, every_k_schedule=2)
-    new_params, state, values = _train(tx, params, loss, 80)
+    _, state, values = _train(tx, params, loss, 80)
     assert values[-1] < 0.7 * values[0], (name, values[0], values[-1])
     assert int(state.gradient_step) == 40
     with ocp.StandardCheckpointer() as ckpt:
