@@ -7,9 +7,10 @@ shape both the kernel and a dense matmul of the same shape (bf16 on accelerators
 CPU) are compiled, then timed in alternating rounds; the table gives the median time,
 GFLOP/s (2MKN / t), GB/s of weight traffic (bytes of the weight operand / t: 2 bits per
 weight for the kernel), and dense/kernel speedup. On GPU/TPU the kernel's tiling is tuned
-per shape first (`kernel.tune_pending`; `NANOCHAT_TUNE_CACHE=FILE` keeps it), and the
-decode rows also give the fraction of a measured peak memory bandwidth (a large device
-copy) the weight reads reach.
+per shape first (`kernel.tune_for`, cached in `kernel.tune_cache_path()`), and the decode
+rows also give the fraction of a measured peak memory bandwidth (a large device copy) the
+weight reads reach. The result file is rewritten after every row, so a run cut short keeps
+the rows it finished.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import numpy as np
 
 from nanochat_jax.ternary import kernel, packing
 
-ACCEL_SHAPES = {"decode": [(m, k, n) for m in (1, 4, 16) for k, n in ((4096, 4096),
-                                                                     (4096, 11008))],
+ACCEL_SHAPES = {"decode": [(m, k, n) for m in (1, 16) for k, n in ((4096, 4096),
+                                                                  (4096, 11008))],
                 "train": [(4096, k, n) for k, n in ((4096, 4096), (4096, 11008))]}
 CPU_SHAPES = {"decode": [(m, k, n) for m in (1, 4, 16) for k, n in ((1024, 4096),
                                                                    (2048, 2048))],
@@ -59,9 +60,7 @@ def bench_shape(m: int, k: int, n: int, impl: str, rounds: int, repeats: int) ->
     xd = jnp.asarray(rng.normal(size=(m, k)), dense_dtype)
     wd = jnp.asarray(rng.normal(size=(k, n)), dense_dtype)
     tern = jax.jit(lambda a, b: kernel.ternary_matmul(a, b, impl=impl))
-    if impl == "pallas":  # time the tilings first, on concrete arrays (none while tracing)
-        jax.eval_shape(tern.__wrapped__, x8, w)
-        kernel.tune_pending()
+    kernel.tune_for(tern, x8, w)  # the tilings first, on concrete arrays (none while tracing)
     dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     times = {"ternary": [], "dense": []}
     for _ in range(rounds):
@@ -99,6 +98,8 @@ def main() -> None:
               + (" ternary % of bandwidth |" if bandwidth else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    out = args.out or os.path.join("runs", "bench", f"kernel_{backend}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     rows = []
     for kind, kind_shapes in shapes.items():
         for m, k, n in kind_shapes:
@@ -113,11 +114,9 @@ def main() -> None:
                 frac = r.get("ternary_bandwidth_fraction")
                 line += f" {100 * frac:.1f} |" if frac is not None else " |"
             print(line, flush=True)
-    out = args.out or os.path.join("runs", "bench", f"kernel_{backend}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": device, "backend": backend, "impl": impl,
-                   "bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+            with open(out, "w") as f:  # after every row: a run cut short keeps what it did
+                json.dump({"device": device, "backend": backend, "impl": impl,
+                           "bandwidth_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
     print(f"wrote {out}")
 
 

@@ -1,18 +1,24 @@
-"""Compile the real train step (and the inference engine's decode step) for a TPU topology,
-ahead of time, on any machine: per-device memory, FLOPs, compile time, fits or not.
+"""Compile the real train step (and the inference engine's decode step) for a TPU topology or
+NVIDIA GPUs, ahead of time, on any machine: per-device memory, FLOPs, compile time, fits.
 
     python -m experiments.compile --topology=v5e:2x2 --config=base [--config.X=Y ...]
         [--mesh=data=1,fsdp=4,tensor=1] [--decode_batch=8] [--out=FILE.jsonl]
+    python -m experiments.compile --topology=h100 --config=base      # h100x8, a100, h200, b200
 
-Needs `libtpu` (`pip install -e '.[tpu]'`), no TPU: `jax.experimental.topologies` describes
-the topology's chips as compile-only devices, the run config's mesh is laid over them, and
-`make_train_step(...).lower(abstract state, abstract batch).compile()` runs XLA's TPU
-compiler on the same step `experiments.run` trains with (MaxText's `train_compile.py` does
-the same). The decode step is `Engine.lower_decode_step` with the packed weights. The
-report gives, per step and per device, the bytes of arguments, outputs and temporaries
-from the compiled executable's memory analysis, its FLOPs (the Pallas kernel's own cost
-estimate included), the time those FLOPs take at the chip's bf16 peak, the number of
-Mosaic kernel calls in the compiled program, and whether the total fits the chip's HBM.
+No accelerator is needed: `jax.experimental.topologies` describes the chips as compile-only
+devices (TPU: `libtpu`, `pip install -e '.[tpu]'`; GPU: jax's CUDA plugin and compiler,
+`pip install -e '.[cuda]'`, with the GPU described by a GpuTargetConfig in
+experiments/targets/), the run config's mesh is laid over them, and
+`make_train_step(...).lower(abstract state, abstract batch).compile()` runs XLA's TPU or GPU
+compiler on the same step `experiments.run` trains with, the Pallas kernel through Mosaic or
+Triton down to machine code (MaxText's `train_compile.py` does the same for TPUs). The
+decode step is `Engine.lower_decode_step` with the packed weights. The report gives, per
+step and per device, the bytes of arguments, outputs and temporaries from the compiled
+executable's memory analysis, its FLOPs (XLA's cost analysis with the Pallas kernel's own
+estimate; on GPUs, which have none, the model's own count), the time those FLOPs take at
+the chip's bf16 peak, the number of Pallas kernel calls (Mosaic or Triton) in the compiled
+program, and whether the total fits the memory the program can have: on TPU what the
+compiler reports as available, on GPU the device memory times JAX's allocator fraction.
 """
 
 from __future__ import annotations
@@ -20,21 +26,28 @@ from __future__ import annotations
 import os
 
 # Nothing runs on a local device: keep JAX on the CPU (no TPU backend start-up, even on a
-# TPU host; nanochat_jax/__init__.py quiets libtpu where there is no TPU).
+# TPU host; nanochat_jax/__init__.py quiets libtpu where there is no TPU), and let jax's CUDA
+# plugin load on a host without a GPU driver (it checks the driver's version otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import targets  # noqa: E402
 from experiments.run import CONFIG, config_argv, parse_flags  # noqa: E402 (--config)
+from nanochat_jax.errors import ConfigError  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:2x2", "TPU topology, GENERATION:SHAPE (v5e:2x2, v4:2x2x1, v5p:2x2x1, "
-    "v6e:2x2, v5e:4x4, ...), or cpu: this host's CPU devices (what a CPU run compiles)")
+    "v6e:2x2, v5e:4x4, ...); NVIDIA GPUs on one host, GPU[xN] with GPU a target config of "
+    "experiments/targets/ (h100, h100x8, a100, h200, b200x8, ...); or cpu: this host's CPU "
+    "devices (what a CPU run compiles)")
 _MESH = flags.DEFINE_string(
     "mesh", None, "data=N,fsdp=N,tensor=N (-1: the rest of the chips); default: the config's "
     "mesh group")
@@ -48,20 +61,77 @@ _RENDER = flags.DEFINE_string(
     "(written by --out), one row per compiled step with the command that made it")
 
 MEGACORE = ("v4", "v5p")  # generations whose two TensorCores form one device
+GPU_TOPOLOGY = re.compile(r"^(?P<gpu>[a-z]+\d+)(x(?P<count>[1-9]\d*))?$")
+# What JAX's GPU allocator takes of the device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
+# says otherwise (it preallocates this share at start-up; a program must fit in it).
+GPU_MEMORY_FRACTION = 0.75
+KERNEL_CALLS = ('custom_call_target="tpu_custom_call"',  # Mosaic (TPU)
+                'custom_call_target="__gpu$xla.gpu.triton"')  # Triton (GPU): Pallas calls
+
+
+def gpu_target(name: str) -> tuple[str, int] | None:
+    """(GPU, count) of a GPU topology name ("h100" -> ("h100", 1), "h100x8" -> ("h100", 8));
+    None for a name that is not one of experiments/targets/."""
+    found = GPU_TOPOLOGY.match(name)
+    if not found or found["gpu"] not in targets.names():
+        return None
+    return found["gpu"], int(found["count"] or 1)
 
 
 def topology(name: str):
-    """The compile-only description of a TPU topology ("v5e:2x2"): `.devices`."""
+    """The compile-only description of a TPU topology ("v5e:2x2") or of N GPUs of one kind
+    on one host ("h100x8"): `.devices`."""
     from jax.experimental import topologies
 
+    gpu = gpu_target(name)
+    if gpu is not None:
+        gpu_name, count = gpu
+        return topologies.get_topology_desc(platform="cuda",
+                                            target_config=targets.config_text(gpu_name),
+                                            topology=f"1x1x{count}")
+    if ":" not in name:
+        raise ConfigError(f"--topology={name}: not a TPU topology (GENERATION:SHAPE, e.g. "
+                          f"v5e:2x2) nor a GPU of experiments/targets/ "
+                          f"({', '.join(targets.names())}, optionally xN)")
     generation = name.split(":")[0]
     return topologies.get_topology_desc(
         platform="tpu", topology_name=name,
         chip_config_name="megacore" if generation in MEGACORE else "default")
 
 
+def usable_memory(device, topology_name: str) -> float | None:
+    """Bytes one device can give a program. TPU: what XLA's TPU compiler reports as
+    available HBM (asked by compiling a program too large for it: v5e 15.75 GiB of 16);
+    GPU: the target config's device memory times JAX's allocator fraction
+    ($XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75); None elsewhere."""
+    import jax
+    import jax.numpy as jnp
+
+    gpu = gpu_target(topology_name)
+    if gpu is not None:
+        total = targets.field(gpu[0], "device_memory_size")
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
+        return total * fraction
+    if device.platform != "tpu":
+        return None
+    one = jax.sharding.Mesh(np.asarray([device]), ("x",))
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.NamedSharding(
+        one, jax.sharding.PartitionSpec()))
+
+    def too_large(a):  # 20 live 8 GiB arrays: more than any TPU has
+        rows = [jnp.arange(2**31 - 2, dtype=jnp.float32) * a + i for i in range(20)]
+        return sum(jnp.sum(r) for r in jax.lax.sort(rows, num_keys=1))
+
+    try:
+        jax.jit(too_large).lower(scalar).compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = re.search(r"exceeds available HBM \(([\d.]+[KMGT])\)", str(e))
+        if found:
+            return _gigabytes(found.group(1))
+    return None
+
+
 def _mesh_fields(text: str) -> dict[str, int]:
-    from nanochat_jax.errors import ConfigError
     from nanochat_jax.model.axes import AXES
 
     fields = {}
@@ -86,11 +156,13 @@ def _memory(compiled) -> dict[str, int]:
     return out
 
 
-def _flops(stage) -> float:
-    cost = stage.cost_analysis() or {}
+def _flops(stage) -> float | None:
+    """XLA's FLOP count of a compiled program (None where the backend has no cost analysis:
+    GPU)."""
+    cost = stage.cost_analysis()
     if isinstance(cost, list):  # older JAX: one dict per program
-        cost = cost[0] if cost else {}
-    return float(cost.get("flops", 0.0))
+        cost = cost[0] if cost else None
+    return None if not cost or "flops" not in cost else float(cost["flops"])
 
 
 def _gigabytes(text: str) -> float:
@@ -98,9 +170,11 @@ def _gigabytes(text: str) -> float:
     return number * {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
 
 
-def _report(name: str, lowered, chip, started: float) -> dict:
-    """One row: the compiled step's memory, FLOPs, kernel calls; or, where XLA refuses it
-    for lack of HBM, the temporaries it asked for."""
+def _report(name: str, lowered, chip, hbm: float | None, model_flops: float,
+            started: float) -> dict:
+    """One row: the compiled step's memory, FLOPs (XLA's, else `model_flops`: the model's
+    own count per device), Pallas kernel calls, and whether it fits in `hbm` bytes; or,
+    where XLA refuses it for lack of memory, the temporaries it asked for."""
     import jax
 
     try:
@@ -115,15 +189,19 @@ def _report(name: str, lowered, chip, started: float) -> dict:
                "error": str(e).splitlines()[0][:300]}
         if need:
             row.update(temp_bytes=_gigabytes(need.group(1)), hbm_bytes=_gigabytes(need.group(2)))
-        if chip is not None:
-            row.setdefault("hbm_bytes", chip.hbm_bytes)
+        if hbm is not None:
+            row.setdefault("hbm_bytes", hbm)
         return row
+    text = compiled.as_text()
+    flops = _flops(compiled)
     row = {"step": name, "compile_s": time.perf_counter() - started, **_memory(compiled),
-           "flops": _flops(compiled),
-           "kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
+           "flops": model_flops if flops is None else flops,
+           "flops_from": "model" if flops is None else "compiler",
+           "kernel_calls": sum(text.count(call) for call in KERNEL_CALLS)}
+    if hbm is not None:
+        row.update(hbm_bytes=hbm, fits=row["total_bytes"] <= hbm)
     if chip is not None:
-        row.update(hbm_bytes=chip.hbm_bytes, fits=row["total_bytes"] <= chip.hbm_bytes,
-                   seconds_at_peak=row["flops"] / chip.bf16_flops)
+        row.update(seconds_at_peak=row["flops"] / chip.bf16_flops)
     return row
 
 
@@ -135,9 +213,9 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     import jax
     import jax.numpy as jnp
 
-    from nanochat_jax.errors import ConfigError
     from nanochat_jax.infer.engine import Engine
     from nanochat_jax.model.axes import AXES
+    from nanochat_jax.model.config import resolve_compute_dtype
     from nanochat_jax.model.packed import pack_params
     from nanochat_jax.model.transformer import Transformer, unscan, unscanned
     from nanochat_jax.optim.factory import build_optimizer
@@ -170,13 +248,18 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     if decode_batch is None:
         decode_batch = -(-8 // (sizes["data"] * sizes["fsdp"])) * sizes["data"] * sizes["fsdp"]
     chip = metrics.chip(devices[0].device_kind)
+    hbm = usable_memory(devices[0], topology_name)  # else (a TPU the probe cannot fill):
+    if hbm is None and chip is not None:  # the datasheet's figure
+        hbm = chip.hbm_bytes
+    platform = devices[0].platform
     info = {"config": config.model.preset, "topology": topology_name, "chips": len(devices),
-            "device_kind": devices[0].device_kind, "mesh": sizes,
+            "device_kind": devices[0].device_kind, "platform": platform, "mesh": sizes,
             "ternary_impl": mcfg.ternary_impl if not mcfg.uses_kernel else
             f"{mcfg.ternary_impl} -> "
-            f"{kernel.resolve_impl(mcfg.ternary_impl, devices[0].platform)}",
+            f"{kernel.resolve_impl(mcfg.ternary_impl, platform)}",
             "ternary": mcfg.ternary, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers,
-            "loops": mcfg.loops, "compute_dtype": mcfg.compute_dtype,
+            "loops": mcfg.loops,
+            "compute_dtype": resolve_compute_dtype(mcfg.compute_dtype, platform),
             "optimizer": config.optimizer.name, "batch": data.batch_size, "seq_len": mcfg.seq_len}
     model = Transformer(mcfg)
     tx, lr_fn = build_optimizer(config.optimizer, training.steps)
@@ -196,9 +279,11 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
                                grad_accum=training.grad_accum, shardings=shardings)
         started = time.perf_counter()
         lowered = step.lower(placed(state, state_shardings), tokens)
-        row = _report(f"train (batch {data.batch_size} x {mcfg.seq_len})", lowered, chip, started)
-        row["model_flops"] = (metrics.flops_per_token(mcfg, mcfg.seq_len) * data.batch_size
-                              * mcfg.seq_len / len(devices))
+        per_token = metrics.flops_per_token(mcfg, mcfg.seq_len)  # forward + backward
+        model_flops = per_token * data.batch_size * mcfg.seq_len / len(devices)
+        row = _report(f"train (batch {data.batch_size} x {mcfg.seq_len})", lowered, chip, hbm,
+                      model_flops, started)
+        row["model_flops"] = model_flops
         reports.append(row)
         if decode_batch:
             replicated = sharding.replicated(mesh)
@@ -211,8 +296,10 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
             started = time.perf_counter()
             lowered = Engine(Transformer(unscanned(mcfg)), variables).lower_decode_step(
                 decode_batch, mcfg.seq_len, rows=rows_sharding)
+            # one token per row through the forward (a third of a training token's FLOPs)
+            decode_flops = per_token / 3 * decode_batch / len(devices)
             reports.append(_report(f"decode (batch {decode_batch}, cache {mcfg.seq_len})",
-                                   lowered, chip, started))
+                                   lowered, chip, hbm, decode_flops, started))
     return info, reports
 
 
@@ -228,6 +315,11 @@ def _tflop(flops: float | None) -> str:
     return "-" if flops is None else f"{flops / 1e12:.2f}"
 
 
+def _flops_cell(row: dict) -> str:
+    cell = _tflop(row["flops"])
+    return f"{cell} (model)" if row.get("flops_from") == "model" else cell
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{1e3 * seconds:.1f}"
 
@@ -237,8 +329,9 @@ def print_report(info: dict, reports: list[dict]) -> None:
     print(f"{info['config']} ({'ternary ' + info['ternary_impl'] if info['ternary'] else 'dense'}"
           f", remat {info['remat']}, {info['compute_dtype']}, {info['optimizer']}) on "
           f"{info['topology']}: {info['chips']} x {info['device_kind']}, mesh {mesh}")
+    lowering = "Triton" if info["platform"] == "gpu" else "Mosaic"
     header = ("| step | compile s | arguments GiB | temporaries GiB | total GiB / device | "
-              "HBM GiB | fits | TFLOP / device | ms at bf16 peak | Mosaic kernel calls |")
+              f"HBM GiB | fits | TFLOP / device | ms at bf16 peak | {lowering} kernel calls |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in reports:
@@ -246,8 +339,14 @@ def print_report(info: dict, reports: list[dict]) -> None:
         fits = ("yes" if r["fits"] else "NO") if "fits" in r else "?"
         print(f"| {r['step']} | {r['compile_s']:.1f} | {_gib(r.get('argument_bytes'))} | "
               f"{_gib(r.get('temp_bytes'))} | {_gib(r['total_bytes'])} | {hbm} | {fits} | "
-              f"{_tflop(r['flops'])} | {_ms(r.get('seconds_at_peak'))} | "
+              f"{_flops_cell(r)} | {_ms(r.get('seconds_at_peak'))} | "
               f"{_or_dash(r['kernel_calls'])} |")
+    if any(r.get("flops_from") == "model" for r in reports):
+        print("TFLOP marked (model): XLA's cost analysis has none for this backend; the "
+              "model's own count (train/metrics.flops_per_token) per device")
+    if info["platform"] == "gpu":
+        print(f"HBM: the device memory times JAX's GPU allocator fraction "
+              f"(XLA_PYTHON_CLIENT_MEM_FRACTION, default {GPU_MEMORY_FRACTION})")
     for r in reports:
         if "error" in r:
             print(f"{r['step']}: XLA refused it: {r['error']}")
@@ -256,8 +355,8 @@ def print_report(info: dict, reports: list[dict]) -> None:
 def render(path: str) -> str:
     """The markdown table of a JSONL file of compile rows (BUILD.md's pod table)."""
     lines = ["| model | topology | mesh | ternary | remat | blocks | step | total GiB / device | "
-             "HBM GiB | fits | TFLOP / device | ms at bf16 peak | compile s |",
-             "|" + "---|" * 13]
+             "HBM GiB | fits | TFLOP / device | ms at bf16 peak | kernel calls | compile s |",
+             "|" + "---|" * 14]
     commands = []
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -273,9 +372,10 @@ def render(path: str) -> str:
         lines.append(
             f"| {r['config']} | {r['topology']} | {mesh} | {r['ternary_impl']} | {r['remat']} | "
             f"{blocks} | {r['step'].split(' ')[0]} | {_gib(r['total_bytes'])} | "
-            f"{_gib(r['hbm_bytes'])} | "
-            f"{fits} | {_tflop(r['flops'])} | {_ms(r.get('seconds_at_peak'))} | "
-            f"{r['compile_s']:.0f} | [{commands.index(r['command']) + 1}] |")
+            f"{_gib(r.get('hbm_bytes'))} | "
+            f"{fits} | {_flops_cell(r)} | {_ms(r.get('seconds_at_peak'))} | "
+            f"{_or_dash(r.get('kernel_calls'))} | {r['compile_s']:.0f} | "
+            f"[{commands.index(r['command']) + 1}] |")
     lines[0] += " command |"
     lines[1] += "---|"
     lines.append("")
@@ -302,9 +402,10 @@ def main(argv: list[str]) -> None:
         info, reports = compile_steps(config, _TOPOLOGY.value, _DECODE_BATCH.value)
     except NanochatError as e:
         raise SystemExit(f"error: {e}") from None
-    except ImportError as e:
-        raise SystemExit(f"error: {e}: compiling for TPU needs libtpu: pip install -e "
-                         f"'.[tpu]'") from None
+    except (ImportError, NotImplementedError) as e:  # no libtpu / no CUDA plugin
+        needs = ("NVIDIA GPUs need jax's CUDA plugin and compiler: pip install -e '.[cuda]'"
+                 if gpu_target(_TOPOLOGY.value) else "TPU needs libtpu: pip install -e '.[tpu]'")
+        raise SystemExit(f"error: {e}: compiling for {needs}") from None
     print_report(info, reports)
     if _OUT.value:
         command = " ".join(["python -m experiments.compile", *sys.argv[1:]])

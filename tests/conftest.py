@@ -6,15 +6,34 @@ import shutil
 import struct
 import tempfile
 
-import jax
-import pytest
+# On a GPU, every process (each xdist worker) would take 75% of its memory at start-up: the
+# tests share one device, so each takes what it uses. Set before JAX starts a backend.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import nanochat_jax  # noqa: F401  (first: libtpu's start-up settings, before JAX loads)
-from experiments.configs import e3, tiny
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import nanochat_jax  # noqa: E402, F401  (first: libtpu's start-up settings, before JAX loads)
+from experiments.configs import e3, tiny  # noqa: E402
 
 # Broadcasting must be spelled out: `x * scale[None, None]`, not a silent rank promotion
 # that would also accept a transposed or wrongly shaped operand.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The tests' float32 references mean float32 products: on a GPU, JAX's default precision
+# multiplies float32 matrices in TF32 (10-bit mantissas), which no fp32 tolerance here holds.
+if jax.devices()[0].platform != "cpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+# `NANOCHAT_TEST_AS_BACKEND=gpu` (experiments/gpu_check.sh's dry run on a CPU): the code's
+# platform decisions (`jax.default_backend()`, hence ternary/kernel.py's `target_platform`
+# with no mesh) see that backend while arrays stay on this host's CPU, so a test whose
+# expectation holds only on a CPU fails here instead of on the GPU; tests marked `cpu_only`
+# skip as they would there. Tests that run compiled kernels ask for a real device
+# (`jax.devices()[0].platform`) and skip.
+AS_BACKEND = os.environ.get("NANOCHAT_TEST_AS_BACKEND")
+if AS_BACKEND:
+    jax.default_backend = lambda: AS_BACKEND
 
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
@@ -38,6 +57,15 @@ def pytest_configure(config):
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                       int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.cpu_only("why")`: the test checks what only a CPU backend does."""
+    marker = item.get_closest_marker("cpu_only")
+    if marker and jax.default_backend() != "cpu":
+        why = marker.args[0] if marker.args else "a CPU-only path"
+        pytest.skip(f"checks {why}: runs where the backend is a CPU (here "
+                    f"{jax.default_backend()})")
 
 
 def pytest_unconfigure(config):

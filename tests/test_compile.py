@@ -6,9 +6,15 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.experimental import topologies
 
 from experiments.configs import tiny
+from nanochat_jax.model.config import model_config
+from nanochat_jax.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -40,6 +46,10 @@ def test_compile_command_reports_memory_flops_and_the_mosaic_kernel(tmp_path):
         assert row["kernel_calls"] == KERNELS  # the forward of every BitLinear: Mosaic
         assert 0 < row["argument_bytes"] < row["total_bytes"] < row["hbm_bytes"] and row["fits"]
         assert row["ternary_impl"] == "auto -> pallas" and row["mesh"]["fsdp"] == 4
+        # "fits" against what XLA's TPU compiler says a v5e has (15.75 GiB), not the
+        # datasheet's 16; bf16 compute, the default where the step is compiled for a TPU
+        assert row["hbm_bytes"] == 15.75 * 2**30 and row["compute_dtype"] == "bfloat16"
+        assert row["flops_from"] == "compiler"
     # per-device FLOPs: the compiled step against the model's own count (6N per token + attn)
     assert 0.5 < train["flops"] / train["model_flops"] < 3
     assert "--mesh=data=1,fsdp=4,tensor=1" in train["command"]
@@ -81,3 +91,16 @@ def test_a_step_that_does_not_fit_is_reported_not_raised():
     _, (train,) = compile_steps(c, "v5e:2x2", 0)
     assert train["fits"] is False and train["total_bytes"] is None
     assert train["temp_bytes"] > train["hbm_bytes"] and "RESOURCE_EXHAUSTED" in train["error"]
+
+
+def test_the_model_traces_bf16_activations_by_default_under_a_tpu_mesh():
+    """`compute_dtype=auto` resolves for the mesh the model is compiled for: bf16 dots on a
+    (compile-only) TPU chip, while the same config on this CPU stays float32
+    (tests/model/test_model.py)."""
+    chip = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:1]
+    model = Transformer(model_config("tiny", vocab_size=64, seq_len=16, n_layers=1))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    with jax.set_mesh(jax.sharding.Mesh(np.asarray(chip), ("data",))):
+        traced = str(jax.make_jaxpr(model.apply)(params, tokens))
+    assert "bf16[1,8,128]" in traced

@@ -27,7 +27,10 @@ def get_config() -> config_dict.ConfigDict:
     c.model.d_ff = config_dict.placeholder(int)
     c.model.tie_embeddings = False
     c.model.ffn_activation = "relu2"  # or "silu" (SwiGLU; what llama.cpp's bitnet arch runs)
-    c.model.compute_dtype = "float32"  # bfloat16: bf16 activations, fp32 master weights
+    # activations and matmuls: "auto" = bfloat16 where the step is compiled for a GPU or TPU
+    # (fp32 master weights, norm statistics, softmax and loss), float32 on a CPU (fastest
+    # there); or "float32" / "bfloat16" everywhere
+    c.model.compute_dtype = "auto"
     c.model.remat = "none"  # full | dots | loop: recompute activations in the backward
     # One nn.scan over the blocks (stacked parameters): compile time independent of depth
     c.model.scan_layers = False
@@ -86,8 +89,9 @@ def get_config() -> config_dict.ConfigDict:
     # the device kind's bf16 datasheet rate (train/metrics.py CHIPS), measured on a CPU
     c.training.peak_flops = config_dict.placeholder(float)
     # Before the first step on GPU/TPU, time the Pallas kernel's tilings for the step's
-    # shapes (ternary/kernel.py); kept in WORKDIR/kernel_tiles.json or $NANOCHAT_TUNE_CACHE.
-    # False: untuned default tiles.
+    # shapes (ternary/kernel.py); kept in $NANOCHAT_TUNE_CACHE, else
+    # ~/.cache/nanochat_jax/kernel_tiles.json, and read back by later runs. False: the cached
+    # or untuned default tiles.
     c.training.tune_kernel = True
     # A step whose loss, gradient or update is NaN/inf is skipped on device (counted in
     # training/skipped_steps); this many in a row stop the run, keeping the last checkpoint

@@ -20,8 +20,10 @@ so the output is plain greedy decoding's, token for token, in fewer main-model p
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,7 @@ from nanochat_jax.model.kv_cache import KVCache
 from nanochat_jax.model.layers import greedy_tokens
 from nanochat_jax.model.packed import for_cpu, pack_params
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.ternary import kernel
 
 BUCKET = 64  # prompt and cache lengths are rounded up to a multiple of this
 
@@ -93,10 +96,12 @@ class Engine:
     (2-bit codes + scale, the exact same products), instead of being ternarised again in
     every decode step; a `fake_quant` model (float products) and a dense one keep theirs.
     On a CPU with the native kernel the packed codes are put in its tile order, also once.
+    On a GPU/TPU the kernel's tiles are tuned for each new prompt and cache shape before it
+    compiles (`say` gets the tuner's lines; default: stderr).
     """
 
     def __init__(self, model: Transformer, variables: dict, cache_dtype=jnp.float32,
-                 pack: bool = True):
+                 pack: bool = True, say: Callable[[str], None] | None = None):
         cfg = model.cfg
         if (pack and cfg.ternary and cfg.ternary_impl != "fake_quant"
                 and "packed" not in variables):
@@ -109,6 +114,8 @@ class Engine:
         self._step = jax.jit(self._step_fn, static_argnames=("gen",), donate_argnums=(1,))
         self._verify = jax.jit(self._verify_fn, donate_argnums=(1,))
         self._loop = jax.jit(self._loop_fn, static_argnames=("gen",))
+        self._tuned: set = set()  # prompt and cache shapes whose kernel tiles are tuned
+        self._say = say or _to_stderr  # the kernel tuner's progress lines (GPU/TPU)
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -183,8 +190,28 @@ class Engine:
         -> (key, lengths [B], (cache, first token [B], drafts [B, M] or None))."""
         tokens, lengths, length = self._batch(prompts, gen)
         key = jax.random.key(0) if key is None else key
+        self._tune_kernel(tokens, lengths, key, gen, length)
         return key, lengths, self._prefill(self.variables, tokens, lengths, key, gen=gen,
                                            length=length)
+
+    def _tune_kernel(self, tokens, lengths, key, gen: Generation, length: int) -> None:
+        """On GPU/TPU, time the kernel's tilings for the products of the prefill and of the
+        decode loop at these shapes before either compiles (ternary/kernel.py: nothing is
+        timed while tracing; the tiles are cached on disk for later processes). Once per
+        shape; nothing on a CPU."""
+        signature = (tokens.shape, length, gen)
+        if (not self.cfg.uses_kernel or signature in self._tuned
+                or kernel.resolve_impl("auto") != "pallas"):
+            return
+        prefill = functools.partial(self._prefill_fn, gen=gen, length=length)
+        cache, first, drafts = jax.eval_shape(prefill, self.variables, tokens, lengths, key)
+        loop = functools.partial(self._loop_fn, gen=gen)
+        _, prefill_pending = kernel.lookups_in(prefill, self.variables, tokens, lengths, key)
+        _, loop_pending = kernel.lookups_in(loop, self.variables, cache, first, drafts, lengths,
+                                            key)
+        if prefill_pending or loop_pending:
+            kernel.tune_pending(keys=prefill_pending + loop_pending, say=self._say)
+        self._tuned.add(signature)
 
     def _batch(self, prompts: Sequence[Sequence[int]], gen: Generation):
         """Right-padded prompts [B, P] (P bucketed), lengths [B], and the cache length."""
@@ -305,6 +332,10 @@ class Engine:
         _, _, _, _, out, count, _, passes, drafted, accepted = jax.lax.while_loop(
             cond, body, state)
         return out, count, passes, drafted, accepted
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _leading_matches(drafts: jax.Array, greedy: jax.Array) -> jax.Array:

@@ -10,14 +10,20 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.ternary.fp4 import Backward
+from nanochat_jax.ternary.kernel import target_platform
 
 TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
 MTP_KINDS = ("sequential", "parallel")
 FFN_ACTIVATIONS = ("relu2", "silu")
 REMAT_POLICIES = ("none", "full", "dots", "loop")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+# Platforms whose "auto" compute dtype is bfloat16: their matrix units run bf16 at full rate
+# (fp32 is TF32 or several passes); a CPU keeps float32, measured fastest there (BUILD.md).
+BF16_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
 # fields that change how the model computes, not which model it is: a run may resume with
 # other values
 HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat", "fp4_backward", "fp4_hadamard",
@@ -50,12 +56,14 @@ class ModelConfig:
     ffn_activation: str = "relu2"
     # How it computes (not what: a run may change these on resume). `compute_dtype`
     # bfloat16: activations and matmuls in bf16, parameters (the fp32 master weights),
-    # norms' statistics, softmax and the loss in fp32. `remat`: recompute each block's
-    # activations in the backward pass: "full" saves only block inputs, "dots" also the
-    # matmul outputs (jax.checkpoint_policies.dots_with_no_batch_dims_saveable); "loop"
-    # saves only the input of each pass through the block stack (each LoopLM loop) and
-    # recomputes the pass in the backward.
-    compute_dtype: str = "float32"
+    # norms' statistics, softmax and the loss in fp32; "auto": bfloat16 where the model is
+    # compiled for a GPU or TPU, float32 on a CPU (`resolve_compute_dtype`). `remat`:
+    # recompute each block's activations in the backward pass: "full" saves only block
+    # inputs, "dots" also the matmul outputs
+    # (jax.checkpoint_policies.dots_with_no_batch_dims_saveable); "loop" saves only the input
+    # of each pass through the block stack (each LoopLM loop) and recomputes the pass in the
+    # backward.
+    compute_dtype: str = "auto"
     remat: str = "none"
     # FP4 (ternary/fp4.py) for the backward pass of a dense model's linear layers and, with
     # fp4_head, of the LM head (simulated; what is and is not: ternary/fp4.py, SPECS §13)
@@ -137,10 +145,18 @@ class ModelConfig:
 
     @property
     def dtype(self):
-        """The activation dtype (`compute_dtype` as a jnp dtype)."""
-        import jax.numpy as jnp
+        """The activation dtype: `compute_dtype` as a jnp dtype, "auto" resolved for the
+        platform being compiled for (`resolve_compute_dtype`)."""
+        return jnp.dtype(resolve_compute_dtype(self.compute_dtype))
 
-        return jnp.dtype(self.compute_dtype)
+
+def resolve_compute_dtype(compute_dtype: str, platform: str | None = None) -> str:
+    """"float32" or "bfloat16": `compute_dtype` itself, or for "auto" bfloat16 on a GPU or
+    TPU and float32 elsewhere. `platform` defaults to the one being compiled for: the mesh
+    in context's, else the default backend's (ternary/kernel.py `target_platform`)."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    return "bfloat16" if (platform or target_platform()) in BF16_PLATFORMS else "float32"
 
 
 # name -> architecture only: the vocabulary and sequence length are the run's (model_config).

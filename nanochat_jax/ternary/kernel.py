@@ -4,34 +4,34 @@
 *unscaled* accumulator `x @ codes` (int32 for int8 x, exact; float32 for float x); callers
 multiply by the scales. Two implementations with identical semantics sit behind them:
 
-- a Pallas kernel: a `(M/bm, N/bn)` grid; each program loops over K in `bk4`-row steps of
-  the packed weights, unpacks a `[bk4, bn]` byte tile into four ternary tiles in registers
-  and accumulates four `[bm, bk4] @ [bk4, bn]` dots. Weights cross memory at 2 bits each.
-  It lowers through Mosaic on TPU and Triton on GPU; `interpret=True` runs it anywhere.
+- a Pallas kernel: a `(M/bm, N/bn[, split_k])` grid; each program loops over its share of
+  K in `bk4`-row steps of the packed weights, unpacks a `[bk4, bn]` byte tile into four
+  ternary tiles in registers and accumulates four `[bm, bk4] @ [bk4, bn]` dots; with K
+  split, the programs' partial sums are added afterwards (exact in int32). Weights cross
+  memory at 2 bits each. It lowers through Mosaic on TPU and Triton on GPU;
+  `interpret=True` runs it anywhere.
 - the reference: unpack the codes with jnp and call `jnp.dot`.
 
 Which one `impl="auto"` runs is decided by the platform the computation is compiled for,
-not by the host (DESIGN principle 4): the platform of the mesh in context (`jax.set_mesh`),
-so compiling for a TPU topology from a CPU host takes the Mosaic kernel; with no mesh,
-`jax.lax.platform_dependent` lets the lowering pick (Mosaic on TPU, Triton on CUDA/ROCm,
-the reference elsewhere), which is also what `jax.export(..., platforms=...)` sees.
+not by the host: the platform of the mesh in context (`jax.set_mesh`), so compiling for a
+TPU topology or a GPU target from a CPU host takes the Mosaic or Triton kernel; with no
+mesh, `jax.lax.platform_dependent` lets the lowering pick (Mosaic on TPU, Triton on
+CUDA/ROCm, the reference elsewhere), which is also what `jax.export(..., platforms=...)`
+sees.
 
-Tile sizes obey each lowering's rules (`Tiling`): Mosaic slices x along its 128-wide lane
-dimension, so there x's four K-slabs are laid out at multiples of 128 (a per-call pad of
-the activations; the packed weights keep their 2 bits each) and `bk4`, `bn` are multiples
-of 128 or a whole dimension; Triton wants powers of two. Tilings come from an in-memory /
-on-disk tuning cache, filled by `tune_pending` on concrete arrays before a step is
-compiled, never while one is traced: a shape the cache lacks gets the tiling's untuned
-default and is remembered as pending.
+Tile sizes obey each lowering's rules (tiling.py). Tilings come from an in-memory / on-disk
+tuning cache (`tune_cache_path()`), filled by `tune_pending` on concrete arrays before a
+step is compiled, never while one is traced: a shape the cache lacks gets the tiling's
+untuned default and is remembered as pending.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,113 +48,63 @@ from nanochat_jax.ternary.packing import (
     pack_codes,
     unpack_codes,
 )
+from nanochat_jax.ternary.tiling import (
+    MOSAIC,
+    TRITON,
+    Blocks,
+    Tiling,
+    as_blocks,
+    gpu_of,
+    next_pow2,
+    slab_alignment,
+)
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 TUNE_CACHE_ENV = "NANOCHAT_TUNE_CACHE"
-Blocks = tuple[int, int, int]  # (bm, bk4, bn)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-    """The tile sizes one lowering accepts: candidates per dimension (ascending), whether a
-    tile may instead span a whole dimension that none of them divides, the lane width x's
-    four K-slabs are aligned to, and the largest tiles the untuned default takes."""
-
-    lowering: str  # "mosaic" | "triton"
-    bm: tuple[int, ...]
-    bk4: tuple[int, ...]
-    bn: tuple[int, ...]
-    whole: bool  # a K4 or Np that no candidate divides is one tile (Mosaic: a full dim)
-    lane: int  # slab j of x starts at column j * round_up(K4, lane) (Mosaic: 128)
-    default_max: Blocks
-
-    def _sizes(self, sizes: tuple[int, ...], dim: int) -> list[int]:
-        fits = [b for b in sizes if dim % b == 0]
-        return fits or ([dim] if self.whole else [])
-
-    def candidates(self, m: int, k4: int, n_p: int) -> list[Blocks]:
-        """Tilings worth timing for an [M, 4 K4] x [K4, Np] product: row tiles up to the
-        next power of two of M (decode uses one small tile), K and N tiles that divide."""
-        bms = [b for b in self.bm if b <= max(self.bm[0], _next_pow2(m))][-2:]
-        bk4s = self._sizes(self.bk4, k4)
-        bns = self._sizes(self.bn, n_p)[-3:]
-        return [(bm, bk, bn) for bm in bms for bk in bk4s for bn in bns]
-
-    def default(self, m: int, k4: int, n_p: int) -> Blocks:
-        """The untuned choice: the largest candidate tiles within `default_max`."""
-        self.check_packed(k4, n_p)
-        cap_m, cap_k, cap_n = self.default_max
-        bm = max(b for b in self.bm if b <= max(self.bm[0], min(cap_m, _next_pow2(m))))
-
-        def pick(sizes, cap):
-            return max([b for b in sizes if b <= cap] or [min(sizes)])
-
-        return bm, pick(self._sizes(self.bk4, k4), cap_k), pick(self._sizes(self.bn, n_p),
-                                                                 cap_n)
-
-    def check_packed(self, k4: int, n_p: int) -> None:
-        if not (self._sizes(self.bk4, k4) and self._sizes(self.bn, n_p)):
-            raise ValueError(f"packed weight [{k4}, {n_p}] has no {self.lowering} tiling: K4 "
-                             f"and Np must be multiples of {self.bk4[0]} and {self.bn[0]} "
-                             f"(packing.K_ALIGN / N_ALIGN)")
-
-    def check(self, blocks: Blocks, k4: int, n_p: int) -> None:
-        bm, bk4, bn = blocks
-        if (bm not in self.bm or bk4 not in self._sizes(self.bk4, k4)
-                or bn not in self._sizes(self.bn, n_p)):
-            raise ValueError(f"tiling {blocks} is not a {self.lowering} tiling of the packed "
-                             f"weight [{k4}, {n_p}]: candidates are "
-                             f"{self.candidates(max(self.bm), k4, n_p)}")
-
-
-# Mosaic (TPU): x is read in lane slices at j * stride + k * bk4, so bk4 is a multiple of
-# 128 or the whole K4 (with every slab starting at a multiple of 128), bn a multiple of 128
-# or the whole Np; int8 rows come in sublane tiles of 32. Triton (GPU): powers of two of
-# at least 16 rows (tl.dot) and 32 columns (the packing's alignment).
-MOSAIC = Tiling("mosaic", bm=(32, 64, 128, 256), bk4=(128, 256, 512), bn=(128, 256, 512),
-                whole=True, lane=128, default_max=(128, 256, 256))
-TRITON = Tiling("triton", bm=(16, 32, 64, 128), bk4=(32, 64, 128), bn=(32, 64, 128, 256),
-                whole=False, lane=1, default_max=(64, 64, 128))
 # lowering platform (jax.lax.platform_dependent's names) or device platform -> tiling
 TILINGS = {"tpu": MOSAIC, "cuda": TRITON, "rocm": TRITON, "gpu": TRITON}
 ACCELERATORS = ("tpu", "cuda", "rocm")  # the lowering platforms with a compiled kernel
 # Device kinds whose matrix unit has no int8 mode (Mosaic: "Unsupported matmul RHS type"):
 # the kernel multiplies their int8 activations as bf16, exactly (`_pallas_matmul`)
 NO_INT8_MXU = ("TPU v2", "TPU v3", "TPU v4")
+# Triton's compiler parameters the tuner tries on its best tiling (num_warps, num_stages)
+TRITON_PARAMS = tuple((warps, stages) for warps in (4, 8) for stages in (2, 3, 4))
 
 
 def _acc_dtype(x_dtype) -> jnp.dtype:
     return jnp.int32 if jnp.issubdtype(x_dtype, jnp.integer) else jnp.float32
 
 
-def _kernel(x_ref, w_ref, o_ref, *, k4: int, bk4: int, stride: int, operand_dtype):
-    """One [bm, bn] output tile.  x_ref: [bm, 4*stride] (slab j of x at columns
-    j*stride ..); w_ref: [K4, bn] uint8; o_ref: [bm, bn]. The dots take `operand_dtype`
+def _kernel(x_ref, w_ref, o_ref, *, steps: int, bk4: int, stride: int, share: int,
+            split: int, align: int, operand_dtype):
+    """One [bm, bn] output tile (of one K share when split > 1).  x_ref: [bm, 4*stride]
+    (slab j of x at columns j*stride ..); w_ref: [share, bn] uint8, this program's packed
+    rows; o_ref: [bm, bn]. Slab j of this share starts at column j*stride + s*share, every
+    offset a multiple of `align` (tiling.slab_alignment). The dots take `operand_dtype`
     operands (x's own, or bf16 for int8 x on chips without an int8 matrix unit)."""
     acc_dtype = _acc_dtype(operand_dtype)
+    start = pl.program_id(2) * share if split > 1 else 0
 
     def step(kb, acc):
         off = pl.multiple_of(kb * bk4, bk4)
         packed = w_ref[pl.ds(off, bk4), :].astype(jnp.int32)  # [bk4, bn]
         for j in range(4):  # the four K-slabs stored in one byte
             w = (((packed >> (2 * j)) & 3) - 1).astype(operand_dtype)  # [bk4, bn] in {-1,0,1}
-            xs = x_ref[:, pl.ds(pl.multiple_of(j * stride + off, bk4), bk4)]  # [bm, bk4]
+            column = pl.multiple_of(j * stride + start + off, align)
+            xs = x_ref[:, pl.ds(column, bk4)]  # [bm, bk4]
             acc += jnp.dot(xs.astype(operand_dtype), w, preferred_element_type=acc_dtype)
         return acc
 
-    acc = jax.lax.fori_loop(0, k4 // bk4, step, jnp.zeros(o_ref.shape, acc_dtype))
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, acc_dtype))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _compiler_params(lowering: str):
-    if lowering == "mosaic":
+def _compiler_params(lowering: str, blocks: Blocks):
+    if lowering == "mosaic":  # (Mosaic tilings never split K)
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
     if lowering == "triton":
-        return pltriton.CompilerParams(num_warps=4, num_stages=2)
+        return pltriton.CompilerParams(num_warps=blocks.num_warps,
+                                       num_stages=blocks.num_stages)
     return None
 
 
@@ -170,37 +120,53 @@ def _slabs(x: jax.Array, k4: int, stride: int, rows: int) -> jax.Array:
 def _pallas_matmul(x: jax.Array, codes: jax.Array, blocks: Blocks, lowering: str,
                    int8_dots: bool = True) -> jax.Array:
     """x [M, K] @ unpack(codes [K4, Np]) -> [M, Np] (padding columns included).
-    `lowering`: "mosaic", "triton", or "interpret" (Mosaic's tiling, interpret mode).
-    `int8_dots` False: int8 x is multiplied as bf16 with fp32 accumulation, still exact
-    (|x| <= 127 and |w| <= 1 are exact in bf16, and |acc| <= 127 K < 2^24 for K < 132k)."""
+    `lowering`: "mosaic", "triton", or "interpret" (Mosaic's slab layout, interpret mode,
+    any tiling that divides). `int8_dots` False: int8 x is multiplied as bf16 with fp32
+    accumulation, still exact (|x| <= 127 and |w| <= 1 are exact in bf16, and
+    |acc| <= 127 K < 2^24 for K < 132k)."""
+    blocks = as_blocks(blocks)
     tiling = TRITON if lowering == "triton" else MOSAIC
-    bm, bk4, bn = blocks
+    bm, bk4, bn, split = blocks[:4]
     k4, n_p = codes.shape
+    share = k4 // split
     if lowering != "interpret":
         tiling.check(blocks, k4, n_p)
-    elif k4 % bk4 or n_p % bn:
-        raise ValueError(f"tiling {blocks} does not divide the packed weight [{k4}, {n_p}]")
+    elif k4 % split or share % bk4 or n_p % bn:
+        raise ValueError(f"tiling {tuple(blocks)} does not divide the packed weight "
+                         f"[{k4}, {n_p}]")
     m = x.shape[0]
     mp = -(-m // bm) * bm
     stride = -(-k4 // tiling.lane) * tiling.lane
     xp = _slabs(x, k4, stride, mp)  # [Mp, 4*stride]
     acc = _acc_dtype(x.dtype)
     operand_dtype = x.dtype if int8_dots or x.dtype != jnp.int8 else jnp.bfloat16
+    body = functools.partial(_kernel, steps=share // bk4, bk4=bk4, stride=stride, share=share,
+                             split=split, align=slab_alignment(k4, blocks, stride),
+                             operand_dtype=operand_dtype)
+    if split == 1:
+        grid = (mp // bm, n_p // bn)
+        in_specs = [pl.BlockSpec((bm, 4 * stride), lambda i, j: (i, 0)),
+                    pl.BlockSpec((k4, bn), lambda i, j: (0, j))]
+        out_specs = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+        out_shape = jax.ShapeDtypeStruct((mp, n_p), acc)
+    else:  # program (i, j, s) adds rows s*share .. of K into partial sum s
+        grid = (mp // bm, n_p // bn, split)
+        in_specs = [pl.BlockSpec((bm, 4 * stride), lambda i, j, s: (i, 0)),
+                    pl.BlockSpec((share, bn), lambda i, j, s: (s, j))]
+        out_specs = pl.BlockSpec((pl.squeezed, bm, bn), lambda i, j, s: (s, i, j))
+        out_shape = jax.ShapeDtypeStruct((split, mp, n_p), acc)
     out = pl.pallas_call(
-        functools.partial(_kernel, k4=k4, bk4=bk4, stride=stride, operand_dtype=operand_dtype),
-        out_shape=jax.ShapeDtypeStruct((mp, n_p), acc),
-        grid=(mp // bm, n_p // bn),
-        in_specs=[pl.BlockSpec((bm, 4 * stride), lambda i, j: (i, 0)),
-                  pl.BlockSpec((k4, bn), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        compiler_params=_compiler_params(lowering),
+        body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        compiler_params=_compiler_params(lowering, blocks),
         interpret=lowering == "interpret",
         # what XLA cannot see inside the custom call: its FLOPs and bytes (cost analysis)
         cost_estimate=pl.CostEstimate(
             flops=2 * mp * 4 * k4 * n_p, transcendentals=0,
             bytes_accessed=(xp.size * xp.dtype.itemsize * (n_p // bn) + codes.size * (mp // bm)
-                            + mp * n_p * jnp.dtype(acc).itemsize)),
+                            + split * mp * n_p * jnp.dtype(acc).itemsize)),
     )(xp, codes)
+    if split > 1:
+        out = jnp.sum(out, axis=0, dtype=acc)  # [Mp, Np]
     return out[:m]
 
 
@@ -208,20 +174,53 @@ def _pallas_matmul(x: jax.Array, codes: jax.Array, blocks: Blocks, lowering: str
 
 _TUNED: dict[str, Blocks] = {}
 _PENDING: dict[str, tuple[Tiling, int, int, int, str]] = {}  # key -> (tiling, m, k4, n_p, dtype)
+_LOOKED_UP: set[str] = set()  # every key looked up since `lookups_in` cleared it
 
 
-def _cache_key(device_kind: str, m: int, k4: int, n_p: int, dtype) -> str:
-    return f"{device_kind}|m{min(_next_pow2(m), 1024)}|k4{k4}|n{n_p}|{jnp.dtype(dtype).name}"
+def tune_cache_path() -> str:
+    """The tuning cache file: $NANOCHAT_TUNE_CACHE, else kernel_tiles.json in
+    $NANOCHAT_CACHE (default ~/.cache/nanochat_jax). Keyed by device kind and shape, so one
+    file serves every run, model and GPU/TPU kind of a user."""
+    if os.environ.get(TUNE_CACHE_ENV):
+        return os.environ[TUNE_CACHE_ENV]
+    root = os.environ.get("NANOCHAT_CACHE", os.path.expanduser("~/.cache/nanochat_jax"))
+    return os.path.join(root, "kernel_tiles.json")
 
 
-def _load_disk_cache(path: str | None) -> dict[str, Blocks]:
-    if not path:
-        return {}
+def _cache_key(device_kind: str, lowering: str, m: int, k4: int, n_p: int, dtype) -> str:
+    """Device kind, lowering ("mosaic", "triton", "interpret": a test's interpret-mode tiles
+    never stand for a compiled kernel's), row bucket, packed shape, activation dtype."""
+    return (f"{device_kind}|{lowering}|m{min(next_pow2(m), 1024)}|k4{k4}|n{n_p}|"
+            f"{jnp.dtype(dtype).name}")
+
+
+def _load_disk_cache(path: str) -> dict[str, Blocks]:
+    """The tilings in a cache file ({} when it is missing or unreadable); entries that are
+    not tilings are dropped."""
     try:
         with open(path) as f:
-            return {k: tuple(v) for k, v in json.load(f).items()}
-    except (FileNotFoundError, json.JSONDecodeError):
+            entries = json.load(f)
+    except (OSError, json.JSONDecodeError):
         return {}
+    tiles = {}
+    for key, value in entries.items() if isinstance(entries, dict) else ():
+        try:
+            tiles[key] = as_blocks(value)
+        except (TypeError, ValueError):
+            continue
+    return tiles
+
+
+def _save_disk_cache(path: str, key: str, blocks: Blocks) -> None:
+    """Add one entry to the cache file, written to a temporary name and renamed (another
+    process reading it never sees half a file). Raises OSError when it cannot."""
+    disk = _load_disk_cache(path)
+    disk[key] = blocks
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump({k: list(v) for k, v in sorted(disk.items())}, f, indent=1)
+    os.replace(temporary, path)
 
 
 def target() -> tuple[str, str] | None:
@@ -251,27 +250,26 @@ def _device_kind(platform: str) -> str:
 
 
 def lookup_blocks(tiling: Tiling, device_kind: str, m: int, k4: int, n_p: int, dtype,
-                  cache_path: str | None = None) -> Blocks:
+                  cache_path: str | None = None, lowering: str | None = None) -> Blocks:
     """The tuned tiling for this shape (memory, then the JSON file `cache_path`, default
-    $NANOCHAT_TUNE_CACHE), else the tiling's default, the shape noted in `pending()`. Safe
-    inside a trace: nothing is timed here."""
-    key = _cache_key(device_kind, m, k4, n_p, dtype)
+    `tune_cache_path()`), else the tiling's default, the shape noted in `pending()`.
+    `lowering`: the tiling's own (default) or "interpret". Safe inside a trace: nothing is
+    timed here."""
+    key = _cache_key(device_kind, lowering or tiling.lowering, m, k4, n_p, dtype)
+    _LOOKED_UP.add(key)
     if key not in _TUNED:
-        disk = _load_disk_cache(cache_path or os.environ.get(TUNE_CACHE_ENV))
-        if key in disk and _valid(tiling, disk[key], k4, n_p):  # (a stale file: retune)
+        disk = _load_disk_cache(cache_path or tune_cache_path())
+        if key in disk:
             _TUNED[key] = disk[key]
-    if key in _TUNED:
+    if key in _TUNED and tiling.accepts(_TUNED[key], k4, n_p):  # (a stale file: retune)
         return _TUNED[key]
     _PENDING[key] = (tiling, m, k4, n_p, jnp.dtype(dtype).name)
-    return tiling.default(m, k4, n_p)
+    return tiling.default(m, k4, n_p, dtype)
 
 
-def _valid(tiling: Tiling, blocks: Blocks, k4: int, n_p: int) -> bool:
-    try:
-        tiling.check(tuple(blocks), k4, n_p)
-    except ValueError:
-        return False
-    return True
+def tuned(key: str) -> Blocks | None:
+    """The tiling in use for a cache key (None: not tuned, nor read from the cache)."""
+    return _TUNED.get(key)
 
 
 def pending() -> list[str]:
@@ -283,43 +281,79 @@ def _inside_trace() -> bool:
     return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def local_lowering(tiling: Tiling) -> str:
+    """How this host's first device runs `tiling`'s kernel: compiled where the tiling is its
+    platform's (Mosaic on a TPU, Triton on a GPU), else in interpret mode."""
+    return tiling.lowering if TILINGS.get(jax.devices()[0].platform) is tiling else "interpret"
+
+
 def tune_shape(tiling: Tiling, m: int, k4: int, n_p: int, dtype, *,
                candidates: list[Blocks] | None = None, cache_path: str | None = None,
-               repeats: int = 3) -> Blocks:
+               repeats: int = 3, say: Callable[[str], None] = print) -> Blocks:
     """Time every candidate tiling of one shape on the local device, with concrete random
     operands, and record the fastest in memory and in `cache_path` (default
-    $NANOCHAT_TUNE_CACHE). Refuses to run inside a trace (it would be staged, not run)."""
+    `tune_cache_path()`). On a GPU the candidates are those that fit its shared memory
+    (tiling.triton_shared_memory), and the winner is then timed with the other Triton
+    compiler parameters (`TRITON_PARAMS`). A candidate that fails to compile or run anyway
+    is skipped with one line to `say`. Refuses to run inside a trace (it would be staged,
+    not run)."""
     if _inside_trace():
         raise RuntimeError("kernel tuning runs on concrete arrays before a step is traced: "
                            "call tune_pending() before jax.jit(...)(...), not inside it")
     device = jax.devices()[0]
-    lowering = ("interpret" if TILINGS.get(device.platform) is not tiling
-                else tiling.lowering)
-    key = _cache_key(device.device_kind, m, k4, n_p, dtype)
-    candidates = candidates or tiling.candidates(m, k4, n_p)
+    lowering = local_lowering(tiling)
+    gpu = gpu_of(device) if lowering == "triton" else None
+    key = _cache_key(device.device_kind, lowering, m, k4, n_p, dtype)
+    candidates = [as_blocks(b) for b in candidates] if candidates else tiling.candidates(
+        m, k4, n_p, dtype, gpu)
     if not candidates:
-        raise ValueError(f"no {tiling.lowering} tiling divides the packed shape [{k4}, {n_p}]")
+        raise ValueError(f"no {tiling.lowering} tiling of the packed shape [{k4}, {n_p}] fits "
+                         f"this device")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(-127, 128, size=(m, 4 * k4)), dtype)
     codes = jnp.asarray(rng.integers(0, 256, size=(k4, n_p)), jnp.uint8)
-    timings = {}
-    for blocks in candidates:
-        run = functools.partial(_pallas_matmul, x, codes, blocks, lowering,
-                                device.device_kind not in NO_INT8_MXU)
-        run().block_until_ready()  # compile
-        started = time.perf_counter()
-        for _ in range(repeats):
-            run().block_until_ready()
+    int8_dots = device.device_kind not in NO_INT8_MXU
+    timings: dict[Blocks, float] = {}
+    failures: list[str] = []
+
+    def time_one(blocks: Blocks) -> None:
+        run = functools.partial(_pallas_matmul, x, codes, blocks, lowering, int8_dots)
+        try:
+            run().block_until_ready()  # compile
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run().block_until_ready()
+        except Exception as error:  # a tiling the compiler or the device refuses
+            failures.append(_first_line(error))
+            say(f"kernel tiling {tuple(blocks)} of {key} skipped: {failures[-1]}")
+            return
         timings[blocks] = (time.perf_counter() - started) / repeats
+
+    for blocks in candidates:
+        time_one(blocks)
+    if not timings:
+        raise RuntimeError(f"no tiling of {key} compiled on {device.device_kind} "
+                           f"({len(candidates)} tried; the first error: {failures[0]})")
     best = min(timings, key=timings.get)
+    if lowering == "triton":
+        for warps, stages in TRITON_PARAMS:
+            variant = best._replace(num_warps=warps, num_stages=stages)
+            if variant not in timings and tiling.fits(variant, dtype, gpu):
+                time_one(variant)
+        best = min(timings, key=timings.get)
     _TUNED[key] = best
     _PENDING.pop(key, None)
-    cache_path = cache_path or os.environ.get(TUNE_CACHE_ENV)
-    if cache_path:
-        disk = _load_disk_cache(cache_path)
-        disk[key] = best
-        with open(cache_path, "w") as f:
-            json.dump(disk, f, indent=1)
+    path = cache_path or tune_cache_path()
+    try:
+        _save_disk_cache(path, key, best)
+    except OSError as error:  # a read-only or full home: this process keeps the tiling
+        say(f"kernel tiling {key}: not saved to {path} ({_first_line(error)}); the next "
+            f"process tunes it again")
     return best
 
 
@@ -327,23 +361,51 @@ def adopt(tiles: dict[str, Blocks]) -> None:
     """Use these tilings (cache key -> blocks), tuned elsewhere: another process of the
     same job (train/step.py `tune_kernel_tiles`)."""
     for key, blocks in tiles.items():
-        _TUNED[key] = tuple(blocks)
+        _TUNED[key] = as_blocks(blocks)
         _PENDING.pop(key, None)
 
 
-def tune_pending(*, cache_path: str | None = None, repeats: int = 3,
-                 say=lambda _: None) -> dict[str, Blocks]:
-    """Tune every pending shape of the local device's kind (see `lookup_blocks`): trace the
-    step once (e.g. `jax.eval_shape`), call this, then jit the step. -> {key: blocks}."""
+def tune_pending(*, keys: list[str] | None = None, cache_path: str | None = None,
+                 repeats: int = 3, say: Callable[[str], None] = print) -> dict[str, Blocks]:
+    """Tune every pending shape of the local device's kind (see `lookup_blocks`), or only
+    those of `keys`: trace the step once (`lookups_in`), call this, then jit the step.
+    -> {key: blocks}."""
     kind = jax.devices()[0].device_kind
     done = {}
     for key, (tiling, m, k4, n_p, dtype) in sorted(_PENDING.items()):
-        if key.startswith(kind + "|"):
+        if key.startswith(kind + "|") and (keys is None or key in keys):
             started = time.perf_counter()
             done[key] = tune_shape(tiling, m, k4, n_p, dtype, cache_path=cache_path,
-                                   repeats=repeats)
-            say(f"kernel tiling {key}: {done[key]} ({time.perf_counter() - started:.1f} s)")
+                                   repeats=repeats, say=say)
+            say(f"kernel tiling {key}: {tuple(done[key])} "
+                f"({time.perf_counter() - started:.1f} s)")
     return done
+
+
+def lookups_in(fn: Callable, *args) -> tuple[list[str], list[str]]:
+    """Trace `fn(*args)` abstractly and afresh (args may be `jax.ShapeDtypeStruct`s; a
+    jitted function is traced through its `__wrapped__`, so its own cache keeps no
+    default-tiled trace; a new closure, so no cached trace skips the lookups).
+    -> (the cache keys of every kernel product it runs, sorted: the same list in every
+    process that traces the same step; those of them with no tiling yet)."""
+    inner = getattr(fn, "__wrapped__", fn)
+    _LOOKED_UP.clear()
+    jax.eval_shape(lambda *a: inner(*a), *args)
+    keys = sorted(_LOOKED_UP)
+    return keys, [k for k in keys if k in _PENDING]
+
+
+def tune_for(fn: Callable, *args, cache_path: str | None = None,
+             say: Callable[[str], None] = print) -> dict[str, Blocks]:
+    """Tune the kernel for every product `fn(*args)` runs that has no tiling yet, before
+    `fn` is compiled; nothing where the kernel is not compiled (CPU). One process; a
+    multi-process job uses train/step.py `tune_kernel_tiles`. -> {cache key: tiling}."""
+    if resolve_impl("auto") != "pallas":
+        return {}
+    _, pending_keys = lookups_in(fn, *args)
+    if not pending_keys:
+        return {}
+    return tune_pending(keys=pending_keys, cache_path=cache_path, say=say)
 
 
 # ---- dispatch ----------------------------------------------------------------------------
@@ -351,16 +413,35 @@ def tune_pending(*, cache_path: str | None = None, repeats: int = 3,
 
 def _kernel_for(platform: str, x: jax.Array, codes: jax.Array,
                 blocks: Blocks | None) -> jax.Array:
-    """The compiled kernel of `platform` ("interpret": Pallas interpret mode)."""
+    """The compiled kernel of `platform` ("interpret": Pallas interpret mode). `blocks`
+    that this platform's tiling does not accept (a GPU tiling, say, in the TPU branch of a
+    product lowered for either) give way to its own tuned or default tiling."""
     tiling = MOSAIC if platform == "interpret" else TILINGS[platform]
     k4, n_p = codes.shape
     tiling.check_packed(k4, n_p)
     kind = jax.devices()[0].device_kind if platform == "interpret" else _device_kind(platform)
-    if blocks is None:
-        blocks = lookup_blocks(tiling, kind, x.shape[0], k4, n_p, x.dtype)
+    if blocks is not None and platform != "interpret" and not tiling.accepts(blocks, k4, n_p):
+        blocks = None
     lowering = "interpret" if platform == "interpret" else tiling.lowering
+    if blocks is None:
+        blocks = lookup_blocks(tiling, kind, x.shape[0], k4, n_p, x.dtype, lowering=lowering)
     int8_dots = platform == "interpret" or kind not in NO_INT8_MXU
     return _pallas_matmul(x, codes, blocks, lowering, int8_dots)
+
+
+def _check_blocks(blocks, codes_shape: tuple[int, int], platforms: tuple[str, ...]
+                  ) -> Blocks:
+    """`blocks` as a `Blocks`, refused unless the tiling of one of `platforms` accepts it
+    for packed codes of `codes_shape` (no platforms: any tiling that divides, interpret)."""
+    blocks = as_blocks(blocks)
+    tilings = sorted({TILINGS[p] for p in platforms if p in TILINGS}, key=lambda t: t.lowering)
+    if tilings and not any(t.accepts(blocks, *codes_shape) for t in tilings):
+        names = " or ".join(t.lowering for t in tilings)
+        offered = "; ".join(f"{t.lowering} {[tuple(b[:3]) for b in t.candidates(64, *codes_shape)]}"
+                            for t in tilings)
+        raise ValueError(f"tiling {tuple(blocks)} is not a {names} tiling of the packed "
+                         f"weight {list(codes_shape)}: candidates are {offered}")
+    return blocks
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -378,7 +459,9 @@ def _dispatch(impl: str, x: jax.Array, codes: jax.Array, n: int, reference, kern
               blocks: Blocks | None, cpu=None) -> jax.Array:
     """Run `reference(x, codes)` -> [M, n] or the kernel on `kernel_input(codes)` (packed),
     cropped to [M, n], as `impl` and the target platform say; `cpu(x, codes)`, when given,
-    replaces the reference for 'auto' on the CPU."""
+    replaces the reference for 'auto' on the CPU. `blocks` must be a tiling of the
+    platform compiled for; with no mesh, of at least one accelerator (the others take
+    their own)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown ternary matmul impl {impl!r}: choose one of {IMPLS}")
     if impl == "reference":
@@ -387,17 +470,25 @@ def _dispatch(impl: str, x: jax.Array, codes: jax.Array, n: int, reference, kern
     def compiled(platform: str):
         return lambda a, c: _kernel_for(platform, a, kernel_input(c), blocks)[:, :n]
 
+    def checked(platforms: tuple[str, ...]) -> Blocks | None:
+        if blocks is None:
+            return None
+        return _check_blocks(blocks, jax.eval_shape(kernel_input, codes).shape, platforms)
+
     if impl == "interpret":
+        blocks = checked(())
         return compiled("interpret")(x, codes)
     found = target()
     if found is not None:  # compiling for a known mesh: decide now
         platform = found[0]
         if platform in TILINGS:
+            blocks = checked((platform,))
             return compiled(platform)(x, codes)
         if impl == "auto":
             return (cpu or reference)(x, codes) if platform == "cpu" else reference(x, codes)
         raise ValueError(f"ternary impl 'pallas' compiles for GPU or TPU, but the mesh's "
                          f"devices are {platform}: use 'auto' or 'interpret'")
+    blocks = checked(ACCELERATORS)
     branches = {platform: compiled(platform) for platform in ACCELERATORS}
     if impl == "auto" and cpu is not None:
         branches["cpu"] = cpu
@@ -415,8 +506,8 @@ def codes_matmul(x: jax.Array, codes: jax.Array, *, impl: str = "auto",
     n = codes.shape[1]
 
     def reference(a, c):
-        return jnp.dot(a, c.astype(a.dtype),
-                                         preferred_element_type=_acc_dtype(a.dtype))
+        return jnp.dot(a, c.astype(a.dtype), preferred_element_type=_acc_dtype(a.dtype))
+
     return _dispatch(impl, x, codes, n, reference, pack_codes, blocks)
 
 
@@ -431,7 +522,8 @@ def ternary_matmul(x: jax.Array, w: PackedTernary, *, impl: str = "auto",
     """Unscaled `x [M, K] @ codes [K, N]`: int32 for int8 x, float32 for float x.
 
     `impl`: 'auto' | 'pallas' | 'interpret' (the Pallas kernel in interpret mode) |
-    'reference'; `blocks` = (bm, bk4, bn) overrides the cached tiling. 'auto' on the CPU
+    'reference'; `blocks` = (bm, bk4, bn[, split_k, num_warps, num_stages]) overrides the
+    cached tiling (tiling.py). 'auto' on the CPU
     multiplies int8 x with the native kernel (cpu_kernel.py) when this host has one: I2
     codes are put in its tile order in the call (a pass over the codes each time), CPU
     tiles (`packing.to_layout`, done once by `model.packed.for_cpu`) are used as they are.

@@ -39,11 +39,12 @@ class Layout:
 
 
 def _fit(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
-    """The axes of `axes` in `mesh` (greedily, in order) whose product divides `size`."""
+    """The axes of `axes` in `mesh` (greedily, in order) whose product divides `size`;
+    axes of size 1 split nothing and are left out."""
     kept: list[str] = []
     for axis in axes:
-        if axis in mesh.axis_names and size % (math.prod(mesh.shape[a] for a in kept)
-                                               * mesh.shape[axis]) == 0:
+        if axis in mesh.axis_names and mesh.shape[axis] > 1 and size % (
+                math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]) == 0:
             kept.append(axis)
     return tuple(kept)
 
@@ -52,17 +53,15 @@ def _spec(*dims: tuple[str, ...]) -> P:
     return P(*[(d if len(d) > 1 else d[0]) if d else None for d in dims])
 
 
-def _per_shard(fn, x: jax.Array, w: jax.Array, layout: Layout | None, *,
-               split_k: bool = True, n_unit: int = 1) -> jax.Array:
-    """fn(x [M, K], w [K', N']) -> [M, N'] on each shard of the context mesh, as `layout`
-    says (summed over the K axes); plain `fn(x, w)` without a mesh or a layout. `split_k`
-    False keeps K whole (packed codes interleave K), `n_unit`: N' must stay a multiple."""
+def _per_shard(fn, x: jax.Array, w: jax.Array, layout: Layout | None) -> jax.Array:
+    """fn(x [M, K'], w [K', N']) -> [M, N'] on each shard of the context mesh, as `layout`
+    says (summed over the K axes); plain `fn(x, w)` without a mesh or a layout."""
     mesh = jax.sharding.get_abstract_mesh()
     if layout is None or mesh.empty or mesh.size == 1:
         return fn(x, w)
     rows = _fit(layout.rows, x.shape[0], mesh)
-    k = _fit(layout.k, x.shape[1], mesh) if split_k else ()
-    n = _fit(layout.n, w.shape[1] // n_unit, mesh)
+    k = _fit(layout.k, x.shape[1], mesh)
+    n = _fit(layout.n, w.shape[1], mesh)
 
     def shard(xs, ws):
         out = fn(xs, ws)
@@ -88,22 +87,46 @@ def int8_ternary_product(x: jax.Array, w: jax.Array, impl: str = "auto",
 def packed_dot(x: jax.Array, w: packing.PackedTernary, impl: str = "auto",
                layout: Layout | None = None) -> jax.Array:
     """x [..., K] @ a packed ternary weight -> [..., N], activations int8 per token. Under a
-    mesh I2 codes are split over N only (their rows interleave four K-slabs); CPU tiles
-    are not split."""
+    mesh I2 codes run per shard (`_packed_per_shard`); CPU tiles are not split."""
     lead, k = x.shape[:-1], x.shape[-1]
     x_codes, absmax = quant.int8_codes(x.reshape(-1, k))  # [M, K] int8, [M, 1]
-
-    def matmul(a, codes):  # codes: [K4, Np'] (this shard's columns)
-        shard = packing.PackedTernary(codes, w.scale, (k, codes.shape[1]))
-        return kernel.ternary_matmul(a, shard, impl=impl)
-
     if w.layout == "i2":
-        acc = _per_shard(matmul, x_codes, w.codes, layout, split_k=False,
-                         n_unit=packing.N_ALIGN)[:, : w.shape[1]]  # [M, N] int32, exact
+        acc = _packed_per_shard(x_codes, w, layout, impl)[:, : w.shape[1]]  # [M, N] exact
     else:  # CPU tiles: one device's kernel, whole (model.packed.for_cpu makes them)
         acc = kernel.ternary_matmul(x_codes, w, impl=impl)
     y = acc.astype(jnp.float32) * (absmax / quant.INT8_MAX) * w.scale
     return y.astype(x.dtype).reshape(*lead, w.shape[1])
+
+
+def _packed_per_shard(x_codes: jax.Array, w: packing.PackedTernary, layout: Layout | None,
+                      impl: str) -> jax.Array:
+    """x_codes [M, K] int8 @ I2 codes [K4, Np] -> [M, Np] int32 on each shard of the context
+    mesh. Rows of the packed codes interleave four K-slabs (byte row i holds rows i + j K4),
+    so a K split takes packed rows t K4' .. (t+1) K4' and, from each of x's four slabs, the
+    same K4' columns: x is viewed as [M, 4, K4] and split along its last axis, and each
+    shard's [M, 4 K4'] and [K4', Np'] are themselves an I2 product (partial sums, added by
+    a `psum`). Shards keep whole `packing.K_ALIGN` packed rows and `N_ALIGN` columns."""
+    k4, n_p = w.codes.shape
+
+    def matmul(xs, codes):  # [M', 4 K4'] int8, [K4', Np'] uint8 -> [M', Np'] int32
+        shard = packing.PackedTernary(codes, w.scale, (xs.shape[1], codes.shape[1]))
+        return kernel.ternary_matmul(xs, shard, impl=impl)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if layout is None or mesh.empty or mesh.size == 1:
+        return matmul(jnp.pad(x_codes, ((0, 0), (0, 4 * k4 - x_codes.shape[1]))), w.codes)
+    m = x_codes.shape[0]
+    rows = _fit(layout.rows, m, mesh)
+    k = _fit(layout.k, k4 // packing.K_ALIGN, mesh)
+    n = _fit(layout.n, n_p // packing.N_ALIGN, mesh)
+    slabs = jnp.pad(x_codes, ((0, 0), (0, 4 * k4 - x_codes.shape[1]))).reshape(m, 4, k4)
+
+    def shard(xs, codes):  # xs [M', 4, K4'], codes [K4', Np']
+        out = matmul(xs.reshape(xs.shape[0], -1), codes)
+        return jax.lax.psum(out, k) if k else out
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(_spec(rows, (), k), _spec(k, n)),
+                         out_specs=_spec(rows, n), check_vma=False)(slabs, w.codes)
 
 
 def ste_grads(x: jax.Array, w: jax.Array, gy: jax.Array) -> tuple[jax.Array, jax.Array]:

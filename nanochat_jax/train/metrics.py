@@ -138,6 +138,7 @@ CHIPS: dict[str, Chip] = {
     "TPU v5p": Chip(95 * GiB, 459e12, 918e12),
     "TPU v5": Chip(95 * GiB, 459e12, 918e12),  # v5p reports "TPU v5"
     "TPU v6 lite": Chip(32 * GiB, 918e12, 1836e12),  # v6e (Trillium)
+    "NVIDIA B200": Chip(180e9, 2250e12, 4500e12),  # HGX B200, per GPU
     "NVIDIA H200": Chip(141e9, 989e12, 1979e12),
     "NVIDIA H100": Chip(80e9, 989e12, 1979e12),
     "NVIDIA A100-SXM4-40GB": Chip(40e9, 312e12, 624e12),

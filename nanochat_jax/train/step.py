@@ -229,28 +229,33 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 def tune_kernel_tiles(step, *args, cache_path: str | None = None,
                       say: Callable[[str], None] = print) -> dict:
     """Time the Pallas kernel's tilings for every product `step(*args)` runs, on concrete
-    arrays, before the step is compiled: trace it abstractly (`args` may be
-    `jax.ShapeDtypeStruct`s; a jitted step is traced through its `__wrapped__` function,
-    so its own cache keeps no default-tiled trace), then tune the shapes the trace found no
-    cached tiling for (ternary/kernel.py). Does nothing where the kernel is not compiled
-    (CPU). -> {cache key: tiling}."""
+    arrays, before the step is compiled (`kernel.lookups_in` traces it abstractly; `args`
+    may be `jax.ShapeDtypeStruct`s), then tune the shapes the trace found no cached tiling
+    for (ternary/kernel.py; cache `cache_path`, default `kernel.tune_cache_path()`). Does
+    nothing where the kernel is not compiled (CPU). -> {cache key: tiling}.
+
+    In a multi-process job every process must compile the same program, and each host's
+    cache file may hold different tiles (only process 0 tunes): process 0 tunes what it
+    lacks and every process adopts process 0's tiling for every product of the step, by
+    one broadcast that all processes join whatever their own caches hold."""
     if kernel.resolve_impl("auto") != "pallas":
         return {}
-    jax.eval_shape(getattr(step, "__wrapped__", step), *args)
-    keys = kernel.pending()
-    if not keys:
-        return {}
-    say(f"kernel: tuning the tiles of {len(keys)} shapes"
-        + (f" (cached in {cache_path})" if cache_path else ""))
-    if jax.process_count() == 1:
-        return kernel.tune_pending(cache_path=cache_path, say=say)
-    # Every process must compile the same program: process 0 times, all adopt its choice
-    # (every process traced the same step, so `keys` are the same list everywhere).
-    done = kernel.tune_pending(cache_path=cache_path, say=say) if jax.process_index() == 0 else {}
-    tiles = np.asarray([done.get(k, (0, 0, 0)) for k in keys], np.int32)  # [shapes, 3]
+    keys, pending = kernel.lookups_in(step, *args)  # `keys`: the same list everywhere
+    lead = jax.process_index() == 0
+    if pending and lead:
+        say(f"kernel: tuning the tiles of {len(pending)} shapes (cached in "
+            f"{cache_path or kernel.tune_cache_path()})")
+        done = kernel.tune_pending(keys=pending, cache_path=cache_path, say=say)
+    else:
+        done = {}
+    if jax.process_count() == 1 or not keys:
+        return done
+    width = len(kernel.Blocks._fields)
+    tiles = np.asarray([(kernel.tuned(k) or (0,) * width) if lead else (0,) * width
+                        for k in keys], np.int32)  # [products, 6]
     tiles = multihost_utils.broadcast_one_to_all(tiles)
-    chosen = {k: tuple(int(b) for b in t) for k, t in zip(keys, tiles, strict=True)
-              if t.all()}  # (0, 0, 0): process 0 tuned none, all keep the same default
+    chosen = {k: kernel.Blocks(*(int(b) for b in t)) for k, t in zip(keys, tiles, strict=True)
+              if t.all()}  # zeros: process 0 has no tiling either, all keep the same default
     kernel.adopt(chosen)
     return chosen
 

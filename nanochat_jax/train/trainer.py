@@ -33,7 +33,6 @@ from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import apply_fire
 from nanochat_jax.optim.memory import tree_bytes
-from nanochat_jax.ternary import kernel
 from nanochat_jax.train import metrics as metrics_lib
 from nanochat_jax.train import sharding as sharding_lib
 from nanochat_jax.train import trackers
@@ -249,9 +248,7 @@ def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdi
     step_extra = () if reference is None else (reference_params,)
     if training.tune_kernel and mcfg.uses_kernel:
         tokens = jax.ShapeDtypeStruct((data.batch_size, mcfg.seq_len + 1), jnp.int32)
-        tune_kernel_tiles(train_step, state, tokens, *step_extra, say=say,
-                          cache_path=os.environ.get(kernel.TUNE_CACHE_ENV)
-                          or os.path.join(workdir, "kernel_tiles.json"))
+        tune_kernel_tiles(train_step, state, tokens, *step_extra, say=say)
     eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
                                pad_id=tokenizer.pad_id, vocab_chunk=training.vocab_chunk,
                                shardings=shardings)

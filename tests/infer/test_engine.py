@@ -19,7 +19,7 @@ from nanochat_jax.model.layers import cached_attention
 from nanochat_jax.model.loop import early_exit_step
 from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.ternary import cpu_kernel
+from nanochat_jax.ternary import cpu_kernel, kernel
 from nanochat_jax.ternary.packing import PackedTernary
 
 PROMPTS = [[1, 5, 9, 3, 4], [1, 7], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -27,8 +27,10 @@ PROMPTS = [[1, 5, 9, 3, 4], [1, 7], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 @functools.cache
 def _model(vocab: int = 64, seed: int = 0, **arch):
+    """A small model in float32 on every platform (the checks below are fp32 tolerances;
+    "auto" would be bf16 on a GPU/TPU)."""
     cfg = model_config("tiny", vocab_size=vocab, seq_len=64, d_model=32, n_layers=2,
-                       n_heads=4, n_kv_heads=2, d_ff=64, **arch)
+                       n_heads=4, n_kv_heads=2, d_ff=64, compute_dtype="float32", **arch)
     model = Transformer(cfg)
     variables = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
     return model, variables
@@ -253,9 +255,35 @@ def test_the_engine_packs_a_ternary_model_once_and_keeps_fake_quant_latent():
     assert "packed" not in Engine(fake, variables).variables
 
 
-def test_on_a_cpu_with_the_kernel_the_engine_keeps_its_codes_as_cpu_tiles():
+def test_the_engine_keeps_its_codes_as_cpu_tiles_on_a_cpu_with_the_kernel_else_as_i2():
     model, variables = _model()
     layouts = {p.layout for p in jax.tree.leaves(
         Engine(model, variables).variables["packed"],
         is_leaf=lambda x: isinstance(x, PackedTernary))}
-    assert layouts == ({"cpu_tiles"} if cpu_kernel.available() else {"i2"})
+    native = kernel.target_platform() == "cpu" and cpu_kernel.available()
+    assert layouts == ({"cpu_tiles"} if native else {"i2"})
+
+
+def test_the_engine_tunes_the_kernel_for_its_shapes_before_compiling_them(monkeypatch):
+    """Where the kernel compiles (GPU/TPU; here `resolve_impl` says so), the engine traces
+    its prefill and decode loop abstractly and tunes the products found pending, once per
+    prompt and cache shape, before they compile; on a CPU it tunes nothing."""
+    model, variables = _model()
+    tuned = []
+    monkeypatch.setattr(kernel, "tune_pending",
+                        lambda keys=None, **_: tuned.append(keys or kernel.pending()) or {})
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)  # I2 codes, the kernel's
+    gen = Generation(max_new_tokens=3)
+    monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "reference")
+    Engine(model, variables).generate([[1, 5, 9]], gen)  # as on a CPU
+    assert tuned == []
+    monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
+    monkeypatch.setattr(kernel, "_PENDING", {})
+    engine = Engine(model, variables)
+    engine.generate([[1, 5, 9]], gen)
+    engine.generate([[1, 7, 2, 4]], gen)  # the same bucketed shapes: nothing new to tune
+    assert len(tuned) == 1
+    rows = {key.split("|")[2] for key in tuned[0]}  # kind|lowering|m..|k4..|n..|dtype
+    assert rows == {"m64", "m1"}  # the prefill's 64 bucketed rows and one decode row
+    engine.generate([[1, 5, 9], [1, 7]], gen)  # two rows: new shapes
+    assert len(tuned) == 2

@@ -11,7 +11,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.config import PRESETS, ModelConfig, model_config
+from nanochat_jax.model.config import PRESETS, ModelConfig, model_config, resolve_compute_dtype
 from nanochat_jax.model.layers import BitLinear, apply_rotary, rotary_tables
 from nanochat_jax.model.transformer import Transformer, count_params
 from nanochat_jax.ternary import quant
@@ -390,3 +390,21 @@ def test_presets_are_roughly_their_nominal_size(preset_counts):
         total = preset_counts[name]["total"]
         assert 0.6 * n < total < 1.6 * n, (name, total)
 
+
+def test_auto_compute_dtype_is_bf16_where_compiled_for_a_gpu_or_tpu_and_fp32_on_a_cpu():
+    """The default follows the platform the model is compiled for (the mesh in context,
+    else the default backend): a CPU mesh traces float32 activations; a named dtype is kept
+    everywhere."""
+    assert resolve_compute_dtype("auto", "tpu") == resolve_compute_dtype("auto", "gpu") == \
+        "bfloat16"
+    assert resolve_compute_dtype("auto", "cpu") == "float32"
+    assert resolve_compute_dtype("float32", "tpu") == "float32"
+    cfg = model_config("tiny", vocab_size=64, seq_len=16, n_layers=1)
+    assert cfg.compute_dtype == "auto"
+    model = Transformer(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    cpu = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))
+    with jax.set_mesh(cpu):
+        traced = str(jax.make_jaxpr(model.apply)(params, tokens))
+    assert "bf16" not in traced

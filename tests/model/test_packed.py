@@ -12,8 +12,10 @@ from nanochat_jax.model.packed import pack_params, packed_bytes, ternary_weight_
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.ternary.packing import PackedTernary
 
+# float32 activations on every platform ("auto" is bf16 on a GPU/TPU): the bounds below are
+# fp32 rounding
 CFG = ModelConfig(vocab_size=64, seq_len=16, d_model=64, n_layers=2, n_heads=4,
-                  n_kv_heads=2, d_ff=96)
+                  n_kv_heads=2, d_ff=96, compute_dtype="float32")
 
 
 def _model_and_vars(impl="auto", **features):

@@ -62,9 +62,12 @@ def kernel_case(mesh, name: str) -> dict:
         g = grads(xs, ws)
         calls = _shard_maps(forward, xs, ws)
         packed = packing.pack(w)
-        y_packed = jax.jit(lambda x, p: packed_dot(x, p, "interpret", layout))(xs, packed)
+        decode = jax.jit(lambda x, p: packed_dot(x, p, "interpret", layout))
+        y_packed = decode(xs, packed)
+        packed_psums = str(jax.make_jaxpr(decode)(xs, packed)).count("psum")
     return {"forward": _max_diff(y, y_ref), "dx": _max_diff(g[0], g_ref[0]),
             "dw": _max_diff(g[1], g_ref[1]), "packed": _max_diff(y_packed, y_ref),
+            "packed_psums": packed_psums,
             "scale": float(np.max(np.abs(np.asarray(y_ref)))), "shard_maps": calls}
 
 

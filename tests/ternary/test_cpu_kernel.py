@@ -11,6 +11,9 @@ from numpy.testing import assert_array_equal
 
 from nanochat_jax.ternary import cpu_kernel, kernel, packing
 
+# The handler is registered for XLA:CPU only: on a GPU/TPU host the arrays live elsewhere.
+pytestmark = pytest.mark.cpu_only("the native CPU kernel (cpu_kernel.cc)")
+
 needs_kernel = pytest.mark.skipif(
     not cpu_kernel.available(),
     reason=f"no CPU ternary kernel on this host ({cpu_kernel.why() or 'see cpu_kernel.py'})")

@@ -11,6 +11,9 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESHES = ("data=8", "fsdp=8", "data=2 fsdp=2 tensor=2")  # every split, alone and together
+# The subprocess pins itself to 8 simulated CPU devices: on a GPU host it would test the CPU
+# again (experiments/gpu_check.sh's selection skips it there).
+pytestmark = pytest.mark.cpu_only("the kernel per shard on 8 simulated CPU devices")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,19 @@ def test_kernel_per_shard_equals_the_unsharded_reference(results, mesh, kernel):
     r = results[f"{mesh}|{kernel}"]
     assert r["shard_maps"] == 1
     assert r["forward"] <= 1e-6 * r["scale"]
-    assert r["packed"] <= 1e-6 * r["scale"]  # the packed inference weights, split over N
+    assert r["packed"] <= 1e-6 * r["scale"]  # the packed inference weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("kernel", ["q", "w2"])
+def test_packed_weights_split_k_under_tensor_parallelism_as_training_does(results, mesh,
+                                                                            kernel):
+    """w2's K is the mlp axis: with tensor=2 each shard multiplies its K4/2 packed rows by
+    the matching columns of x's four slabs and a psum adds them (before, packed codes kept
+    K whole and every device held all of o and w2)."""
+    r = results[f"{mesh}|{kernel}"]
+    assert (r["packed_psums"] > 0) == (kernel == "w2" and "tensor" in mesh)
 
 
 @pytest.mark.slow

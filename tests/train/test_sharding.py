@@ -131,8 +131,10 @@ def _losses(workdir) -> list[float]:
 
 
 def _assert_same_training(workdir, reference):
-    """Same loss curve (float-summation order aside) and the same parameters."""
-    np.testing.assert_allclose(_losses(workdir), _losses(reference), rtol=1e-4)
+    """Same loss curve (float-summation order aside) and the same parameters. The order
+    differs with the host's vector width too: on an AVX2-only EPYC the 2x2x2 mesh ends its
+    4th step 1.06e-4 (relative) from one device, on AVX-512 hosts within 1e-4."""
+    np.testing.assert_allclose(_losses(workdir), _losses(reference), rtol=2e-4)
     got, want = (jax.tree.leaves(load_run(str(w))[1].params) for w in (workdir, reference))
     diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
                            for a, b in zip(got, want, strict=True)])

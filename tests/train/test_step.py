@@ -103,15 +103,44 @@ def test_on_a_pod_process_zero_tunes_and_every_process_adopts_its_tiles(monkeypa
 
     def from_process_zero(tiles):
         sent["shape"] = tiles.shape
-        return np.tile(np.asarray([[32, 32, 128]], np.int32), (tiles.shape[0], 1))
+        return np.tile(np.asarray([[32, 32, 128, 1, 4, 2]], np.int32), (tiles.shape[0], 1))
 
     monkeypatch.setattr(step_lib.multihost_utils, "broadcast_one_to_all", from_process_zero)
     step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
     chosen = tune_kernel_tiles(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32),
                                say=lambda _: None)
-    assert timed == [] and sent["shape"] == (4, 3) and kernel.pending() == []
-    assert set(chosen.values()) == {(32, 32, 128)} and all(kernel._TUNED[k] == v
+    assert timed == [] and sent["shape"] == (4, 6) and kernel.pending() == []
+    assert set(chosen.values()) == {(32, 32, 128, 1, 4, 2)} and all(kernel._TUNED[k] == v
                                                             for k, v in chosen.items())
+
+
+def test_on_a_pod_process_zero_joins_the_broadcast_even_with_every_tile_cached(monkeypatch):
+    """Each host has its own cache file and only process 0 tunes: on a restart process 0
+    finds every tile cached while the others find none. Process 0 must still send its
+    tiles (it used to return early, and the other hosts waited in the broadcast forever)."""
+    from nanochat_jax.train import step as step_lib
+
+    model, tx, state = _setup("interpret")
+    monkeypatch.setattr(kernel, "_TUNED", {})
+    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
+    step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
+    tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    keys, pending = kernel.lookups_in(step, state, tokens)
+    assert pending == keys
+    cached = {k: kernel._PENDING[k][0].default(*kernel._PENDING[k][1:]) for k in keys}
+    kernel.adopt(cached)  # what process 0's cache file gave it
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(kernel, "tune_shape", lambda *a, **k: pytest.fail("nothing to tune"))
+    sent = []
+    monkeypatch.setattr(step_lib.multihost_utils, "broadcast_one_to_all",
+                        lambda tiles: sent.append(tiles) or tiles)
+    chosen = tune_kernel_tiles(step, state, tokens, say=lambda _: None)
+    (tiles,) = sent
+    assert tiles.shape == (len(keys), 6) and len(keys) == 4
+    assert [tuple(t) for t in tiles.tolist()] == [tuple(cached[k]) for k in keys]
+    assert chosen == cached
 
 
 @pytest.mark.slow
