@@ -15,33 +15,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import base
+from experiments.timing import alternating_rounds, medians, per_call, step_seconds
 from nanochat_jax.collider import Carrier
 from nanochat_jax.losses import lm_objective
 from nanochat_jax.model.config import model_config
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
-from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step
-
-
-def _timed(fn, *args, steps: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / steps
+from nanochat_jax.train.setup import setup
 
 
 def main() -> None:
@@ -64,27 +53,26 @@ def main() -> None:
     mcfg = model_config("tiny", vocab_size=args.vocab, seq_len=args.seq_len,
                         d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                         n_kv_heads=args.n_heads, d_ff=args.d_ff, ternary=bool(args.ternary))
-    model = Transformer(mcfg)
     config = base.get_config()
     config.training.steps = 1000
-    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state0 = init_train_state(model, tx, 0, mcfg.seq_len)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(1, args.vocab, (args.batch, args.seq_len + 1)), jnp.int32)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     mask = targets != 0
 
     variants = {"unfiltered": None, **{f"keep {k:g}": k for k in keeps}}
-    states = {name: jax.tree.map(jnp.copy, state0) for name in variants}
-    fns = {}
+    fns, states, state0 = {}, {}, None
     for name, keep in variants.items():
         c = config.copy_and_resolve_references()
         c.collider.enabled = keep is not None
         if keep is not None:
             c.collider.keep_ratio = keep
-        obj = build_objective(c, pad_id=0)
+        built = setup(c, model_config=mcfg, seed=0)  # the same initial state in every variant
+        model, obj, states[name] = built.model, built.objective, built.state
+        if state0 is None:  # the forward passes' parameters (the steps donate theirs)
+            state0 = jax.tree.map(jnp.copy, built.state)
 
-        def loss_fn(params, obj=obj):
+        def loss_fn(params, obj=obj, model=model):
             carrier = (None if obj.keep_ratio is None
                        else Carrier.start(inputs.shape, obj.keep_ratio))
             out = model.apply({"params": params}, inputs, carrier=carrier,
@@ -93,33 +81,30 @@ def main() -> None:
 
         fns[name] = {"forward": jax.jit(loss_fn),
                      "forward_backward": jax.jit(jax.value_and_grad(loss_fn)),
-                     "step": make_train_step(model, tx, lr_fn, obj),
-                     "times": {"forward": [], "forward_backward": [], "step": []}}
+                     "step": built.train_step}
         print(f"{name}: compiling")
         fns[name]["forward_backward"](state0.params)
         states[name], _ = fns[name]["step"](states[name], tokens)
 
-    for r in range(args.rounds):
-        for name, f in fns.items():
-            f["times"]["forward"].append(_timed(f["forward"], state0.params, steps=args.steps))
-            f["times"]["forward_backward"].append(
-                _timed(f["forward_backward"], state0.params, steps=args.steps))
-            state = states[name]
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, m = f["step"](state, tokens)
-            jax.block_until_ready(m)
-            f["times"]["step"].append((time.perf_counter() - t0) / args.steps)
-            states[name] = state
-        print(f"round {r + 1}/{args.rounds} done")
+    parts = ("forward", "forward_backward", "step")
+    arms = {}  # each round: every variant's forward, forward+backward, then its step
+    for name, f in fns.items():
+        for part in parts[:2]:  # an untimed call first (`forward` compiles in round 1's)
+            arms[name, part] = functools.partial(
+                per_call, functools.partial(f[part], state0.params), args.steps, warmup=True)
+        arms[name, "step"] = functools.partial(
+            step_seconds, {"state": states[name], "step": f["step"]}, args.steps, tokens)
+    times = alternating_rounds(
+        arms, args.rounds, after_round=lambda n, _: print(f"round {n}/{args.rounds} done"))
 
     rows = {}
-    for name, f in fns.items():
-        med = {k: 1e3 * statistics.median(v) for k, v in f["times"].items()}
-        bwd = [1e3 * (fb - fw) for fb, fw in zip(f["times"]["forward_backward"],
-                                                 f["times"]["forward"], strict=True)]
+    for name in fns:
+        rounds = {part: times[name, part] for part in parts}
+        med = {part: 1e3 * sec for part, sec in medians(rounds).items()}
+        bwd = [1e3 * (fb - fw) for fb, fw in zip(rounds["forward_backward"], rounds["forward"],
+                                                 strict=True)]
         rows[name] = {"forward_ms": med["forward"], "backward_ms": statistics.median(bwd),
-                      "step_ms": med["step"], "rounds": f["times"]}
+                      "step_ms": med["step"], "rounds": rounds}
     ref = rows["unfiltered"]
     device = jax.devices()[0].device_kind
     print(f"\n{device}; model d_model {args.d_model}, {args.n_layers} layers, d_ff {args.d_ff}, "

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems
+from experiments.timing import alternating_rounds, medians
+from nanochat_jax.eval.problems import BUILTIN_PROBLEMS, load_problems
 from nanochat_jax.infer.engine import Engine, Generation
 from nanochat_jax.infer.load import load
 from nanochat_jax.model.config import model_config
@@ -134,7 +135,7 @@ def main() -> None:
         raise SystemExit("error: --new_tokens must be >= 2 (the prefill makes the first)")
     cfg, variables, prompts, what = _model(args)
     kinds = {"packed": (cfg, True), "latent": (cfg, False),
-             "fake_quant": (dataclasses.replace(cfg, ternary_impl="fake_quant"), False)}
+             "fake_quant": (dataclasses.replace(cfg, ternary_product="fake_quant"), False)}
     names = [w for w in args.weights.split(",") if w]
     if unknown := set(names) - set(kinds):
         raise SystemExit(f"error: unknown --weights {sorted(unknown)}: choose from "
@@ -163,23 +164,26 @@ def main() -> None:
         r = engines[case.weights].generate(prompts[:case.batch], gen)
         return r.tokens, r.prefill_seconds, r.decode_seconds, r.main_passes, r.acceptance
 
+    def seconds(case: Case) -> tuple[float, float]:
+        """(prefill s, decode s) of one more run of `case`."""
+        return run(case)[1:3]
+
     first = {case: run(case) for case in cases}  # compiles; keeps the tokens
-    times = {case: [] for case in cases}
-    for r in range(args.rounds):
-        for case in cases:
-            times[case].append(run(case)[1:3])
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    times = alternating_rounds(
+        {case: functools.partial(seconds, case) for case in cases}, args.rounds,
+        after_round=lambda n, _: print(f"round {n}/{args.rounds} done", flush=True))
+    prefill_s = medians({case: [t[0] for t in samples] for case, samples in times.items()})
+    decode_s = medians({case: [t[1] for t in samples] for case, samples in times.items()})
 
     def decode_rate(case):
-        decode = statistics.median(t[1] for t in times[case])
-        return case.batch * (args.new_tokens - 1) / decode
+        return case.batch * (args.new_tokens - 1) / decode_s[case]
 
     reference = {b: first.get(Case("ours", names[0], b)) for b in batches}
     llama_rate = decode_rate(cases[0]) if llama else None
     rows = []
     for case in cases:
         tokens, _, _, passes, acceptance = first[case]
-        prefill = statistics.median(t[0] for t in times[case])
+        prefill = prefill_s[case]
         rate = decode_rate(case)
         ours_plain = reference.get(case.batch)
         rows.append({

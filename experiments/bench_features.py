@@ -14,23 +14,20 @@ final validation CE and bits/byte are reported. Table printed; `DIR/features.jso
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.run import load_config
+from experiments.configs.loading import load_config
+from experiments.timing import alternating_rounds, medians, step_seconds
 from nanochat_jax.eval.code import training_evaluators
-from nanochat_jax.model import config as model_config
-from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
-from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step
+from nanochat_jax.train.setup import setup
 from nanochat_jax.train.trainer import train
 
 FEATURES = ("mtp", "loop", "mhc")
@@ -50,11 +47,8 @@ def time_steps(configs: dict, rounds: int, steps: int) -> dict[str, list[float]]
     """Seconds per train step for each config, `rounds` alternating rounds of `steps`."""
     runs = {}
     for name, c in configs.items():
-        mcfg = model_config.from_run_config(c)
-        model = Transformer(mcfg)
-        tx, lr_fn = build_optimizer(c.optimizer, c.training.steps)
-        state = init_train_state(model, tx, 0, mcfg.seq_len)
-        step = make_train_step(model, tx, lr_fn, build_objective(c, pad_id=0))
+        built = setup(c, seed=0)
+        mcfg, state, step = built.model_config, built.state, built.train_step
         rng = np.random.default_rng(0)
         batch = jnp.asarray(rng.integers(1, c.data.vocab_size,
                                          (c.data.batch_size, mcfg.seq_len + 1)), jnp.int32)
@@ -62,18 +56,11 @@ def time_steps(configs: dict, rounds: int, steps: int) -> dict[str, list[float]]
         state, m = step(state, batch)
         jax.block_until_ready(m)
         print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s")
-        runs[name] = {"state": state, "step": step, "batch": batch, "times": []}
-    for r in range(rounds):
-        for run in runs.values():
-            state = run["state"]
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                state, m = run["step"](state, run["batch"])
-            jax.block_until_ready(m)
-            run["times"].append((time.perf_counter() - t0) / steps)
-            run["state"] = state
-        print(f"timing round {r + 1}/{rounds} done")
-    return {name: run["times"] for name, run in runs.items()}
+        runs[name] = {"state": state, "step": step, "batch": batch}
+    arms = {name: functools.partial(step_seconds, run, steps, run["batch"])
+            for name, run in runs.items()}
+    return alternating_rounds(
+        arms, rounds, after_round=lambda n, _: print(f"timing round {n}/{rounds} done"))
 
 
 def main() -> None:
@@ -95,13 +82,12 @@ def main() -> None:
 
     times = time_steps(configs, args.rounds, args.steps)
     base_name = names[0]
+    step_s = medians(times)
     rows = {}
     for name, c in configs.items():
-        shapes = jax.eval_shape(Transformer(model_config.from_run_config(c)).init,
-                                jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
-        sec = statistics.median(times[name])
-        rows[name] = {"params": sum(int(x.size) for x in jax.tree.leaves(shapes)),
-                      "step_ms": 1e3 * sec, "rounds_ms": [1e3 * x for x in times[name]]}
+        params = setup(c, abstract=True).state.params
+        rows[name] = {"params": sum(int(x.size) for x in jax.tree.leaves(params)),
+                      "step_ms": 1e3 * step_s[name], "rounds_ms": [1e3 * x for x in times[name]]}
     for name in names:
         rows[name]["step_time_ratio"] = rows[name]["step_ms"] / rows[base_name]["step_ms"]
 

@@ -7,7 +7,7 @@ shape both the kernel and a dense matmul of the same shape (bf16 on accelerators
 CPU) are compiled, then timed in alternating rounds; the table gives the median time,
 GFLOP/s (2MKN / t), GB/s of weight traffic (bytes of the weight operand / t: 2 bits per
 weight for the kernel), and dense/kernel speedup. On GPU/TPU the kernel's tiling is tuned
-per shape first (`kernel.tune_for`, cached in `kernel.tune_cache_path()`), and the decode
+per shape first (`tuning.tune_for`, cached in `tile_cache.tune_cache_path()`), and the decode
 rows also give the fraction of a measured peak memory bandwidth (a large device copy) the
 weight reads reach. The result file is rewritten after every row, so a run cut short keeps
 the rows it finished.
@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.ternary import kernel, packing
+from experiments.timing import alternating_rounds, medians, per_call
+from nanochat_jax.ternary import kernel, packing, tuning
 
 ACCEL_SHAPES = {"decode": [(m, k, n) for m in (1, 16) for k, n in ((4096, 4096),
                                                                   (4096, 11008))],
@@ -35,20 +34,11 @@ CPU_SHAPES = {"decode": [(m, k, n) for m in (1, 4, 16) for k, n in ((1024, 4096)
               "train": [(512, k, n) for k, n in ((1024, 4096), (2048, 2048))]}
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / repeats
-
-
 def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Device memory bandwidth in B/s from a copy of n_bytes (read + write)."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1.0)
-    return 2 * n_bytes / min(_time(copy, x, repeats=1) for _ in range(repeats))
+    return 2 * n_bytes / min(per_call(lambda: copy(x), 1, warmup=True) for _ in range(repeats))
 
 
 def bench_shape(m: int, k: int, n: int, impl: str, rounds: int, repeats: int) -> dict:
@@ -60,13 +50,12 @@ def bench_shape(m: int, k: int, n: int, impl: str, rounds: int, repeats: int) ->
     xd = jnp.asarray(rng.normal(size=(m, k)), dense_dtype)
     wd = jnp.asarray(rng.normal(size=(k, n)), dense_dtype)
     tern = jax.jit(lambda a, b: kernel.ternary_matmul(a, b, impl=impl))
-    kernel.tune_for(tern, x8, w)  # the tilings first, on concrete arrays (none while tracing)
+    tuning.tune_for(tern, x8, w)  # the tilings first, on concrete arrays (none while tracing)
     dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    times = {"ternary": [], "dense": []}
-    for _ in range(rounds):
-        times["ternary"].append(_time(tern, x8, w, repeats=repeats))
-        times["dense"].append(_time(dense, xd, wd, repeats=repeats))
-    t_tern, t_dense = statistics.median(times["ternary"]), statistics.median(times["dense"])
+    times = medians(alternating_rounds(
+        {"ternary": lambda: per_call(lambda: tern(x8, w), repeats, warmup=True),
+         "dense": lambda: per_call(lambda: dense(xd, wd), repeats, warmup=True)}, rounds))
+    t_tern, t_dense = times["ternary"], times["dense"]
     flops = 2.0 * m * k * n
     return {"m": m, "k": k, "n": n,
             "ternary_us": 1e6 * t_tern, "dense_us": 1e6 * t_dense,

@@ -17,14 +17,12 @@ import time
 
 import jax
 
-from experiments.run import load_config
+from experiments.configs.loading import load_config
+from experiments.timing import per_call, step_seconds
 from nanochat_jax.data.loader import Prefetcher
 from nanochat_jax.data.pipeline import open_data
 from nanochat_jax.model import config as model_config
-from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
-from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step
+from nanochat_jax.train.setup import setup
 
 
 def main() -> None:
@@ -40,25 +38,17 @@ def main() -> None:
     n = args.steps
 
     loader = Prefetcher(train_data, 0, depth=config.data.prefetch)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        _, batch = next(loader)
-    jax.block_until_ready(batch)
-    loader_tps = n * tokens / (time.perf_counter() - t0)
+    loader_tps = tokens / per_call(lambda: next(loader)[1], n)
     loader.close()
 
-    model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state = init_train_state(model, tx, 0, mcfg.seq_len)
-    step = make_train_step(model, tx, lr_fn, build_objective(config, corpus.tokenizer.pad_id))
+    built = setup(config, model_config=mcfg, pad_id=corpus.tokenizer.pad_id, seed=0)
+    state, step = built.state, built.train_step
     fixed = jax.device_put(train_data.batch(0))
     state, m = step(state, fixed)  # compile
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        state, m = step(state, fixed)
-    jax.block_until_ready(m)
-    step_tps = n * tokens / (time.perf_counter() - t0)
+    run = {"state": state, "step": step}
+    step_tps = tokens / step_seconds(run, n, fixed)
+    state = run["state"]
 
     loader = Prefetcher(train_data, 0, depth=config.data.prefetch)
     waited = 0.0

@@ -26,21 +26,17 @@ def _set_devices(argv: list[str]) -> None:
 
 _set_devices(sys.argv)
 
+import functools  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
-from experiments.run import load_config  # noqa: E402
-from nanochat_jax.model import config as model_config  # noqa: E402
-from nanochat_jax.model.transformer import Transformer  # noqa: E402
-from nanochat_jax.optim.factory import build_optimizer  # noqa: E402
+from experiments.configs.loading import load_config  # noqa: E402
+from experiments.timing import alternating_rounds, medians, step_seconds  # noqa: E402
 from nanochat_jax.train import sharding  # noqa: E402
-from nanochat_jax.train.state import init_train_state  # noqa: E402
-from nanochat_jax.train.step import StepShardings, build_objective, make_train_step  # noqa: E402
+from nanochat_jax.train.setup import setup  # noqa: E402
 
 
 def _variant(config, shape: tuple[int, int, int], **model_fields):
@@ -51,16 +47,10 @@ def _variant(config, shape: tuple[int, int, int], **model_fields):
                 axis_types=(AxisType.Auto,) * 3)
     config = config.copy_and_resolve_references()
     config.model.update(model_fields)
-    mcfg = model_config.from_run_config(config)
-    model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state = init_train_state(model, tx, 0, mcfg.seq_len, mesh)
-    shardings = StepShardings.on(mesh, state)
-    step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=-1),
-                           shardings=shardings)
-    b, t = config.data.batch_size, mcfg.seq_len
+    built = setup(config, mesh, pad_id=-1, seed=0)
+    b, t = config.data.batch_size, built.model_config.seq_len
     tokens = np.random.default_rng(0).integers(0, 256, size=(b, t + 1)).astype(np.int32)
-    return mesh, step, state, jax.device_put(tokens, shardings.batch)
+    return mesh, built.train_step, built.state, jax.device_put(tokens, built.shardings.batch)
 
 
 def main() -> None:
@@ -89,18 +79,18 @@ def main() -> None:
         with jax.set_mesh(mesh):
             state, m = step(state, batch)  # compile
         jax.block_until_ready(m)
-        runs[name] = {"mesh": mesh, "step": step, "state": state, "batch": batch, "times": [],
+        runs[name] = {"mesh": mesh, "step": step, "state": state, "batch": batch,
                       "loss": float(m["loss/total"])}
         print(f"compiled {name}", flush=True)
-    for _ in range(args.rounds):
-        for run in runs.values():
-            with jax.set_mesh(run["mesh"]):
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    run["state"], m = run["step"](run["state"], run["batch"])
-                jax.block_until_ready(m)
-            run["times"].append((time.perf_counter() - start) / args.steps)
-    base = statistics.median(runs["1 device"]["times"])
+
+    def on_mesh(run: dict) -> float:
+        with jax.set_mesh(run["mesh"]):
+            return step_seconds(run, args.steps, run["batch"])
+
+    times = alternating_rounds({name: functools.partial(on_mesh, run)
+                                for name, run in runs.items()}, args.rounds)
+    step_s = medians(times)
+    base = step_s["1 device"]
     backend = jax.default_backend()
     rows = []
     print(f"\n{args.config}, {d} {backend} devices, median of {args.rounds} rounds x "
@@ -108,9 +98,9 @@ def main() -> None:
     print("| variant | step ms | vs 1 device | first-step loss |")
     print("|---|---|---|---|")
     for name, run in runs.items():
-        ms = 1e3 * statistics.median(run["times"])
+        ms = 1e3 * step_s[name]
         rows.append({"variant": name, "step_ms": ms, "ratio": ms / 1e3 / base,
-                     "loss": run["loss"], "times": run["times"]})
+                     "loss": run["loss"], "times": times[name]})
         print(f"| {name} | {ms:.1f} | {ms / 1e3 / base:.2f} | {run['loss']:.4f} |")
     out = args.out or os.path.join("runs", "bench", f"mesh_{args.config}_{backend}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

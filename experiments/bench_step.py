@@ -3,8 +3,8 @@
     python -m experiments.bench_step --config=tiny [--set=GROUP.FIELD=VALUE ...]
         [--rounds=5 --steps=10 --out=FILE]
 
-Three variants (dense; ternary through the config's `model.ternary_impl`, default the packed
-kernel; ternary as fake quantisation) are compiled first, then timed in alternating rounds
+Three variants (dense; ternary through the config's `model.ternary_product`, default the
+packed kernel; ternary as fake quantisation) are compiled first, then timed in alternating rounds
 (so machine noise hits all alike); the table gives the median step time, tokens/s, MFU
 against the chip's datasheet bf16 peak (a measured matmul on a CPU: train/metrics.py
 `peak_flops_per_chip`), and the step-time ratio to dense. The JSON result file is
@@ -17,32 +17,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.run import apply_overrides, load_config
+from experiments.configs.loading import apply_overrides, load_config
+from experiments.timing import alternating_rounds, medians, step_seconds
 from nanochat_jax.model import config as model_config
-from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train import metrics as metrics_lib
-from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step, tune_kernel_tiles
+from nanochat_jax.train.setup import setup
+from nanochat_jax.train.step import tune_kernel_tiles
 
 
-def _variant(config, ternary: bool, impl: str):
+def _variant(config, ternary: bool, product: str):
     mcfg = dataclasses.replace(model_config.from_run_config(config), ternary=ternary,
-                               ternary_impl=impl)
-    model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state = init_train_state(model, tx, 0, mcfg.seq_len)
-    step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=-1))
-    return mcfg, state, step
+                               ternary_product=product)
+    built = setup(config, model_config=mcfg, pad_id=-1, seed=0)
+    return mcfg, built.state, built.train_step
 
 
 def main() -> None:
@@ -69,49 +65,42 @@ def main() -> None:
           f"{peak / 1e12:.3f} TFLOP/s ({peak_from}), median of {args.rounds} rounds x "
           f"{args.steps} steps", flush=True)
     runs = {}
-    variants = (("dense", False, "auto"), (f"ternary ({config.model.ternary_impl})", True,
-                config.model.ternary_impl), ("ternary (fake_quant)", True, "fake_quant"))
-    for name, ternary, impl in variants:
-        if name in runs:  # the config's impl is fake_quant already
+    variants = (("dense", False, "kernel"), (f"ternary ({config.model.ternary_product})", True,
+                config.model.ternary_product), ("ternary (fake_quant)", True, "fake_quant"))
+    for name, ternary, product in variants:
+        if name in runs:  # the config's product is fake_quant already
             continue
-        mcfg, state, step = _variant(config, ternary, impl)
+        mcfg, state, step = _variant(config, ternary, product)
         tune_kernel_tiles(step, state, batch)
         started = time.perf_counter()
         state, m = step(state, batch)  # compile
         jax.block_until_ready(m)
-        runs[name] = {"cfg": mcfg, "state": state, "step": step, "times": [],
+        runs[name] = {"cfg": mcfg, "state": state, "step": step,
                       "compile_s": time.perf_counter() - started}
         print(f"{name}: compiled and ran one step in {runs[name]['compile_s']:.1f} s",
               flush=True)
     flops = metrics_lib.flops_per_token(runs["dense"]["cfg"], t) * b * t
 
-    def table() -> dict:
+    def table(times: dict[str, list[float]]) -> dict:
         rows = {}
-        for name, run in runs.items():
-            if run["times"]:
-                sec = statistics.median(run["times"])
-                rows[name] = {"step_ms": 1e3 * sec, "tokens_per_sec": b * t / sec,
-                              "mfu": flops / sec / peak, "compile_s": run["compile_s"],
-                              "rounds_ms": [1e3 * x for x in run["times"]]}
+        for name, sec in medians(times).items():
+            rows[name] = {"step_ms": 1e3 * sec, "tokens_per_sec": b * t / sec,
+                          "mfu": flops / sec / peak, "compile_s": runs[name]["compile_s"],
+                          "rounds_ms": [1e3 * x for x in times[name]]}
         with open(out, "w") as f:
             json.dump({"config": args.config, "set": args.set, "device": device, "batch": b,
                        "seq_len": t, "peak_flops": peak, "peak_from": peak_from,
-                       "rounds_done": min(len(r["times"]) for r in runs.values()),
+                       "rounds_done": min(len(x) for x in times.values()),
                        "variants": rows}, f, indent=1)
         return rows
 
-    for round_index in range(args.rounds):
-        for run in runs.values():
-            state = run["state"]
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                state, m = run["step"](state, batch)
-            jax.block_until_ready(m)
-            run["times"].append((time.perf_counter() - t0) / args.steps)
-            run["state"] = state
-        table()
-        print(f"round {round_index + 1}/{args.rounds} done", flush=True)
-    rows = table()
+    def after_round(n: int, times: dict[str, list[float]]) -> None:
+        table(times)
+        print(f"round {n}/{args.rounds} done", flush=True)
+
+    arms = {name: functools.partial(step_seconds, run, args.steps, batch)
+            for name, run in runs.items()}
+    rows = table(alternating_rounds(arms, args.rounds, after_round=after_round))
     print("| variant | step ms | tokens/s | MFU | step time / dense |\n|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = r["step_ms"] / rows["dense"]["step_ms"]

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmark import run_one, save_study
+from experiments.benchmark.report import save_study
+from experiments.benchmark.runner import run_one
 from nanochat_jax.data.pipeline import open_data
-from nanochat_jax.model.config import from_run_config
-from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.checkpoint import load_run
-from nanochat_jax.train.step import build_objective, grads_and_metrics
+from nanochat_jax.train.setup import setup
+from nanochat_jax.train.step import grads_and_metrics
 
 KEEPS = (0.7, 0.5)
 SCORES = ("loss", "excess_loss")
@@ -74,7 +74,6 @@ def layer_cosines(workdir: str, cells: list[tuple[float, int]], batches: int = 2
     loss, summed over `batches` validation batches of that length. The run is loaded once."""
     config, state, _ = load_run(workdir)
     config.collider.enabled = True
-    model = Transformer(from_run_config(config))
     vals = {t: open_data(config, t, say=lambda *_: None)[2] for t in {t for _, t in cells}}
     fidelity = {}
     for keep, seq_len in cells:
@@ -82,10 +81,10 @@ def layer_cosines(workdir: str, cells: list[tuple[float, int]], batches: int = 2
         grads = {}
         for sparse in (True, False):
             config.collider.sparse_backward = sparse
-            objective = build_objective(config, pad_id=0)
-            fn = jax.jit(lambda params, tokens, obj=objective: grads_and_metrics(
-                params, tokens, jnp.asarray(10**6), None, jax.random.key(0), model=model,
-                objective=obj)[1])
+            built = setup(config, abstract=True)  # the run's model and this objective
+            fn = jax.jit(lambda params, tokens, built=built: grads_and_metrics(
+                params, tokens, jnp.asarray(10**6), None, jax.random.key(0),
+                model=built.model, objective=built.objective)[1])
             total = None
             for i in range(batches):
                 g = fn(state.params, jnp.asarray(vals[seq_len].batch(i)))

@@ -9,7 +9,7 @@ No accelerator is needed: `jax.experimental.topologies` describes the chips as c
 devices (TPU: `libtpu`, `pip install -e '.[tpu]'`; GPU: jax's CUDA plugin and compiler,
 `pip install -e '.[cuda]'`, with the GPU described by a GpuTargetConfig in
 experiments/targets/), the run config's mesh is laid over them, and
-`make_train_step(...).lower(abstract state, abstract batch).compile()` runs XLA's TPU or GPU
+`setup(config, mesh, abstract=True).train_step.lower(state, batch).compile()` runs XLA's TPU or GPU
 compiler on the same step `experiments.run` trains with, the Pallas kernel through Mosaic or
 Triton down to machine code (MaxText's `train_compile.py` does the same for TPUs). The
 decode step is `Engine.lower_decode_step` with the packed weights. The report gives, per
@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 
 # Nothing runs on a local device: keep JAX on the CPU (no TPU backend start-up, even on a
-# TPU host; nanochat_jax/__init__.py quiets libtpu where there is no TPU), and let jax's CUDA
-# plugin load on a host without a GPU driver (it checks the driver's version otherwise).
+# TPU host: libtpu starts only to compile, in `tpu_topology`, with its settings for a host
+# without a TPU), and let jax's CUDA plugin load on a host without a GPU driver (it checks
+# the driver's version otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
@@ -40,8 +41,15 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import targets  # noqa: E402
-from experiments.run import CONFIG, config_argv, parse_flags  # noqa: E402 (--config)
+from experiments.configs.loading import (  # noqa: E402
+    config_argv,
+    define_config_flag,
+    parse_flags,
+)
 from nanochat_jax.errors import ConfigError  # noqa: E402
+from nanochat_jax.train.sharding import tpu_topology  # noqa: E402
+
+CONFIG = define_config_flag()
 
 _TOPOLOGY = flags.DEFINE_string(
     "topology", "v5e:2x2", "TPU topology, GENERATION:SHAPE (v5e:2x2, v4:2x2x1, v5p:2x2x1, "
@@ -60,7 +68,6 @@ _RENDER = flags.DEFINE_string(
     "render", None, "compile nothing: print the markdown table of the rows in this JSONL file "
     "(written by --out), one row per compiled step with the command that made it")
 
-MEGACORE = ("v4", "v5p")  # generations whose two TensorCores form one device
 GPU_TOPOLOGY = re.compile(r"^(?P<gpu>[a-z]+\d+)(x(?P<count>[1-9]\d*))?$")
 # What JAX's GPU allocator takes of the device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
 # says otherwise (it preallocates this share at start-up; a program must fit in it).
@@ -93,10 +100,7 @@ def topology(name: str):
         raise ConfigError(f"--topology={name}: not a TPU topology (GENERATION:SHAPE, e.g. "
                           f"v5e:2x2) nor a GPU of experiments/targets/ "
                           f"({', '.join(targets.names())}, optionally xN)")
-    generation = name.split(":")[0]
-    return topologies.get_topology_desc(
-        platform="tpu", topology_name=name,
-        chip_config_name="megacore" if generation in MEGACORE else "default")
+    return tpu_topology(name)
 
 
 def usable_memory(device, topology_name: str) -> float | None:
@@ -217,12 +221,11 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     from nanochat_jax.model.axes import AXES
     from nanochat_jax.model.config import resolve_compute_dtype
     from nanochat_jax.model.packed import pack_params
-    from nanochat_jax.model.transformer import Transformer, unscan, unscanned
-    from nanochat_jax.optim.factory import build_optimizer
+    from nanochat_jax.model.params import unscan, unscanned
+    from nanochat_jax.model.transformer import Transformer
     from nanochat_jax.ternary import kernel
     from nanochat_jax.train import metrics, sharding
-    from nanochat_jax.train.state import abstract_train_state
-    from nanochat_jax.train.step import StepShardings, build_objective, make_train_step
+    from nanochat_jax.train.setup import setup
     from nanochat_jax.train.validate import validate
 
     filtering = config.get("collider")
@@ -244,7 +247,7 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
         laid_out = topologies.make_mesh(described, tuple(sizes.values()), AXES)  # ICI-aware
         mesh = jax.sharding.Mesh(laid_out.devices, AXES,
                                  axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
-    training, data = config.training, config.data
+    data = config.data
     if decode_batch is None:
         decode_batch = -(-8 // (sizes["data"] * sizes["fsdp"])) * sizes["data"] * sizes["fsdp"]
     chip = metrics.chip(devices[0].device_kind)
@@ -254,31 +257,20 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
     platform = devices[0].platform
     info = {"config": config.model.preset, "topology": topology_name, "chips": len(devices),
             "device_kind": devices[0].device_kind, "platform": platform, "mesh": sizes,
-            "ternary_impl": mcfg.ternary_impl if not mcfg.uses_kernel else
-            f"{mcfg.ternary_impl} -> "
-            f"{kernel.resolve_impl(mcfg.ternary_impl, platform)}",
+            "ternary_impl": mcfg.ternary_product if not mcfg.uses_kernel else
+            f"{mcfg.kernel_backend} -> "
+            f"{kernel.resolve_impl(mcfg.kernel_backend, platform)}",
             "ternary": mcfg.ternary, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers,
             "loops": mcfg.loops,
             "compute_dtype": resolve_compute_dtype(mcfg.compute_dtype, platform),
             "optimizer": config.optimizer.name, "batch": data.batch_size, "seq_len": mcfg.seq_len}
-    model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, training.steps)
-    state = abstract_train_state(config)
-
-    def placed(tree, shardings):
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    state_shardings = sharding.train_state_shardings(state, mesh)
-    shardings = StepShardings(state=state_shardings, batch=sharding.batch_sharding(mesh),
-                              reference=None, replicated=sharding.replicated(mesh))
+    built = setup(config, mesh, model_config=mcfg, abstract=True)
     tokens = jax.ShapeDtypeStruct((data.batch_size, mcfg.seq_len + 1), jnp.int32,
-                                  sharding=shardings.batch)
+                                  sharding=built.shardings.batch)
     reports = []
     with jax.set_mesh(mesh):
-        step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=0),
-                               grad_accum=training.grad_accum, shardings=shardings)
         started = time.perf_counter()
-        lowered = step.lower(placed(state, state_shardings), tokens)
+        lowered = built.train_step.lower(built.state, tokens)
         per_token = metrics.flops_per_token(mcfg, mcfg.seq_len)  # forward + backward
         model_flops = per_token * data.batch_size * mcfg.seq_len / len(devices)
         row = _report(f"train (batch {data.batch_size} x {mcfg.seq_len})", lowered, chip, hbm,
@@ -287,7 +279,8 @@ def compile_steps(config, topology_name: str, decode_batch: int | None = None
         reports.append(row)
         if decode_batch:
             replicated = sharding.replicated(mesh)
-            variables = jax.eval_shape(lambda p: pack_params(unscan(mcfg, p)[1]), state.params)
+            variables = jax.eval_shape(lambda p: pack_params(unscan(mcfg, p)[1]),
+                                       built.state.params)
             variables = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
             split = decode_batch % (sizes["data"] * sizes["fsdp"]) == 0

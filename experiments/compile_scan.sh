@@ -14,7 +14,7 @@ mkdir -p "$(dirname "$out")"
 for loops in 1 4; do
   for scan in True False; do
     echo "== 7b loops=$loops scan_layers=$scan" >&2
-    TPU_ACCELERATOR_TYPE=v5litepod-4 /usr/bin/time -f "host peak RSS %M KB, wall %e s" \
+    /usr/bin/time -f "host peak RSS %M KB, wall %e s" \
       python -m experiments.compile --config=base --config.model.preset=7b \
       --config.model.compute_dtype=bfloat16 --config.model.remat=full \
       --config.model.scan_layers=$scan --config.loop.enabled=$([ $loops = 1 ] && echo False || echo True) \

@@ -24,11 +24,11 @@ row() {  # row PRESET TOPOLOGY MESH [--config.X=Y ...]
 if [ "$kind" = tpu ]; then
   bf16=--config.model.compute_dtype=bfloat16
   row 125m v5e:2x2 data=1,fsdp=4 $bf16
-  row 125m v5e:2x2 data=1,fsdp=4 $bf16 --config.model.ternary_impl=fake_quant
+  row 125m v5e:2x2 data=1,fsdp=4 $bf16 --config.model.ternary_product=fake_quant
   row 125m v5e:2x2 data=2,tensor=2 $bf16
   row 1b v5e:2x2 data=1,fsdp=4 $bf16
   row 1b v5e:2x2 data=1,fsdp=4 $bf16 --config.model.remat=full
-  row 1b v5e:2x2 data=1,fsdp=4 $bf16 --config.model.remat=full --config.model.ternary_impl=fake_quant
+  row 1b v5e:2x2 data=1,fsdp=4 $bf16 --config.model.remat=full --config.model.ternary_product=fake_quant
   row 1b v6e:2x2 data=1,fsdp=4 $bf16
   row 3b v5e:2x2 data=1,fsdp=4 $bf16 --config.model.remat=full
   row 3b v4:2x2x1 data=1,fsdp=4 $bf16 --config.model.remat=full
@@ -40,12 +40,12 @@ if [ "$kind" = tpu ]; then
 elif [ "$kind" = gpu ]; then
   export JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1
   row 125m h100 data=1
-  row 125m h100 data=1 --config.model.ternary_impl=fake_quant
+  row 125m h100 data=1 --config.model.ternary_product=fake_quant
   row 125m h100x8 data=1,fsdp=8
   row 125m h100x8 data=1,fsdp=4,tensor=2
   row 1b h100 data=1
   row 1b h100 data=1 --config.model.remat=full
-  row 1b h100 data=1 --config.model.remat=full --config.model.ternary_impl=fake_quant
+  row 1b h100 data=1 --config.model.remat=full --config.model.ternary_product=fake_quant
   row 1b h100x8 data=1,fsdp=8
   row 1b h100x8 data=1,fsdp=4,tensor=2
   row 3b h100 data=1 --config.model.remat=full
@@ -55,7 +55,7 @@ elif [ "$kind" = gpu ]; then
   row 7b h100 data=1 --config.model.remat=full
   row 7b h100x8 data=1,fsdp=8
   row 7b h100x8 data=1,fsdp=8 --config.model.remat=full
-  row 7b h100x8 data=1,fsdp=8 --config.model.remat=full --config.model.ternary_impl=fake_quant
+  row 7b h100x8 data=1,fsdp=8 --config.model.remat=full --config.model.ternary_product=fake_quant
   row 7b h100x8 data=1,fsdp=4,tensor=2 --config.model.remat=full
 else
   echo "error: the first argument is tpu or gpu, got '$kind'" >&2

@@ -32,9 +32,12 @@ import os
 import subprocess
 import sys
 
-from experiments.benchmark import BASELINE, run_one, save_study
-from experiments.run import load_config
+from experiments.benchmark.plan import BASELINE
+from experiments.benchmark.report import save_study
+from experiments.benchmark.runner import run_one
+from experiments.configs.loading import load_config
 from nanochat_jax.optim.memory import state_memory
+from nanochat_jax.train.setup import abstract_train_state
 
 # arm -> (config, overrides): the optimizer arms and both AdamW references, as in the
 # benchmark. Not e3_full: its optimizer is e3_galore2_muon_8bit's, and its config carries the
@@ -64,7 +67,8 @@ def state_table(presets: list[str], arms: list[str]) -> dict[str, dict[str, dict
     for preset in presets:
         out[preset] = {}
         for arm in arms:
-            m = state_memory(_config(arm, preset))
+            state = abstract_train_state(_config(arm, preset))
+            m = state_memory(state.params, state.opt_state)
             out[preset][arm] = {k: m[k] for k in ("params", "params_bytes", "opt_state_bytes",
                                                   "groups")}
             print(f"{preset} {arm}: optimizer state {m['opt_state_bytes'] / 2**30:.2f} GiB",
@@ -112,8 +116,7 @@ def compiled(target: str, arms: list[str], seq_len: int, vocab: int, out: str
                f"--config.model.preset={preset}", f"--topology={topology}",
                "--decode_batch=0", f"--out={path}", *shape, *overrides]
         print(f"{target}: compiling {arm}'s train step ...", flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, "TPU_ACCELERATOR_TYPE": "v5litepod-4"})
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"error: compiling {arm} for {target} failed:\n"
                              f"{done.stderr[-2000:]}")

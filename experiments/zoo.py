@@ -19,9 +19,10 @@ import json
 import jax
 import jax.numpy as jnp
 
-from experiments.run import load_config
+from experiments.configs.loading import load_config
 from nanochat_jax.model.config import PRESETS, ModelConfig, from_run_config
-from nanochat_jax.model.transformer import Transformer, is_block_kernel
+from nanochat_jax.model.params import is_hidden
+from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.ternary.packing import pack
 
 # The experiment config (experiments/configs/) that trains each preset: `tiny` and `tiny256`
@@ -52,12 +53,12 @@ def trained_model(preset: str) -> ModelConfig:
 def sizes(cfg: ModelConfig) -> dict[str, int]:
     """Parameter and weight-memory counts of one architecture (nothing is allocated). Shapes
     come from the scanned twin (the blocks' kernels stacked [n_layers, in, out], each layer
-    packed on its own): one block is traced, not n_layers (the whole zoo: 13.0 -> 3.7 s)."""
+    packed on its own): one block is traced, not n_layers."""
     twin = Transformer(dataclasses.replace(cfg, scan_layers=True))
     shapes = jax.eval_shape(twin.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 8), jnp.int32))["params"]
     leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    kernels = [leaf for path, leaf in leaves if is_block_kernel(path, leaf)]
+    kernels = [leaf for path, leaf in leaves if is_hidden(path, leaf)]
     packed = 0
     for k in kernels:
         p = jax.eval_shape(pack if k.ndim == 2 else jax.vmap(pack), k)

@@ -1,4 +1,4 @@
-"""Collider token filtering (SPECS §11): drop the backward work of unimportant tokens.
+"""Collider (docs/techniques.md#collider): drop the backward work of unimportant tokens.
 
 The forward pass is full. Per-token importance is the token's loss (or, with a reference
 model, its excess loss over the reference: Rho-1's selective LM); the top

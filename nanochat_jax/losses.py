@@ -134,11 +134,11 @@ class Objective:
     pad_id: int  # PAD targets are masked; also fills MTP targets past the sequence end
     vocab_chunk: int = 8192
     z_loss: float = 0.0
-    mtp_weight: Schedule = _zero  # lambda: L += lambda * mean_k L_mtp_k  (SPECS §8)
-    loop_entropy: Schedule = _zero  # beta: L_loop = sum_t p(t) L(t) - beta H(p)  (SPECS §9)
-    keep_ratio: float | None = None  # Collider (SPECS §11): train on this share of positions
+    mtp_weight: Schedule = _zero  # lambda: L += lambda * mean_k L_mtp_k  (docs/techniques.md#mtp)
+    loop_entropy: Schedule = _zero  # beta in E_p[L(t)] - beta H(p)  (docs/techniques.md#looplm)
+    keep_ratio: float | None = None  # share of positions trained on (docs/techniques.md#collider)
     sparse_backward: bool = True  # Collider's filtered BitLinear backward; False: exact (Rho-1)
-    fp4: Any = None  # ternary.fp4.Backward of the LM head (SPECS §13); None: full precision
+    fp4: Any = None  # LM head's ternary.fp4.Backward (docs/techniques.md#fp4); None: full precision
 
 
 def lm_objective(out: ModelOutput, targets: jax.Array, mask: jax.Array, obj: Objective,

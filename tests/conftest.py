@@ -11,10 +11,16 @@ import tempfile
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import optax  # noqa: E402
 import pytest  # noqa: E402
 
-import nanochat_jax  # noqa: E402, F401  (first: libtpu's start-up settings, before JAX loads)
 from experiments.configs import e3, tiny  # noqa: E402
+from nanochat_jax.train.sharding import prepare_libtpu_without_tpu  # noqa: E402
+
+# The session starts every backend JAX has, libtpu's too where it is installed (CI installs it
+# to compile for TPU topologies), in each xdist worker and runner subprocess: its settings for
+# a host without a TPU go into the environment before the first `jax.devices()`.
+prepare_libtpu_without_tpu()
 
 # Broadcasting must be spelled out: `x * scale[None, None]`, not a silent rank promotion
 # that would also accept a transposed or wrongly shaped operand.
@@ -159,6 +165,29 @@ def small_e3_full_config():
 def small_rust_gguf_config():
     """tiny:rust,gguf (tied, SwiGLU, 256 wide: llama.cpp-exportable) on the 1k BPE."""
     return _small_rust(tiny.get_config("rust,gguf"))
+
+
+def _fit_adam(loss, params, steps: int, learning_rate: float):
+    """params after `steps` Adam steps (one jitted step, run from Python) on `loss(params)`."""
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(params, opt):
+        grads = jax.grad(loss)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    opt = tx.init(params)
+    for _ in range(steps):
+        params, opt = step(params, opt)
+    return params
+
+
+@pytest.fixture(scope="session")
+def fit_adam():
+    """`(loss, params, steps, learning_rate) -> params`: a model fitted for a moment (to a
+    repeating token cycle in tests/export and tests/infer, for decisive logits)."""
+    return _fit_adam
 
 
 @pytest.fixture(scope="session")

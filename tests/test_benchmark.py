@@ -1,13 +1,25 @@
 """The E3 benchmark runs every configuration end to end and writes a well-formed report
 (structure, not timings: those are machine noise)."""
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 
-import experiments.benchmark as benchmark
-from experiments.benchmark import BASELINES, CLAIMS, main
+from experiments.benchmark import plan, runner
+from experiments.benchmark.__main__ import main
+from experiments.benchmark.plan import BASELINES, is_looped, lr_grid
+from experiments.benchmark.report import (
+    CLAIMS,
+    claim_verdicts,
+    headline_section,
+    noise_verdict,
+    time_to_dense,
+)
+from experiments.benchmark.runner import loop_use, winner_record
+from experiments.configs import e3
+from experiments.configs.loading import split_configs
 from nanochat_jax.train import metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -48,18 +60,32 @@ def test_bad_arguments_fail_before_any_run(tmp_path):
         main(["--quick", "--stepz=3", f"--out={tmp_path}"])
 
 
+def _quick_args(configs: list[str]) -> argparse.Namespace:
+    """The flags of a tiny-model benchmark of `configs`, as main parses them."""
+    return argparse.Namespace(steps=10, model="tiny", seq_len=128, batch=16, max_bytes=0,
+                              vocab=8192, evals=2, eval_batches=1, peak=1e9, configs=configs)
+
+
+def test_tiny_runs_take_their_rates_from_the_configs():
+    """At the tiny model every run gets the AdamW-group rate and GaLore projection e3:full
+    sets; the AdamW baselines get tiny's AdamW rate and Lion a fifth of it (as e3:lion
+    against base's); the Muon arms and e3:full keep their own rates."""
+    runs = {name: overrides for name, _, overrides in
+            plan.runs(_quick_args(["e3_lion", "e3:muon", "e3:full"]), [])}
+    full = e3.get_config("full").optimizer
+    for overrides in runs.values():
+        assert "--config.optimizer.adam_lr=3e-3" in overrides and full.adam_lr == 3e-3
+        assert f"--config.optimizer.galore.rank={full.galore.rank}" in overrides
+    lrs = {name: plan.last_override(overrides, plan.LR_FLAG) for name, overrides in runs.items()}
+    assert lrs == {"adamw_dense": "3e-3", "adamw_ternary": "3e-3", "e3_lion": "6e-4",
+                   "e3_muon": None, "e3_full": None}
+
+
 def test_a_config_variant_is_an_arm_of_its_own():
     """`--configs=e3_full:seed` (old spelling) and `e3:full,seed` run the seed's E3 setting
     under its own name, e3_full_seed."""
-    import argparse
-
-    from experiments.benchmark import plan
-    from experiments.configs import e3
-
-    args = argparse.Namespace(steps=10, model="tiny", seq_len=128, batch=16, max_bytes=0,
-                              vocab=8192, evals=2, eval_batches=1, peak=1e9,
-                              configs=["e3_full", "e3_full:seed", "e3:muon", "e3:full,seed"])
-    runs = [(name, config) for name, config, _ in plan(args, [])]
+    args = _quick_args(["e3_full", "e3_full:seed", "e3:muon", "e3:full,seed"])
+    runs = [(name, config) for name, config, _ in plan.runs(args, [])]
     assert runs[2:] == [("e3_full", "e3_full"), ("e3_full_seed", "e3_full:seed"),
                         ("e3_muon", "e3:muon"), ("e3_full_seed", "e3:full,seed")]
     seed, ours = e3.get_config("full,seed"), e3.get_config("full")
@@ -70,17 +96,16 @@ def test_a_config_variant_is_an_arm_of_its_own():
         e3.get_config("full,nope")
 
 
-def test_configs_list_keeps_each_configs_variants_together():
-    from experiments.run import split_configs
-
-    assert split_configs("e3:muon,e3:full,seed,e3_lion,tiny:rust,gguf") == [
+def test_a_configs_list_is_space_separated_and_commas_stay_a_configs_variants():
+    assert split_configs("e3:muon e3:full,seed  e3_lion tiny:rust,gguf") == [
         "e3:muon", "e3:full,seed", "e3_lion", "tiny:rust,gguf"]
-    assert split_configs("e3_muon,e3_full:seed") == ["e3_muon", "e3_full:seed"]
+    assert split_configs("e3_muon e3_full:seed") == ["e3_muon", "e3_full:seed"]
+    for old_style in ("e3_muon,e3_full", "e3:muon,e3:full", "e3:muon,e3_lion"):
+        with pytest.raises(SystemExit, match="separate configs with spaces"):
+            split_configs(old_style)
 
 
 def test_lr_grid_centres_each_arm_on_its_own_rate_and_verdicts_respect_noise():
-    from experiments.benchmark import is_looped, lr_grid, noise_verdict
-
     runs = [("adamw_dense", "base", ["--config.optimizer.lr=3e-3"]),
             ("e3_muon", "e3_muon", []),  # e3_muon's own optimizer.lr: 0.02
             ("looped", "e3_muon", ["--config.loop.enabled=True"])]
@@ -101,8 +126,6 @@ def test_lr_grid_centres_each_arm_on_its_own_rate_and_verdicts_respect_noise():
 
 
 def test_loop_use_reads_per_loop_ce_and_the_exit_distribution_from_the_last_log():
-    from experiments.benchmark import loop_use
-
     logs = [{"step": 10, "loop/ce/step1": 7.0, "loop/ce/step2": 6.9,
              "loop/mean_exit_step": 1.9, "loop/exit_entropy": 0.3},
             {"step": 20, "loop/ce/step1": 6.5, "loop/ce/step2": 6.0,
@@ -124,9 +147,9 @@ def test_lr_sweep_reports_the_grid_and_the_winners_over_seeds(tmp_path, monkeypa
 
     def stand_in(name, config, overrides, out):
         arm = next(a for a in preferred if name.startswith(a + "_lr"))
-        lr = float(benchmark._last_override(overrides, benchmark.LR_FLAG))
-        seed = int(benchmark._last_override(overrides, benchmark.SEED_FLAG) or 0)
-        own = benchmark.centre_lr(config, overrides[:-1] if seed == 0 else overrides[:-2])
+        lr = float(plan.last_override(overrides, plan.LR_FLAG))
+        seed = int(plan.last_override(overrides, plan.SEED_FLAG) or 0)
+        own = plan.centre_lr(config, overrides[:-1] if seed == 0 else overrides[:-2])
         ce = 5.0 + (0.0 if lr == pytest.approx(own * preferred[arm]) else 0.2) + 0.01 * seed
         calls.append((name, lr, seed))
         rows = [{"step": 0, "memory/params_bytes": 100, "memory/opt_state_bytes": 200},
@@ -134,9 +157,9 @@ def test_lr_sweep_reports_the_grid_and_the_winners_over_seeds(tmp_path, monkeypa
                 {"step": 2, "loss/total": ce, "throughput/tokens_per_sec": 1e3,
                  "throughput/mfu": 0.1},
                 {"step": 2, "eval/ce": ce, "eval/bpb": ce / 1.5, "training/wall_s": 1.0}]
-        return benchmark.summarise(name, config, rows, 1.0, 2**20, "-m experiments.run")
+        return runner.summarise(name, config, rows, 1.0, 2**20, "-m experiments.run")
 
-    monkeypatch.setattr(benchmark, "run_one", stand_in)
+    monkeypatch.setattr(runner, "run_one", stand_in)
     monkeypatch.setattr(metrics, "measure_peak_flops", lambda: 1e11)
     out = tmp_path / "sweep"
     main(["--quick", "--steps=2", "--evals=1", "--configs=e3_muon_8bit", f"--out={out}",
@@ -169,8 +192,6 @@ def _seed_run(name, finals, walls):
 
 
 def test_time_to_dense_and_the_claims_are_judged_on_the_error_bars():
-    from experiments.benchmark import claim_verdicts, headline_section, time_to_dense, winner_record
-
     dense = [_seed_run("d", [9.0, 6.5, 6.0], [0, 50, 100]),
              _seed_run("d1", [9.0, 6.5, 6.2], [0, 52, 104])]  # target: mean 6.1
     muon = [_seed_run("m", [9.0, 6.0, 5.5], [0, 40, 80]),  # reaches 6.1 at the middle eval

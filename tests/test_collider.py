@@ -1,5 +1,5 @@
-"""Collider token filtering (SPECS §11): the filtered linear, the keep mask, and the
-filtered gradients of the whole model."""
+"""Collider token filtering (docs/techniques.md#collider): the filtered linear, the keep mask, and
+the filtered gradients of the whole model."""
 
 import dataclasses
 import functools
@@ -16,10 +16,9 @@ from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import Objective, lm_objective
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.ternary import quant
-from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step
+from nanochat_jax.train.setup import setup
+from nanochat_jax.train.step import build_objective
 
 PLAIN = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                     d_ff=64)
@@ -114,8 +113,8 @@ def _grads(model, params, tokens, obj):
 
 
 # LoopLM and mHC alone are in the last combination (and each has its own case in the
-# dropped-positions test below): 20 s of compiling saved per run
-FEATURES = [dict(), dict(ternary=False), dict(ternary_impl="fake_quant"),
+# dropped-positions test below), which spares their compiles
+FEATURES = [dict(), dict(ternary=False), dict(ternary_product="fake_quant"),
             dict(mtp_depth=2), dict(mtp_depth=1, mtp_kind="parallel"),
             dict(mtp_depth=1, loops=2, mhc_streams=2)]
 
@@ -165,10 +164,8 @@ def test_keep_ratio_is_logged_and_the_step_never_recompiles():
     config.optimizer.warmup_steps = 0
     config.optimizer.schedule = "constant"
     config.training.steps = 10
-    model = Transformer(PLAIN)
-    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state = init_train_state(model, tx, 0, PLAIN.seq_len)
-    step = make_train_step(model, tx, lr_fn, build_objective(config, PAD))
+    built = setup(config, model_config=PLAIN, pad_id=PAD, seed=0)
+    state, step = built.state, built.train_step
     losses = []
     for i in range(6):  # different keep patterns, same compiled step
         state, metrics = step(state, _tokens(i % 2))
@@ -187,7 +184,7 @@ def test_without_the_sparse_backward_the_gradient_is_the_exact_filtered_loss_gra
     config.collider.enabled = True
     config.collider.keep_ratio = 0.5
     config.collider.sparse_backward = False
-    obj = build_objective(config, PAD)
+    obj = build_objective(config, PAD, PLAIN)
     model, params = _model()
     tokens = _tokens()
     _, grads = _grads(model, params, tokens, obj)
@@ -212,4 +209,4 @@ def test_keep_ratio_outside_zero_one_is_refused():
     config.collider.enabled = True
     config.collider.keep_ratio = 1.5
     with pytest.raises(ConfigError, match="keep_ratio must be in"):
-        build_objective(config, PAD)
+        build_objective(config, PAD, PLAIN)

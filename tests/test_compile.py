@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
 
 from experiments.configs import tiny
 from nanochat_jax.model.config import model_config
 from nanochat_jax.model.transformer import Transformer
+from nanochat_jax.train.sharding import tpu_topology
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -63,7 +63,7 @@ def test_train_step_compiles_with_tensor_parallel_kernels_and_fake_quant_has_non
     assert info["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     assert train["kernel_calls"] == decode["kernel_calls"] == KERNELS and train["fits"]
     c = _tiny(data=1, fsdp=4, tensor=1)
-    c.model.ternary_impl = "fake_quant"
+    c.model.ternary_product = "fake_quant"
     _, (train,) = compile_steps(c, "v5e:2x2", 0)
     assert train["kernel_calls"] == 0 and train["flops"] > 0
 
@@ -97,7 +97,7 @@ def test_the_model_traces_bf16_activations_by_default_under_a_tpu_mesh():
     """`compute_dtype=auto` resolves for the mesh the model is compiled for: bf16 dots on a
     (compile-only) TPU chip, while the same config on this CPU stays float32
     (tests/model/test_model.py)."""
-    chip = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:1]
+    chip = tpu_topology("v5e:2x2").devices[:1]
     model = Transformer(model_config("tiny", vocab_size=64, seq_len=16, n_layers=1))
     tokens = jnp.zeros((1, 8), jnp.int32)
     params = jax.eval_shape(model.init, jax.random.key(0), tokens)

@@ -35,7 +35,7 @@ def test_the_cpu_compile_reports_memory_and_a_smaller_vocab_chunk_needs_less():
 @pytest.mark.slow
 def test_a_scanned_model_compiles_its_train_step_and_the_unrolled_decode_step():
     """The decode row of a `model.scan_layers` run is compiled from the unrolled twin
-    (`transformer.unscan`), as inference runs it."""
+    (`params.unscan`), as inference runs it."""
     from experiments.compile import compile_steps
 
     c = tiny.get_config()

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from experiments import compile as compile_lib
 from experiments import targets
 from experiments.configs import tiny
-from nanochat_jax.ternary import kernel, packing, tiling
+from nanochat_jax.ternary import kernel, packing, tiling, tuning
 
 REQUIRED = os.environ.get("NANOCHAT_REQUIRE_GPU_COMPILE") == "1"  # CI: fail, never skip
 
@@ -81,7 +81,7 @@ def _packed(k: int, n: int) -> tuple[int, int]:
 
 def _tiling_compiles(mesh, m, k, n, dtype, blocks) -> None:
     k4, n_p = _packed(k, n)
-    _compile(mesh, lambda x, c: kernel._pallas_matmul(x, c, blocks, "triton"),
+    _compile(mesh, lambda x, c: kernel.pallas_matmul(x, c, blocks, "triton"),
              ((m, 4 * k4), dtype), ((k4, n_p), jnp.uint8))
 
 
@@ -111,7 +111,7 @@ def test_every_tiling_the_tuner_may_try_on_an_h100_compiles(shape, dtype):
         assert not {(128, 128, 64), (128, 128, 128), (128, 128, 256)} & {
             tuple(b[:3]) for b in candidates}
     largest = max(candidates, key=lambda b: tiling.triton_shared_memory(b, dtype))
-    variants = [largest._replace(num_warps=w, num_stages=s) for w, s in kernel.TRITON_PARAMS]
+    variants = [largest._replace(num_warps=w, num_stages=s) for w, s in tuning.TRITON_PARAMS]
     mesh = _chip(H100)
     for blocks in candidates + [v for v in variants if kernel.TRITON.fits(v, dtype, gpu)]:
         _tiling_compiles(mesh, m, k, n, dtype, blocks)
@@ -140,7 +140,7 @@ def test_the_shared_memory_rule_bounds_what_triton_asks_for(gpu):
         k4, n_p = _packed(k, n)
         for dtype in DTYPES:
             for blocks in kernel.TRITON.candidates(m, k4, n_p, dtype):
-                for warps, stages in kernel.TRITON_PARAMS:
+                for warps, stages in tuning.TRITON_PARAMS:
                     variant = blocks._replace(num_warps=warps, num_stages=stages)
                     bound = tiling.triton_shared_memory(variant, dtype, capability)
                     key = (tuple(variant[:3]) + variant[4:], jnp.dtype(dtype).name)
@@ -185,7 +185,7 @@ def _tiny(**mesh):
                                            ("h100x8", {"data": 1, "fsdp": 4, "tensor": 2})],
                          ids=["1", "fsdp8", "fsdp4-tensor2"])
 def test_train_and_decode_steps_compile_for_h100s_with_the_kernel(topology, mesh):
-    """The tiny preset's real train step (`ternary_impl=auto`, bf16 by default on a GPU) and
+    """The tiny preset's real train step (`kernel_backend=auto`, bf16 by default on a GPU) and
     the engine's packed decode step: one Triton call per BitLinear forward on every mesh."""
     info, (train, decode) = compile_lib.compile_steps(_tiny(**mesh), topology, 8)
     assert info["ternary_impl"] == "auto -> pallas" and info["compute_dtype"] == "bfloat16"
@@ -196,7 +196,7 @@ def test_train_and_decode_steps_compile_for_h100s_with_the_kernel(topology, mesh
         assert 0 < row["argument_bytes"] < row["total_bytes"] < row["hbm_bytes"]
         assert row["flops_from"] == "model" and row["flops"] > 0
     c = _tiny(**mesh)
-    c.model.ternary_impl = "fake_quant"
+    c.model.ternary_product = "fake_quant"
     _, (fake,) = compile_lib.compile_steps(c, topology, 0)
     assert fake["kernel_calls"] == 0
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from experiments.run import check_overrides_of, load_config
+from experiments.configs.loading import check_overrides_of, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "BUILD.md")

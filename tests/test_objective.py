@@ -1,4 +1,4 @@
-"""The training objective with MTP (SPECS §8) and LoopLM (SPECS §9), and every combination
+"""The training objective with MTP and LoopLM, and every combination
 of the architecture features with ternary/dense weights and with every optimizer."""
 
 import dataclasses
@@ -15,7 +15,7 @@ from numpy.testing import assert_allclose
 from experiments.configs import base
 from nanochat_jax.collider import Carrier
 from nanochat_jax.losses import Objective, cross_entropy, lm_objective
-from nanochat_jax.model.config import ModelConfig
+from nanochat_jax.model.config import ModelConfig, from_run_config
 from nanochat_jax.model.loop import exit_distribution, exit_entropy
 from nanochat_jax.model.mtp import shift_left
 from nanochat_jax.model.transformer import Transformer
@@ -192,7 +192,7 @@ def _all_features():
     for group in ("mtp", "loop", "mhc", "collider"):
         config[group].enabled = True
     model, params = _model(mtp_depth=1, loops=2, mhc_streams=2)
-    obj = build_objective(config, PAD)
+    obj = build_objective(config, PAD, from_run_config(config))
     inputs, targets, mask = _split(_batch())
 
     def loss_fn(p):

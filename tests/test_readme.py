@@ -19,6 +19,17 @@ def test_readme_python_example_trains_one_step():
 
 
 @pytest.mark.slow
+def test_readme_setup_and_hook_example_trains_and_calls_the_hook(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+    example = next(b for b in blocks if "setup(" in b)
+    scope: dict = {}
+    exec(blocks[0], scope)  # noqa: S102 - the example's tokens
+    exec(example.replace('"runs/mine"', repr(str(tmp_path))), scope)  # noqa: S102
+    assert float(scope["metrics"]["loss/total"]) > 0
+    assert scope["seen"] == [10, 20]
+
+
+@pytest.mark.slow
 def test_readme_generation_example_runs_on_a_trained_checkpoint(trained_run):
     blocks = re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
     example = next(b for b in blocks if "Engine(" in b)

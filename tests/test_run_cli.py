@@ -24,7 +24,7 @@ def test_unknown_config_name_lists_the_choices():
 
 
 def test_config_families_take_variants_and_the_old_names_still_resolve():
-    from experiments.run import load_config, run_name
+    from experiments.configs.loading import load_config, run_name
 
     assert load_config("tiny:rust,gguf").to_dict() == load_config("tiny_rust_gguf").to_dict()
     assert load_config("e3:full,seed").to_dict() == load_config("e3_full:seed").to_dict()
@@ -205,3 +205,12 @@ def test_an_altered_data_shard_is_named_before_the_model_is_built(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith(
         f"error: data shard {corpus / 'val_000.bin'} does not match its manifest hash")
     assert "model:" not in out.stdout
+
+
+def test_the_commands_that_take_a_config_share_one_config_flag():
+    """experiments.run and experiments.compile both define `--config` (absl refuses a flag
+    defined twice): one process can import both, as a notebook or a test does."""
+    out = subprocess.run([sys.executable, "-c", "import experiments.run, experiments.compile"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr

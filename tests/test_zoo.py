@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.run import load_config
+from experiments.configs.loading import load_config
 from experiments.zoo import main, sizes, train_command
 from nanochat_jax.model.config import PRESETS, model_config
 from nanochat_jax.model.packed import pack_params, packed_bytes, ternary_weight_bytes

@@ -14,10 +14,13 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.preset = "125m"
     c.model.ternary = True  # False: the same architecture in dense precision (the baseline)
-    # auto: packed-weight kernel with an STE custom VJP: Pallas (Mosaic) on TPU, Pallas
-    # (Triton) on GPU, the jnp reference on CPU, by the platform of the mesh's devices;
-    # fake_quant: quantise then float matmul; or pallas / interpret / reference.
-    c.model.ternary_impl = "auto"
+    # ternary_product: "kernel" (the packed-weight kernel with an STE custom VJP) or
+    # "fake_quant" (quantise, then a float matmul); kernel_backend: "auto" = Pallas (Mosaic)
+    # on TPU, Pallas (Triton) on GPU, the jnp reference on CPU, by the platform of the mesh's
+    # devices; or pallas / interpret / reference
+    c.model.ternary_product = "kernel"
+    c.model.kernel_backend = "auto"
+    c.model.ternary_impl = config_dict.placeholder(str)  # the old spelling of both: mapped
     c.model.vocab_size = 32768  # >= data.vocab_size
     c.model.seq_len = 1024
     c.model.d_model = config_dict.placeholder(int)
@@ -133,7 +136,7 @@ def get_config() -> config_dict.ConfigDict:
     c.optimizer.int8.min_size = 4096  # smaller state tensors stay fp32
     # galore2*: GaLore 2 on the hidden matrices
     c.optimizer.galore = config_dict.ConfigDict()
-    c.optimizer.galore.rank = 128  # projection rank (SPECS §5: 128 at 60M)
+    c.optimizer.galore.rank = 128  # projection rank (docs/techniques.md#galore-2: 128 at 60M)
     c.optimizer.galore.update_every = 200  # projector refresh period T
     # alpha on the back-projected Adam update (galore2_muon_8bit instead scales its Muon
     # update to full-rank Muon's RMS: optim/factory.py)
@@ -142,12 +145,13 @@ def get_config() -> config_dict.ConfigDict:
     # optim/fire.py: FIRE re-initialises the hidden matrices once, at `step` (any optimizer)
     c.optimizer.fire = config_dict.ConfigDict()
     c.optimizer.fire.step = config_dict.placeholder(int)
-    # Newton-Schulz steps: 10 (SPECS) leaves 768-wide Gaussian matrices far from isometric
-    # (min singular value 0.003); 30 converges
+    # Newton-Schulz steps: 10 (FIRE's default, docs/techniques.md#fire) leaves 768-wide Gaussian
+    # matrices far from isometric (min singular value 0.003); 30 converges
     c.optimizer.fire.iters = 30
 
-    # model/mtp.py + losses.py: multi-token prediction (SPECS §8). Depth k predicts token
-    # t+k+1; the loss adds weight * mean_k L_k, weight -> weight_final at switch_at x steps.
+    # model/mtp.py + losses.py: multi-token prediction (docs/techniques.md#mtp). Depth k predicts
+    # token t+k+1; the loss adds weight * mean_k L_k, weight -> weight_final at switch_at x
+    # steps.
     c.mtp = config_dict.ConfigDict()
     c.mtp.enabled = False
     c.mtp.kind = "sequential"  # sequential (DeepSeek-V3 modules) or parallel (Gloeckle heads)
@@ -156,8 +160,9 @@ def get_config() -> config_dict.ConfigDict:
     c.mtp.weight_final = 0.1
     c.mtp.switch_at = 0.68
 
-    # model/loop.py + losses.py: LoopLM (SPECS §9). The block stack runs max_loops times
-    # with shared weights; loss = E_p(t)[CE_t] - entropy * H(p), entropy -> entropy_final.
+    # model/loop.py + losses.py: LoopLM (docs/techniques.md#looplm). The block stack runs max_loops
+    # times with shared weights; loss = E_p(t)[CE_t] - entropy * H(p), entropy ->
+    # entropy_final.
     c.loop = config_dict.ConfigDict()
     c.loop.enabled = False
     c.loop.max_loops = 4  # Ouro: 4 (8 was unstable)
@@ -165,16 +170,17 @@ def get_config() -> config_dict.ConfigDict:
     c.loop.entropy_final = 0.05
     c.loop.switch_at = 0.5
 
-    # model/hyper.py: mHC (SPECS §10), the residual stream widened to `streams` copies.
+    # model/hyper.py: mHC (docs/techniques.md#mhc), the residual stream widened to `streams` copies.
     c.mhc = config_dict.ConfigDict()
     c.mhc.enabled = False
     c.mhc.streams = 4
     c.mhc.sinkhorn_iters = 20
     c.mhc.dynamic = True  # input-dependent maps; False: static learned maps
 
-    # collider.py: Collider token filtering (SPECS §11). Keeps the top keep_ratio of each
-    # batch's positions by `score` (loss, or excess_loss over the model in `reference`, a
-    # run's workdir with the same tokenizer) and runs the BitLinears' backward on those only.
+    # collider.py: Collider token filtering (docs/techniques.md#collider). Keeps the top keep_ratio
+    # of each batch's positions by `score` (loss, or excess_loss over the model in
+    # `reference`, a run's workdir with the same tokenizer) and runs the BitLinears' backward
+    # on those only.
     c.collider = config_dict.ConfigDict()
     c.collider.enabled = False
     c.collider.keep_ratio = 0.7  # Rho-1 keeps ~60-70%; Collider reports -35% backprop at 0.6

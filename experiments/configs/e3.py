@@ -79,7 +79,7 @@ def _full(c, arm: str):
     c.loop.enabled = True
     c.mhc.enabled = True
     c.collider.enabled = True
-    # Memory (BUILD.md "Where e3_full's memory goes"): recompute each loop's pass in the
+    # Memory (BUILD.md#architecture-features-mtp-looplm-mhc): recompute each loop's pass in the
     # backward instead of keeping 4 loops x 4 streams of activations, and take the loss of
     # the 4 loops + MTP ([5 x 2048, V] logits) in 1024-wide vocabulary chunks.
     c.model.remat = "loop"

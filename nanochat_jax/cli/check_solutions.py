@@ -3,7 +3,7 @@
     python -m nanochat_jax.cli.check_solutions [--problems=PATH]
 
 tests the builtin set by default, prints a row per problem, and exits non-zero if one
-fails: how `KNOWN_BROKEN` in eval/rust.py was found.
+fails: how `KNOWN_BROKEN` in eval/problems.py was found.
 """
 
 from __future__ import annotations
@@ -12,14 +12,8 @@ import argparse
 import sys
 
 from nanochat_jax.errors import EvalError
-from nanochat_jax.eval.rust import (
-    PROBLEM_SETS,
-    Problem,
-    load_problems,
-    network_isolation,
-    run_tests,
-    rustc_version,
-)
+from nanochat_jax.eval.problems import PROBLEM_SETS, Problem, load_problems
+from nanochat_jax.eval.sandbox import network_isolation, run_tests, rustc_version
 
 
 def check_solutions(problems: list[Problem], timeout: float) -> bool:

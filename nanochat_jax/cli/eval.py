@@ -10,7 +10,7 @@ and writes them all as JSON with `--out`. `--save_generations` keeps every raw c
 (JSON lines: task_id, sample, completion, checkpoint, step, temperature); `--load_generations`
 scores such a file without a model (generate on one machine, execute on another; re-score
 without regenerating). Test binaries run without network access where the OS allows it
-(eval/rust.py; the output says which).
+(eval/sandbox.py; the output says which).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from nanochat_jax.eval.code import (
     save_generations,
     score_completions,
 )
-from nanochat_jax.eval.rust import PROBLEM_SETS, load_problems, network_isolation
+from nanochat_jax.eval.problems import PROBLEM_SETS, load_problems
+from nanochat_jax.eval.sandbox import network_isolation
 from nanochat_jax.infer.engine import Engine
 from nanochat_jax.infer.load import load
 

@@ -1,4 +1,4 @@
-"""FIRE on a run's checkpoint (optim/fire.py, SPECS §7), as a new run that the runner resumes.
+"""FIRE on a run's checkpoint (docs/techniques.md#fire), as a new run that the runner resumes.
 
     python -m nanochat_jax.cli.fire --workdir=RUN --out=NEW [--step=N] [--iters=30]
 
@@ -14,12 +14,12 @@ import os
 
 from nanochat_jax.errors import NanochatError
 from nanochat_jax.optim.fire import ITERS
-from nanochat_jax.train.fire import fire_checkpoint
+from nanochat_jax.train.fire_checkpoint import fire_checkpoint
 
 
 def command_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="FIRE a run's checkpoint into a new workdir "
-                                            "(SPECS §7; see the module docstring).")
+                                            "(docs/techniques.md#fire).")
     p.add_argument("--workdir", required=True, help="the run whose checkpoint to read")
     p.add_argument("--out", required=True, help="new workdir to write the FIRE'd checkpoint to")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -17,8 +17,9 @@ import os
 from nanochat_jax.cli.flags import add_checkpoint_flags
 from nanochat_jax.errors import EvalError
 from nanochat_jax.eval.code import Sampler
-from nanochat_jax.eval.grpo import ExperienceLibrary, run_epoch
-from nanochat_jax.eval.rust import PROBLEM_SETS, load_problems
+from nanochat_jax.eval.experience import ExperienceLibrary
+from nanochat_jax.eval.grpo import run_epoch
+from nanochat_jax.eval.problems import PROBLEM_SETS, load_problems
 from nanochat_jax.infer.engine import Engine
 from nanochat_jax.infer.load import load
 

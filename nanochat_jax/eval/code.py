@@ -19,11 +19,18 @@ import jax
 
 from nanochat_jax.data.tokenizer import BPETokenizer
 from nanochat_jax.errors import ConfigError, EvalError
-from nanochat_jax.eval import rust
 from nanochat_jax.eval.passk import mean_pass_at_k
-from nanochat_jax.eval.rust import Problem, RustResult, check_compiles, run_tests
+from nanochat_jax.eval.problems import Problem, load_problems
+from nanochat_jax.eval.sandbox import (
+    INSTALL_HINT,
+    RustResult,
+    check_compiles,
+    run_tests,
+    rustc_available,
+)
 from nanochat_jax.infer.engine import Engine, Generation
-from nanochat_jax.model.transformer import Transformer, unscan, unscanned
+from nanochat_jax.model.params import unscan, unscanned
+from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.schedule import Evaluator
 
 # text-level generation: (prompts, n, temperature) -> n completions per prompt
@@ -185,10 +192,10 @@ def training_evaluators(config) -> tuple[Evaluator, ...]:
     training = config.training
     if not training.code_eval_every:
         return ()
-    if not rust.rustc_available():
+    if not rustc_available():
         raise ConfigError(f"training.code_eval_every={training.code_eval_every} needs rustc: "
-                          f"{rust.INSTALL_HINT}; or set training.code_eval_every=0")
-    problems = rust.load_problems(training.code_eval_problems or "builtin")
+                          f"{INSTALL_HINT}; or set training.code_eval_every=0")
+    problems = load_problems(training.code_eval_problems or "builtin")
 
     def build(model: Transformer, tokenizer: BPETokenizer):
         # decoding runs unrolled blocks; variables are set per call: one compilation serves all

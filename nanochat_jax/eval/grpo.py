@@ -2,26 +2,19 @@
 
 The command is `python -m nanochat_jax.cli.grpo`.
 
-Training-Free Group Relative Policy Optimization (Tencent Youtu, 2025; SPECS §12) replaces
+Training-Free Group Relative Policy Optimization (Tencent Youtu, 2025) replaces
 gradient steps with an experience library, a short numbered list of lessons ("[1]. ...")
 prepended to every prompt. Each epoch, for each problem: roll out a group of G completions
 (G = 5, temperature 0.7) with the library in the prompt, grade them with the verifier, and
 distil at most one new lesson from each group whose rewards differ (max > min).
 
-Our choices (SPECS §12, "for us"):
+Our choices (docs/techniques.md#training-free-grpo):
 
-- Reward: the Rust verifier (`rust.run_tests`): 1.0 when the tests pass, 0.5 when the code
-  compiles but fails, times out or crashes at run time, 0.0 when it does not compile.
-- Rule-based summariser: the paper has the model summarise each trajectory and critique the
-  group; a small model does that badly, so `lessons_from` builds lessons deterministically from
-  the verifier's output: a table maps frequent rustc error codes to one-line fixes, failing
-  libtest tests are named (and a passing attempt in the group is pointed out), timeouts and
-  crashes get a lesson on loops and recursion. Causes are ranked by the summed group-relative
-  advantage of the rollouts that show them, and a group proposes the first one that is not a
-  near-duplicate of a library lesson (the library's `modify` is there for a model summariser).
-- Caps: at most `max_items` lessons (16) and `max_chars` rendered characters (2048, ~512
-  tokens); an add past a cap first evicts the lesson with the lowest win rate, oldest first
-  among ties (an untried lesson's win rate is 0, so proven lessons outlive new ones).
+- Reward and lessons (lessons.py): the Rust verifier grades each rollout; lessons are built
+  from its output by rules, not by the model, and a group proposes its top lesson that is
+  not a near-duplicate of a library lesson.
+- Caps (experience.py): at most 16 lessons and 2,048 rendered characters; an add past a cap
+  evicts the lowest win rate first.
 - Credit and A/B deletion: the library is frozen during an epoch, so each of its lessons was in
   every prompt: per problem it gets uses += 1 and wins += the group's mean reward. With
   `ab_test`, each problem is also rolled out G times without the library (unless the library
@@ -42,311 +35,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import math
-import os
-import re
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 from nanochat_jax.errors import EvalError
 from nanochat_jax.eval.code import Generate
-from nanochat_jax.eval.rust import Problem, RustResult, run_tests
+from nanochat_jax.eval.experience import OPERATIONS, SIMILARITY, ExperienceLibrary
+from nanochat_jax.eval.lessons import Rollout, informative, lessons_from, reward
+from nanochat_jax.eval.problems import Problem
+from nanochat_jax.eval.sandbox import RustResult, run_tests
 
 Verify = Callable[[Problem, str], RustResult]
-
-HEADER = "Lessons from earlier attempts:\n"
-MAX_LESSON_CHARS = 160
-SIMILARITY = 0.9  # difflib ratio at which two lessons count as the same lesson
-OPERATIONS = ("add", "modify", "delete")
-_FAILED_TEST = re.compile(r"^test (\S+) \.\.\. FAILED$", re.MULTILINE)
-_TEST_FN = re.compile(r"#\[test\]\s*(?:#\[[^\]]*\]\s*)*fn\s+(\w+)")
-_UNBALANCED = re.compile(r"unclosed delimiter|unexpected closing delimiter|mismatched closing")
-
-ERROR_LESSONS = {
-    "E0061": "E0061 wrong number of arguments: call each function with exactly the parameters "
-             "its signature declares.",
-    "E0106": "E0106 missing lifetime: a returned reference must borrow from an argument; return "
-             "an owned String or Vec when unsure.",
-    "E0277": "E0277 trait bound not satisfied: check the types on both sides; convert with "
-             ".into() or `as`, or collect into the exact type required.",
-    "E0282": "E0282 type annotations needed: name the target type of collect/parse, e.g. "
-             ".collect::<Vec<_>>() or s.parse::<i64>().",
-    "E0308": "E0308 mismatched types: make every branch and the final expression match the "
-             "declared return type; convert explicitly where needed.",
-    "E0369": "E0369 binary operator not defined for these types: dereference (*x) or convert both "
-             "operands to the same type first.",
-    "E0382": "E0382 use after move: borrow with & instead of moving, iterate with .iter(), or "
-             ".clone() a value that is needed again.",
-    "E0384": "E0384 assigned twice to an immutable variable: declare it with `let mut` when it "
-             "changes.",
-    "E0425": "E0425 unresolved name: use only the parameters, locals and items in scope, and "
-             "declare each variable before its use.",
-    "E0433": "E0433 unresolved path: import what you use (use std::collections::HashMap;) or "
-             "write its full path.",
-    "E0499": "E0499 two mutable borrows at once: finish with one &mut before taking another, or "
-             "work through indices.",
-    "E0502": "E0502 borrow conflict: do not mutate a collection while a reference into it is "
-             "alive; copy the value out first.",
-    "E0507": "E0507 cannot move out of a borrow: clone the value, or match on a reference and "
-             "bind by ref.",
-    "E0596": "E0596 cannot borrow as mutable: declare the binding with `let mut`, or take "
-             "`&mut` where the value is owned.",
-    "E0599": "E0599 no such method: call only methods the type has; iterator methods need "
-             ".iter() or .chars() first.",
-}
-BRACES_LESSON = ("Unbalanced braces: write only the rest of the body and close the function "
-                 "with exactly one `}`.")
-COMPILE_LESSON = ("The code did not compile: use only the names and types of the signature and "
-                  "std APIs you are sure exist.")
-RUNTIME_LESSONS = {
-    "timeout": "Runs timed out: make every loop advance toward its exit and every recursion "
-               "reach a base case; no `loop` without `break`.",
-    "memory": "Runs ran out of memory: do not grow collections without bound; check loop "
-              "conditions and sizes before allocating.",
-    "runtime_error": "Runs crashed (abort or stack overflow): avoid deep recursion on large "
-                     "inputs; prefer iteration.",
-}
-
-
-def reward(result: RustResult) -> float:
-    """1.0 when the tests pass, 0.5 when the code compiles but fails at run time, else 0.0.
-
-    SPECS §12: partial credit for compiling separates "almost right" from "not Rust".
-    """
-    if result.passed:
-        return 1.0
-    return 0.5 if result.compiles else 0.0
-
-
-def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> list[float]:
-    """(r - mean) / (std + eps) within one group: GRPO's critic-free advantage.
-
-    A constant group gets exact zeros (no attempt did better than another).
-    """
-    if not rewards:
-        raise ValueError("group_advantages needs at least one reward")
-    if max(rewards) == min(rewards):
-        return [0.0] * len(rewards)
-    mean, std = statistics.fmean(rewards), statistics.pstdev(rewards)
-    return [(r - mean) / (std + eps) for r in rewards]
-
-
-def informative(rewards: Sequence[float]) -> bool:
-    """Whether a group's rewards differ (max > min): only such groups are summarised.
-
-    A group whose attempts all scored the same (all fail, all pass, or all compile and fail
-    at 0.5) has all-zero advantages: nothing separates a good attempt from a bad one.
-    """
-    return max(rewards) > min(rewards)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rollout:
-    """One completion, its verifier result and its reward."""
-
-    completion: str
-    result: RustResult
-    reward: float
-
-
-def lessons_from(problem: Problem, rollouts: list[Rollout]) -> list[str]:
-    """Candidate lessons from one graded group, most harmful cause first; [] when all passed.
-
-    A cause is a rustc error code, a set of failing tests, a timeout or a crash; causes are
-    ranked by the summed advantage of the rollouts showing them, then by how many show them.
-    """
-    advantages = group_advantages([r.reward for r in rollouts])
-    passing = any(r.result.passed for r in rollouts)
-    scores: dict[str, tuple[float, int]] = {}  # lesson -> (summed advantage, rollouts)
-    for rollout, advantage in zip(rollouts, advantages, strict=True):
-        for lesson in _lessons_for(problem, rollout.result, passing):
-            total, count = scores.get(lesson, (0.0, 0))
-            scores[lesson] = (total + advantage, count + 1)
-    return sorted(scores, key=lambda lesson: (scores[lesson][0], -scores[lesson][1]))
-
-
-def _lessons_for(problem: Problem, result: RustResult, passing: bool) -> list[str]:
-    """The lessons one failed rollout teaches (none for a pass)."""
-    if result.passed:
-        return []
-    if result.status == "compile_error":
-        known = [ERROR_LESSONS[c] for c in result.error_codes if c in ERROR_LESSONS]
-        return known or [BRACES_LESSON if _UNBALANCED.search(result.stderr) else COMPILE_LESSON]
-    if result.status == "test_failure":
-        return [_test_lesson(_failing_tests(problem, result.stderr), passing)]
-    return [RUNTIME_LESSONS[result.status]]
-
-
-def _failing_tests(problem: Problem, output: str) -> list[str]:
-    """The failing libtest tests in `output` that are test functions of `problem`.
-
-    Checking against the problem keeps text printed by generated code out of the library.
-    """
-    declared = set(_TEST_FN.findall(problem.tests))
-    names = (name.rsplit("::", 1)[-1] for name in _FAILED_TEST.findall(output))
-    return list(dict.fromkeys(name for name in names if name in declared))
-
-
-def _test_lesson(names: list[str], passing: bool) -> str:
-    """A lesson on tests failing after a clean build: names them when they fit in one line."""
-    contrast = "; another attempt passed" if passing else ""
-    text = (f"Tests failed after compiling{contrast}: check edge cases (empty, negative, bounds) "
-            f"against the doc comment.")
-    shown = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
-    named = text.replace("Tests failed", f"Tests {shown} failed", 1)
-    return named if names and len(named) <= MAX_LESSON_CHARS else text
-
-
-def _normalise(text: str) -> str:
-    """`text` on one line with single spaces: the form lessons are stored and compared in."""
-    return " ".join(text.split())
-
-
-@dataclasses.dataclass
-class Experience:
-    """One lesson: `uses` counts the problems whose prompt held it, `wins` sums their rewards."""
-
-    id: int
-    text: str
-    uses: int = 0
-    wins: float = 0.0  # a sum of group mean rewards
-
-    @property
-    def win_rate(self) -> float:
-        """The mean reward of the problems it was used on; 0.0 before its first use."""
-        return self.wins / self.uses if self.uses else 0.0
-
-
-class UnknownLessonError(EvalError, KeyError):
-    """A lesson id that the library does not hold."""
-
-    __str__ = Exception.__str__  # KeyError's would quote the message
-
-
-@dataclasses.dataclass
-class ExperienceLibrary:
-    """The ordered, capped list of lessons prepended to prompts, with a log of every change.
-
-    `epoch` stamps the log entries; `next_id` keeps ids unique after deletions.
-    """
-
-    max_items: int = 16
-    max_chars: int = 2048  # of the rendered list, ~512 tokens
-    items: list[Experience] = dataclasses.field(default_factory=list)
-    log: list[dict] = dataclasses.field(default_factory=list)
-    epoch: int = 0
-    next_id: int = 1
-
-    def __post_init__(self):
-        if self.max_items < 1 or self.max_chars < 1:
-            raise ValueError(f"max_items={self.max_items} and max_chars={self.max_chars} must "
-                             f"be positive")
-
-    def add(self, text: str) -> int:
-        """Append a lesson and return its id; the id of an identical lesson if there is one.
-
-        Past a cap, the lowest-win-rate other lessons are evicted first.
-        """
-        text = self._fitting(text)
-        for item in self.items:
-            if item.text == text:
-                return item.id
-        item = Experience(self.next_id, text)
-        self.next_id += 1
-        self.items.append(item)
-        self._record("add", item.id, text)
-        self._enforce_caps(keep=item.id)
-        return item.id
-
-    def modify(self, id: int, text: str) -> None:
-        """Replace a lesson's text, keeping its place and its credit."""
-        item = self.get(id)
-        item.text = self._fitting(text)
-        self._record("modify", id, item.text)
-        self._enforce_caps(keep=id)
-
-    def delete(self, id: int, reason: str = "requested") -> None:
-        """Remove a lesson; `reason` ("requested", "cap", "harmful") goes into the log."""
-        item = self.get(id)
-        self.items.remove(item)
-        self._record("delete", id, item.text, reason=reason)
-
-    def get(self, id: int) -> Experience:
-        """The lesson with this id."""
-        for item in self.items:
-            if item.id == id:
-                return item
-        raise UnknownLessonError(f"no lesson with id {id} in the experience library (ids: "
-                                 f"{[item.id for item in self.items]})")
-
-    def similar(self, text: str) -> int | None:
-        """The id of the first lesson nearly identical to `text` (difflib ratio >= SIMILARITY)."""
-        text = _normalise(text)
-        for item in self.items:
-            if difflib.SequenceMatcher(None, item.text, text).ratio() >= SIMILARITY:
-                return item.id
-        return None
-
-    def credit(self, ids: Iterable[int], mean_reward: float) -> None:
-        """Credit the lessons that were in one problem's prompt with the group's mean reward."""
-        for id in ids:
-            item = self.get(id)
-            item.uses += 1
-            item.wins += mean_reward
-
-    def render(self) -> str:
-        """The lessons as "[1]. lesson" lines, numbered by position (not id)."""
-        return "\n".join(f"[{n}]. {item.text}" for n, item in enumerate(self.items, 1))
-
-    def prompt(self, problem_prompt: str) -> str:
-        """`problem_prompt` after a header and the lessons; unchanged when there are none."""
-        if not self.items:
-            return problem_prompt
-        return HEADER + self.render() + "\n\n" + problem_prompt
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the library (caps, lessons, log) as JSON, replacing `path` atomically."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ExperienceLibrary:
-        """Read a library written by `save`."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            items = [Experience(**item) for item in data.pop("items")]
-            return cls(items=items, **data)
-        except FileNotFoundError:
-            raise EvalError(f"experience library {path} does not exist") from None
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
-            raise EvalError(f"{path} is not an experience library written by "
-                            f"ExperienceLibrary.save ({e})") from None
-
-    def _fitting(self, text: str) -> str:
-        """`text` normalised, if it is non-empty and fits `max_chars` on its own."""
-        text = _normalise(text)
-        if not text:
-            raise ValueError("a lesson needs some text")
-        if len(f"[1]. {text}") > self.max_chars:
-            raise ValueError(f"a lesson of {len(text)} characters cannot fit "
-                             f"max_chars={self.max_chars}")
-        return text
-
-    def _enforce_caps(self, keep: int) -> None:
-        """Evict lessons other than `keep`, lowest win rate (then oldest) first, until both
-        caps hold."""
-        while len(self.items) > self.max_items or len(self.render()) > self.max_chars:
-            victim = min((item for item in self.items if item.id != keep),
-                         key=lambda item: item.win_rate)
-            self.delete(victim.id, reason="cap")
-
-    def _record(self, op: str, id: int, text: str, **extra) -> None:
-        """Append one operation to the log."""
-        self.log.append({"op": op, "id": id, "text": text, "epoch": self.epoch, **extra})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,4 +172,3 @@ def _progress(epoch: int, n: int, total: int, problem: Problem, group: list[Roll
     line += (f", compiles {sum(r.result.compiles for r in group)}/{g}, "
              f"passes {sum(r.result.passed for r in group)}/{g}")
     return line + (f"; lesson: {lesson}" if lesson else "")
-

@@ -7,7 +7,7 @@ llama.cpp (llama-cpp-python) and compares (`check`).
 (1.6875), llama.cpp's ternary block formats, or `f16` / `f32`. Each ternary layer is
 written as its codes in {-1, 0, +1} plus a `<name>.scale` F32 tensor holding the absmean
 scale g, which llama.cpp multiplies in after the matmul: the stored weights are exactly the
-ones our forward pass uses (SPECS §14a). Embedding (also the output head: `bitnet` ties
+ones our forward pass uses (docs/techniques.md#gguf). Embedding (also the output head: `bitnet` ties
 them) is F16, or F32 with `--type=f32`; norms are F32.
 
 llama.cpp's `bitnet` block is ours (RMSNorm, rotate-half RoPE, GQA attention, sub-norm

@@ -31,7 +31,8 @@ from nanochat_jax.errors import CheckpointError
 from nanochat_jax.export import hf_bitnet
 from nanochat_jax.infer.load import load as load_run
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.transformer import Transformer, path_names
+from nanochat_jax.model.params import path_names
+from nanochat_jax.model.transformer import Transformer
 
 FORMAT = "nanochat-jax"
 WEIGHTS = "model.safetensors"

@@ -11,10 +11,11 @@ never recompiles per token. `generate` runs the whole decode loop on the device
 (`lax.while_loop`, stopping when every row has hit a stop token or the token budget);
 `stream` runs the same compiled step from Python and yields tokens as they come.
 
-Self-speculative decoding (greedy, models with MTP, SPECS §8): the MTP modules draft the
-next M tokens, one forward pass of the main model over [pending, drafts] verifies them, and
-the longest prefix that matches the main model's own argmax is accepted plus its next token,
-so the output is plain greedy decoding's, token for token, in fewer main-model passes.
+Self-speculative decoding (greedy, models with MTP; docs/techniques.md#mtp): the MTP modules
+draft the next M tokens, one forward pass of the main model over [pending, drafts] verifies
+them, and the longest prefix that matches the main model's own argmax is accepted plus its
+next token, so the output is plain greedy decoding's, token for token, in fewer main-model
+passes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from nanochat_jax.model.kv_cache import KVCache
 from nanochat_jax.model.layers import greedy_tokens
 from nanochat_jax.model.packed import for_cpu, pack_params
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.ternary import kernel
+from nanochat_jax.ternary import tile_cache, tuning
 
 BUCKET = 64  # prompt and cache lengths are rounded up to a multiple of this
 
@@ -94,7 +95,8 @@ class Engine:
 
     `pack` (default): a ternary model's latent BitLinear kernels are packed once, here
     (2-bit codes + scale, the exact same products), instead of being ternarised again in
-    every decode step; a `fake_quant` model (float products) and a dense one keep theirs.
+    every decode step; a `fake_quant` model (float products, `ModelConfig.uses_kernel` False)
+    and a dense one keep theirs.
     On a CPU with the native kernel the packed codes are put in its tile order, also once.
     On a GPU/TPU the kernel's tiles are tuned for each new prompt and cache shape before it
     compiles (`say` gets the tuner's lines; default: stderr).
@@ -103,8 +105,7 @@ class Engine:
     def __init__(self, model: Transformer, variables: dict, cache_dtype=jnp.float32,
                  pack: bool = True, say: Callable[[str], None] | None = None):
         cfg = model.cfg
-        if (pack and cfg.ternary and cfg.ternary_impl != "fake_quant"
-                and "packed" not in variables):
+        if pack and cfg.uses_kernel and "packed" not in variables:
             variables = pack_params(variables)
         if "packed" in variables:
             variables = for_cpu(variables)
@@ -196,21 +197,20 @@ class Engine:
 
     def _tune_kernel(self, tokens, lengths, key, gen: Generation, length: int) -> None:
         """On GPU/TPU, time the kernel's tilings for the products of the prefill and of the
-        decode loop at these shapes before either compiles (ternary/kernel.py: nothing is
+        decode loop at these shapes before either compiles (ternary/tuning.py: nothing is
         timed while tracing; the tiles are cached on disk for later processes). Once per
         shape; nothing on a CPU."""
         signature = (tokens.shape, length, gen)
-        if (not self.cfg.uses_kernel or signature in self._tuned
-                or kernel.resolve_impl("auto") != "pallas"):
+        if not self.cfg.tunes_kernel or signature in self._tuned:
             return
         prefill = functools.partial(self._prefill_fn, gen=gen, length=length)
         cache, first, drafts = jax.eval_shape(prefill, self.variables, tokens, lengths, key)
         loop = functools.partial(self._loop_fn, gen=gen)
-        _, prefill_pending = kernel.lookups_in(prefill, self.variables, tokens, lengths, key)
-        _, loop_pending = kernel.lookups_in(loop, self.variables, cache, first, drafts, lengths,
-                                            key)
+        _, prefill_pending = tile_cache.lookups_in(prefill, self.variables, tokens, lengths, key)
+        _, loop_pending = tile_cache.lookups_in(loop, self.variables, cache, first, drafts,
+                                                lengths, key)
         if prefill_pending or loop_pending:
-            kernel.tune_pending(keys=prefill_pending + loop_pending, say=self._say)
+            tuning.tune_pending(keys=prefill_pending + loop_pending, say=self._say)
         self._tuned.add(signature)
 
     def _batch(self, prompts: Sequence[Sequence[int]], gen: Generation):

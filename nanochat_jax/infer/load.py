@@ -17,7 +17,8 @@ from nanochat_jax.data.tokenizer import FILENAME, BPETokenizer
 from nanochat_jax.errors import CheckpointError
 from nanochat_jax.model.config import ModelConfig, from_run_config
 from nanochat_jax.model.packed import pack_params
-from nanochat_jax.model.transformer import Transformer, unscan
+from nanochat_jax.model.params import unscan
+from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.train.checkpoint import load_run
 
 
@@ -34,15 +35,15 @@ class Loaded:
 
 
 def load(workdir: str, step: int | None = None, *, packed: bool = False,
-         ternary_impl: str | None = None) -> Loaded:
+         ternary_product: str | None = None) -> Loaded:
     """Load `workdir`'s checkpoint at `step` (default: latest). `packed` converts the ternary
-    kernels to 2-bit I2 once; `ternary_impl` overrides how BitLinear computes (e.g.
+    kernels to 2-bit I2 once; `ternary_product` overrides how BitLinear computes (e.g.
     "fake_quant" for latent weights without repacking them every call). A run trained with
-    `model.scan_layers` comes back unrolled (`transformer.unscan`)."""
+    `model.scan_layers` comes back unrolled (`params.unscan`)."""
     config, state, meta = load_run(workdir, step)
     cfg = from_run_config(config)
-    if ternary_impl is not None:
-        cfg = dataclasses.replace(cfg, ternary_impl=ternary_impl)
+    if ternary_product is not None:
+        cfg = dataclasses.replace(cfg, ternary_product=ternary_product)
     path = os.path.join(workdir, FILENAME)
     if os.path.exists(path):
         tokenizer = BPETokenizer.load(workdir)

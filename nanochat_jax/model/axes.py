@@ -1,6 +1,7 @@
-"""Sharding rules of the model's parameters: logical axis names per parameter, mesh axes per
-logical name (DESIGN principle 5). train/sharding.py places arrays by them; BitLinear reads
-them to run the ternary kernel per shard (ternary/linear.py `Layout`).
+"""The model's sharding rules (docs/design.md#sharding-by-logical-axes): mesh axes per logical name;
+the logical names of each parameter's dimensions are its row of model/params.py `PARAMS`.
+train/sharding.py places arrays by them; BitLinear reads them to run the ternary kernel per
+shard (ternary/linear.py `Layout`).
 
 - FSDP: the `embed` dimension of every matrix is split over `fsdp`, so parameters and the
   optimizer states that mirror them live 1/fsdp per device;
@@ -10,28 +11,12 @@ them to run the ternary kernel per shard (ternary/linear.py `Layout`).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from nanochat_jax.model.params import logical_axes
 from nanochat_jax.ternary.linear import Layout
 
 AXES = ("data", "fsdp", "tensor")
-STACK = "blocks"  # the nn.scan'd block stack (model.scan_layers): `blocks/block/...` [L, ...]
-
-# "/"-joined Flax path (searched) -> logical name of each dimension (None: never split).
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|/)embed/embedding$", ("vocab", "embed")),
-    (r"^lm_head$", ("embed", "vocab")),
-    (r"/attn/(q|k|v)/kernel$", ("embed", "heads")),
-    (r"/attn/o/kernel$", ("heads", "embed")),
-    (r"/ffn/(w1|w3)/kernel$", ("embed", "mlp")),
-    (r"/ffn/w2/kernel$", ("mlp", "embed")),
-    (r"(^|/)proj/kernel$", (None, "embed")),  # MTP: [2D, D] from [h; emb]
-    (r"/phi$", ("embed", None)),  # mHC: [n D, n^2 + 2n]
-    (r"(^|/)exit_gate/kernel$", ("embed", None)),  # LoopLM: [D, 1]
-    (r"/(scale|bias|alpha|b_pre|b_post|b_res)$", ()),  # norms and small vectors: replicated
-)
-
 # logical name -> mesh axes (flax.linen.logical_to_mesh_axes format)
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -40,23 +25,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
 )
-
-
-def logical_axes(name: str) -> tuple[str | None, ...] | None:
-    """The logical axis names of parameter `name` (None if no rule matches)."""
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, name):
-            return axes
-    return None
-
-
-def param_axes(name: str) -> tuple[str | None, ...] | None:
-    """The logical axes of a whole parameter: `logical_axes`, with the leading layer axis of
-    the `nn.scan`'d stack (`blocks/...`, model.scan_layers) never split."""
-    axes = logical_axes(name)
-    if axes and name.split("/")[0] == STACK:
-        return (None, *axes)
-    return axes
 
 
 def mesh_axes(logical: str | None) -> tuple[str, ...]:

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from nanochat_jax.collider import Carrier
-from nanochat_jax.model.axes import STACK
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.hyper import HyperMaps, hyper_read, hyper_write
 from nanochat_jax.model.layers import Attention, FeedForward, rms_norm
+from nanochat_jax.model.params import STACK
 
 
 class Block(nn.Module):

@@ -7,16 +7,29 @@ trains it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
 from nanochat_jax.errors import ConfigError
+from nanochat_jax.ternary import kernel
 from nanochat_jax.ternary.fp4 import Backward
-from nanochat_jax.ternary.kernel import target_platform
+from nanochat_jax.ternary.kernel import IMPLS, target_platform
 
-TERNARY_IMPLS = ("auto", "pallas", "interpret", "reference", "fake_quant")
+# How a ternary layer forms its product: "kernel", the packed-weight ternary matmul
+# (ternary/linear.py `ternary_dot`, straight-through VJP), or "fake_quant", quantise then a
+# float matmul (autodiff STE).
+TERNARY_PRODUCTS = ("kernel", "fake_quant")
+# Which ternary matmul runs the kernel product (ternary/kernel.py `IMPLS`): "auto" is Pallas
+# on GPU/TPU, the jnp reference on a CPU.
+KERNEL_BACKENDS = IMPLS
+DEFAULT_TERNARY_PRODUCT, DEFAULT_KERNEL_BACKEND = "kernel", "auto"
+# The one field these two replace, each of its values as (ternary_product, kernel_backend):
+# still accepted, with a one-line note (`_legacy_ternary_impl`).
+TERNARY_IMPLS = {"fake_quant": ("fake_quant", "auto"),
+                 **{backend: ("kernel", backend) for backend in KERNEL_BACKENDS}}
 MTP_KINDS = ("sequential", "parallel")
 FFN_ACTIVATIONS = ("relu2", "silu")
 REMAT_POLICIES = ("none", "full", "dots", "loop")
@@ -26,17 +39,17 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 BF16_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
 # fields that change how the model computes, not which model it is: a run may resume with
 # other values
-HOW_IT_COMPUTES = ("ternary_impl", "compute_dtype", "remat", "fp4_backward", "fp4_hadamard",
-                   "fp4_head")
+HOW_IT_COMPUTES = ("ternary_product", "kernel_backend", "ternary_impl", "compute_dtype",
+                   "remat", "fp4_backward", "fp4_hadamard", "fp4_head")
 FP4_BACKWARD = ("none", "nvfp4", "mxfp4")
-CHOICES = {"ternary_impl": TERNARY_IMPLS, "ffn_activation": FFN_ACTIVATIONS,
-           "compute_dtype": COMPUTE_DTYPES, "fp4_backward": FP4_BACKWARD,
-           "remat": REMAT_POLICIES}
+CHOICES = {"ternary_product": TERNARY_PRODUCTS, "kernel_backend": KERNEL_BACKENDS,
+           "ffn_activation": FFN_ACTIVATIONS, "compute_dtype": COMPUTE_DTYPES,
+           "fp4_backward": FP4_BACKWARD, "remat": REMAT_POLICIES}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a BitNet b1.58 decoder (SPECS §1); `ternary=False` is the dense twin."""
+    """Architecture of a BitNet decoder (docs/techniques.md#bitnet); ternary=False: dense twin."""
 
     vocab_size: int
     seq_len: int  # training context length (rotary tables are built on the fly)
@@ -46,10 +59,11 @@ class ModelConfig:
     n_kv_heads: int  # grouped-query attention when < n_heads
     d_ff: int  # hidden width of the gated FFN
     ternary: bool = True
-    # How ternary layers compute: "fake_quant" (quantise, then a float matmul; autodiff STE)
-    # or ternary_dot through the packed-weight kernel with impl "auto" (Pallas on GPU/TPU,
-    # jnp reference on CPU), "pallas", "interpret" or "reference".
-    ternary_impl: str = "auto"
+    # How ternary layers compute (TERNARY_PRODUCTS, KERNEL_BACKENDS above)
+    ternary_product: str = DEFAULT_TERNARY_PRODUCT
+    kernel_backend: str = DEFAULT_KERNEL_BACKEND
+    # The old spelling of the pair, one of TERNARY_IMPLS: mapped to it, then None
+    ternary_impl: str | None = None
     tie_embeddings: bool = False
     # Gate of the FFN: "relu2" (BitNet b1.58's squared ReLU) or "silu" (SwiGLU, what
     # llama.cpp's `bitnet` architecture computes: GGUF export needs it).
@@ -66,21 +80,21 @@ class ModelConfig:
     compute_dtype: str = "auto"
     remat: str = "none"
     # FP4 (ternary/fp4.py) for the backward pass of a dense model's linear layers and, with
-    # fp4_head, of the LM head (simulated; what is and is not: ternary/fp4.py, SPECS §13)
+    # fp4_head, of the LM head (simulated: ternary/fp4.py, docs/techniques.md#fp4)
     fp4_backward: str = "none"
     fp4_hadamard: bool = False  # random 16x16 Hadamard on the weight-gradient operands
     fp4_head: bool = False  # the LM head's backward in FP4 too (NVIDIA's recipe keeps it BF16)
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # Multi-token prediction (SPECS §8): `mtp_depth` extra future tokens, predicted by
+    # Multi-token prediction (docs/techniques.md#mtp): `mtp_depth` extra future tokens, predicted by
     # DeepSeek-V3 "sequential" modules or Gloeckle et al. "parallel" heads; 0 = off.
     mtp_depth: int = 0
     mtp_kind: str = "sequential"
-    # LoopLM (SPECS §9): the block stack applied `loops` times with shared weights and an
+    # LoopLM (docs/techniques.md#looplm): the stack run `loops` times with shared weights and an
     # exit gate after every loop; 1 = the plain stack.
     loops: int = 1
-    # mHC (SPECS §10): residual stream widened to `mhc_streams` copies mixed by
+    # mHC (docs/techniques.md#mhc): residual stream widened to `mhc_streams` copies mixed by
     # Sinkhorn-projected maps; 0 = the plain residual.
     mhc_streams: int = 0
     mhc_sinkhorn_iters: int = 20
@@ -88,10 +102,16 @@ class ModelConfig:
     # The block stack as one `nn.scan` over layers: parameters stacked `blocks/block/...`
     # with a leading [n_layers] axis, one block traced and compiled whatever the depth.
     # A parameter layout, not only a way to compute: a checkpoint resumes with its own
-    # setting; inference and export take the unrolled layout (`transformer.unscan`).
+    # setting; inference and export take the unrolled layout (`params.unscan`).
     scan_layers: bool = False
 
     def __post_init__(self):
+        if self.ternary_impl is not None:
+            product, backend = _legacy_ternary_impl(
+                self.ternary_impl, (self.ternary_product, self.kernel_backend))
+            object.__setattr__(self, "ternary_product", product)
+            object.__setattr__(self, "kernel_backend", backend)
+            object.__setattr__(self, "ternary_impl", None)
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_kv_heads",
                      "d_ff"):
             if getattr(self, name) <= 0:
@@ -102,6 +122,13 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of "
                               f"model.n_kv_heads={self.n_kv_heads}")
+        for name, other in (("ternary_product", "kernel_backend"),
+                            ("kernel_backend", "ternary_product")):
+            value = getattr(self, name)
+            if value not in CHOICES[name] and value in CHOICES[other]:
+                raise ConfigError(f"model.{name}={value} is a value of model.{other}: set "
+                                  f"model.{other}={value} and model.{name} to one of "
+                                  f"{', '.join(CHOICES[name])}")
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown model.{name} {getattr(self, name)!r}: choose one "
@@ -125,8 +152,15 @@ class ModelConfig:
 
     @property
     def uses_kernel(self) -> bool:
-        """Whether training runs the ternary matmul kernel (ternary/kernel.py `IMPLS`)."""
-        return self.ternary and self.ternary_impl != "fake_quant"
+        """Whether the ternary layers multiply through the packed-weight kernel (on
+        `kernel_backend`): what decides packing for decode and tuning the kernel's tiles."""
+        return self.ternary and self.ternary_product == "kernel"
+
+    @property
+    def tunes_kernel(self) -> bool:
+        """Whether the kernel runs compiled (Pallas on a GPU or TPU, what `kernel_backend`
+        resolves to here), so its tilings are worth timing."""
+        return self.uses_kernel and kernel.resolve_impl(self.kernel_backend) == "pallas"
 
     @property
     def head_dim(self) -> int:
@@ -148,6 +182,33 @@ class ModelConfig:
         """The activation dtype: `compute_dtype` as a jnp dtype, "auto" resolved for the
         platform being compiled for (`resolve_compute_dtype`)."""
         return jnp.dtype(resolve_compute_dtype(self.compute_dtype))
+
+
+_NOTED: set[str] = set()  # the old ternary_impl values already noted in this process
+
+
+def _legacy_ternary_impl(value: str, given: tuple[str, str]) -> tuple[str, str]:
+    """(ternary_product, kernel_backend) of an old `model.ternary_impl` value, with one line
+    on stderr the first time each value that changes the defaults is seen. `given`: the new
+    fields as set; left at their defaults they take the old value's meaning, set otherwise
+    they must agree with it (an old checkpoint's "auto" is the defaults: no note)."""
+    if value not in TERNARY_IMPLS:
+        raise ConfigError(f"unknown model.ternary_impl {value!r} (the old spelling of "
+                          f"model.ternary_product and model.kernel_backend): set "
+                          f"model.ternary_product to one of {', '.join(TERNARY_PRODUCTS)} and "
+                          f"model.kernel_backend to one of {', '.join(KERNEL_BACKENDS)}")
+    product, backend = TERNARY_IMPLS[value]
+    defaults = (DEFAULT_TERNARY_PRODUCT, DEFAULT_KERNEL_BACKEND)
+    if given not in (defaults, (product, backend)):
+        raise ConfigError(f"model.ternary_impl={value} (the old spelling: "
+                          f"model.ternary_product={product} model.kernel_backend={backend}) "
+                          f"disagrees with model.ternary_product={given[0]} "
+                          f"model.kernel_backend={given[1]}: drop model.ternary_impl")
+    if (product, backend) != defaults and value not in _NOTED:
+        _NOTED.add(value)
+        print(f"note: model.ternary_impl={value} is now model.ternary_product={product} "
+              f"model.kernel_backend={backend}", file=sys.stderr)
+    return product, backend
 
 
 def resolve_compute_dtype(compute_dtype: str, platform: str | None = None) -> str:

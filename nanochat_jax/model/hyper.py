@@ -1,4 +1,4 @@
-"""mHC: manifold-constrained hyper-connections (SPECS §10).
+"""mHC: manifold-constrained hyper-connections (docs/techniques.md#mhc).
 
 The residual stream is widened to n copies, `x: [B, T, n, D]`. Around each sub-layer F
 (attention, FFN) three maps mix it:

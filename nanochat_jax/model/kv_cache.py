@@ -3,7 +3,7 @@
 Slots are token positions; row b holds its own sequence, so prompts of different lengths share
 one cache (right-padded: a pad's slot is overwritten by the row's next real token before any
 query can see it, since a query at position p sees only slots <= p). LoopLM runs the same
-layers once per loop with different inputs, so each loop step has its own cache (SPECS §9).
+layers once per loop on different inputs: each loop has its own cache (docs/techniques.md#looplm).
 
 Each attention layer has its own `[B, Hkv, S, Dh]` array, in the layout attention reads
 (heads before slots: the score and value products need no transpose). Separate arrays let a

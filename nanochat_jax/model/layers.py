@@ -1,7 +1,7 @@
 """Building blocks of the BitNet b1.58 decoder: BitLinear, rotary embeddings, attention, FFN.
 
 Layout: kernels are `[in, out]` (Flax). Every BitLinear in the block is preceded by exactly
-one RMSNorm (pre-norm or sub-norm), which is the `x~ = RMSNorm(x)` of SPECS §1, so BitLinear
+one RMSNorm (pre-norm or sub-norm): the `x~ = RMSNorm(x)` of docs/techniques.md#bitnet; BitLinear
 itself only quantises.
 """
 
@@ -26,9 +26,11 @@ class BitLinear(nn.Module):
     """y = x_q @ W_q with absmean-ternary W and per-token int8 x (STE); plain x @ W when dense.
 
     The kernel is an fp32 latent `[in, out]`; quantised views are recomputed every call and
-    never stored. `impl` "fake_quant" multiplies dequantised floats; any other value runs
-    `ternary_dot` (packed 2-bit kernel, custom-VJP STE) with that kernel impl. When the
-    variables hold a `packed/kernel` (see model/packed.py) the layer runs from it alone.
+    never stored. `product` "fake_quant" multiplies dequantised floats; "kernel" runs
+    `ternary_dot` (packed 2-bit kernel, custom-VJP STE) on the kernel `backend` (model/config.py
+    TERNARY_PRODUCTS, KERNEL_BACKENDS). When the variables hold a `packed/kernel` (see
+    model/packed.py) the layer runs from it alone, on `backend`. The model builds its layers
+    with `bit_linear`.
     Under a mesh the kernel runs per shard, placed by the sharding rule of this layer's
     kernel (model/axes.py `kernel_layout`). No bias (BitNet has none).
     """
@@ -36,14 +38,14 @@ class BitLinear(nn.Module):
     features: int
     ternary: bool = True
     init_std: float = 0.02
-    impl: str = "auto"
+    product: str = "kernel"
+    backend: str = "auto"
     fp4: Any = None  # ternary.fp4.Backward: the dense path's backward in FP4
 
     @nn.compact
     def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
         """x [..., in] -> y [..., out]; with a Collider carrier -> (y, carrier), the
         backward then running on the kept rows only (nanochat_jax/collider.py)."""
-        kernel_impl = "auto" if self.impl == "fake_quant" else self.impl
         layout = kernel_layout("/".join(self.path + ("kernel",)))
         if self.has_variable("packed", "kernel"):
             if not self.ternary:
@@ -51,7 +53,7 @@ class BitLinear(nn.Module):
                     f"{'/'.join(self.path)}: packed ternary weights given to a dense model "
                     f"(model.ternary=False): model.packed.pack_params ternarises weights, "
                     f"which would change this model; run it from its latent params")
-            return packed_dot(x, self.get_variable("packed", "kernel"), kernel_impl, layout)
+            return packed_dot(x, self.get_variable("packed", "kernel"), self.backend, layout)
         w = self.param("kernel", nn.initializers.normal(self.init_std),
                        (x.shape[-1], self.features), jnp.float32)  # [in, out]
         if carrier is not None:
@@ -60,17 +62,26 @@ class BitLinear(nn.Module):
                                   "layers do not combine (it would silently run in full "
                                   "precision): set collider.enabled=False or "
                                   "model.fp4_backward=none")
-            mode = "dense" if not self.ternary else (
-                "fake_quant" if self.impl == "fake_quant" else "kernel")
-            return collider.linear(x, w, carrier, mode, kernel_impl, layout)
+            mode = self.product if self.ternary else "dense"
+            return collider.linear(x, w, carrier, mode, self.backend, layout)
         if not self.ternary:
             if self.fp4 is not None:  # no "fp4" rng: inference; its backward is refused
                 return self.fp4.dot(x, w, self.make_rng("fp4") if self.has_rng("fp4") else None)
             return jnp.dot(x, w.astype(x.dtype))
-        if self.impl == "fake_quant":
+        if self.product == "fake_quant":
             x_q, w_q = quant.quantize_activations_ste(x), quant.quantize_weights_ste(w)
             return jnp.dot(x_q, w_q.astype(x.dtype))
-        return ternary_dot(x, w, kernel_impl, layout)
+        return ternary_dot(x, w, self.backend, layout)
+
+
+def bit_linear(cfg: ModelConfig, features: int, name: str, init_std: float | None = None
+               ) -> BitLinear:
+    """The model's BitLinear with `features` outputs, computing as `cfg` says (ternary or
+    dense, product, kernel backend, FP4 backward); `init_std` defaults to `cfg.init_std`."""
+    return BitLinear(features, ternary=cfg.ternary,
+                     init_std=cfg.init_std if init_std is None else init_std,
+                     product=cfg.ternary_product, backend=cfg.kernel_backend, fp4=cfg.fp4,
+                     name=name)
 
 
 def linear_with(layer: BitLinear, x: jax.Array, carrier: collider.Carrier | None):
@@ -153,9 +164,8 @@ class Attention(nn.Module):
         c = self.cfg
         b, t, _ = x.shape
 
-        def dense(h, n, name, std=c.init_std):
-            layer = BitLinear(n, c.ternary, std, c.ternary_impl, c.fp4, name=name)
-            return linear_with(layer, h, carrier)
+        def dense(h, n, name, std=None):
+            return linear_with(bit_linear(c, n, name, std), h, carrier)
 
         q, carrier = dense(x, c.n_heads * c.head_dim, "q")
         k, carrier = dense(x, c.n_kv_heads * c.head_dim, "k")
@@ -187,13 +197,10 @@ class FeedForward(nn.Module):
         """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
         c = self.cfg
 
-        def lin(n, name, std=c.init_std):
-            return BitLinear(n, c.ternary, std, c.ternary_impl, c.fp4,
-                                                                name=name)
-        gate, carrier = linear_with(lin(c.d_ff, "w1"), x, carrier)  # [B, T, F]
-        up, carrier = linear_with(lin(c.d_ff, "w3"), x, carrier)  # [B, T, F]
+        gate, carrier = linear_with(bit_linear(c, c.d_ff, "w1"), x, carrier)  # [B, T, F]
+        up, carrier = linear_with(bit_linear(c, c.d_ff, "w3"), x, carrier)  # [B, T, F]
         act = jax.nn.silu(gate) if c.ffn_activation == "silu" else jnp.square(jax.nn.relu(gate))
         h = act * up
         h = rms_norm(c, "ffn_sub_norm")(h)
-        return linear_with(lin(c.d_model, "w2", c.init_std / (2 * c.n_layers) ** 0.5), h,
-                           carrier)
+        return linear_with(bit_linear(c, c.d_model, "w2", c.init_std / (2 * c.n_layers) ** 0.5),
+                           h, carrier)

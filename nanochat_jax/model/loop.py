@@ -1,4 +1,4 @@
-"""LoopLM exit distribution (SPECS §9): when a looped model stops, as a distribution.
+"""LoopLM (docs/techniques.md#looplm): when a looped model stops, as a distribution.
 
 Gate logits z_t (t = 1..S-1) give lambda_t = sigmoid(z_t), survival
 S_t = prod_{j<=t} (1 - lambda_j), and p(t) = lambda_t S_{t-1} for t < S, p(S) = S_{S-1}.

@@ -1,4 +1,4 @@
-"""Multi-token prediction modules (SPECS §8): depth k predicts token t + k + 1.
+"""Multi-token prediction modules (docs/techniques.md#mtp): depth k predicts token t + k + 1.
 
 "sequential" (DeepSeek-V3 §2.2): h'_k = Proj_k [RMSNorm(h_{k-1}); RMSNorm(Emb(t_{i+k}))],
 h_k = Block_k(h'_k), starting from h_0 = the trunk's last hidden state.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from nanochat_jax.collider import Carrier
 from nanochat_jax.model.block import block_class
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.layers import BitLinear, linear_with, rms_norm
+from nanochat_jax.model.layers import bit_linear, linear_with, rms_norm
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -42,8 +42,6 @@ class MTPModule(nn.Module):
             h = jnp.concatenate([rms_norm(c, "hidden_norm")(h_prev),
                                  rms_norm(c, "embed_norm")(next_embed)],
                                 axis=-1)  # [B, T, 2D]
-            proj = BitLinear(c.d_model, c.ternary, c.init_std, c.ternary_impl, c.fp4,
-                             name="proj")
-            h, carrier = linear_with(proj, h, carrier)
+            h, carrier = linear_with(bit_linear(c, c.d_model, "proj"), h, carrier)  # [B, T, D]
         h, _, carrier, kv = block_class(c)(c, name="block")(h, carrier, kv, positions)
         return h, rms_norm(c, "out_norm")(h), carrier, kv

@@ -1,6 +1,6 @@
 """Inference from packed weights: convert a trained model's ternary kernels once to I2.
 
-`pack_params(params)` moves every BitLinear kernel (the 2-D kernels inside blocks) out of
+`pack_params(params)` moves every BitLinear kernel (model/params.py `is_hidden`) out of
 `params` into a `packed` collection of `PackedTernary` (2 bits per weight + one scale), so
 `model.apply(pack_params(params), tokens)` runs with no latent weights in memory.
 `for_cpu(variables)` puts the packed codes in the CPU kernel's tile order once (the Engine
@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from nanochat_jax.model.transformer import is_block_kernel, path_names
+from nanochat_jax.model.params import is_hidden, path_names
 from nanochat_jax.ternary import cpu_kernel, kernel
 from nanochat_jax.ternary.packing import PackedTernary, pack, to_layout
 
@@ -32,7 +32,7 @@ def pack_params(params: dict) -> dict[str, Any]:
 
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = path_names(path)
-        if is_block_kernel(path, leaf):
+        if is_hidden(path, leaf):
             place(packed, keys, jax.jit(pack)(leaf))
         else:
             place(rest, keys, leaf)
@@ -62,7 +62,7 @@ def ternary_weight_bytes(params: dict, dtype_bytes: int = 2) -> int:
     params = params.get("params", params)
     return sum(leaf.size * dtype_bytes
                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-               if is_block_kernel(path, leaf))
+               if is_hidden(path, leaf))
 
 
 def packed_bytes(variables: dict) -> int:

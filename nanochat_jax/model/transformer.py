@@ -15,37 +15,12 @@ import jax.numpy as jnp
 
 from nanochat_jax.collider import Carrier
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.axes import STACK
 from nanochat_jax.model.block import block_class, scanned_blocks
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache, copy_slots
 from nanochat_jax.model.layers import greedy_tokens, rms_norm
 from nanochat_jax.model.loop import exit_distribution, exit_hidden
 from nanochat_jax.model.mtp import MTPModule, shift_left
-
-
-def path_names(path) -> tuple[str, ...]:
-    """A jax.tree_util key path as plain names: ('block_0', 'attn', 'q', 'kernel')."""
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def layer_ndim(path, leaf) -> int:
-    """The rank of one layer's parameter: a leaf of the nn.scan'd stack (`blocks/...`,
-    model.scan_layers) without its leading layer axis."""
-    return leaf.ndim - (path_names(path)[0] == STACK)
-
-
-def is_block_kernel(path, leaf) -> bool:
-    """True exactly for the BitLinear weights: 2-D `kernel`s inside transformer blocks or MTP
-    modules (not the embedding, LM head, exit gate, norms or mHC maps), and their stacked
-    `[n_layers, in, out]` form under `model.scan_layers`. `path` is a jax.tree_util key
-    path."""
-    names = path_names(path)
-    if names[-1] != "kernel":
-        return False
-    if names[0] == STACK:  # nn.scan'd blocks: [n_layers, in, out]
-        return leaf.ndim == 3
-    return leaf.ndim == 2 and any(n.startswith(("block_", "mtp_")) for n in names)
 
 
 class ModelOutput(NamedTuple):
@@ -124,7 +99,7 @@ class Transformer(nn.Module):
             stack_pass = nn.remat(stack_pass)
         for t in range(n_loops):
             if t:
-                x = self.loop_norm(x)  # hidden norms grow across loops (SPECS §9)
+                x = self.loop_norm(x)  # hidden norms grow across loops (docs/techniques.md#looplm)
             x, res, carrier = stack_pass(self, x, carrier)
             maps += res
             flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, T, D]
@@ -166,7 +141,7 @@ class Transformer(nn.Module):
         """tokens [B, T] int -> (final hidden [B, T, D], head weight [D, V]).
 
         Looped models use the last of `loops` loops, or with `exit_threshold` q each token's
-        first loop whose exit CDF reaches q (SPECS §9 adaptive exit).
+        first loop whose exit CDF reaches q (docs/techniques.md#looplm).
         """
         out = self.forward(tokens, loops, with_mtp=self.is_initializing())  # init: every param
         if exit_threshold is None or out.exit_logits is None:
@@ -184,7 +159,7 @@ class Transformer(nn.Module):
         """Prefill or decode with the KV cache: tokens [B, W] at positions [B, W] (consecutive
         per row) -> Decoded; the hidden states equal `hidden_and_head`'s at those positions.
 
-        With `exit_threshold` q (looped models, SPECS §9) each token takes the hidden state of
+        With `exit_threshold` q (docs/techniques.md#looplm) each token takes the hidden state of
         its first loop whose exit CDF reaches q, and a loop is skipped outright (`nn.cond`)
         once every token fed has exited; a skipped loop's cache slots get the previous loop's
         keys and values, so later tokens that do run that loop attend to those instead.
@@ -193,7 +168,7 @@ class Transformer(nn.Module):
         if c.scan_layers:
             raise ConfigError("decoding with the KV cache runs on unrolled blocks: convert a "
                               "model.scan_layers=True model with "
-                              "nanochat_jax.model.transformer.unscan(cfg, params)")
+                              "nanochat_jax.model.params.unscan(cfg, params)")
         x = self._embed_stream(tokens)
         n_layers = c.n_layers
         k, v = list(cache.k), list(cache.v)  # loop t, layer i at t * L + i: [B, Hkv, S, Dh]
@@ -241,7 +216,7 @@ class Transformer(nn.Module):
 
     def draft(self, trunk: jax.Array, fed: jax.Array, greedy: jax.Array, last: jax.Array,
               positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Greedy drafts of the next `mtp_depth` tokens with the MTP modules (SPECS §8).
+        """Greedy drafts of the next `mtp_depth` tokens (docs/techniques.md#mtp).
 
         trunk [B, W, D]: `decode`'s trunk for the tokens `fed` [B, W] at `positions`;
         greedy [B, W]: the main head's argmax there; last [B]: each row's last valid window
@@ -294,28 +269,10 @@ class Transformer(nn.Module):
         return jnp.stack(normed, 1), cache.replace(mtp_k=tuple(mtp_k), mtp_v=tuple(mtp_v))
 
 
-def unscanned(cfg: ModelConfig) -> ModelConfig:
-    """The architecture of a model's unrolled twin (what decoding and export run)."""
-    return dataclasses.replace(cfg, scan_layers=False)
-
-
-def unscan(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
-    """The unrolled twin of a `scan_layers` model: `blocks/block/...` [L, ...] split into
-    `block_{i}/...` (what decoding, packing and export read). Other models are returned as
-    they are."""
-    if not cfg.scan_layers:
-        return cfg, params
-    params = dict(params)
-    stacked = params.pop(STACK)["block"]
-    for i in range(cfg.n_layers):
-        params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return unscanned(cfg), params
-
-
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by `jax.eval_shape` of `init`: total, embedding/head, and the rest.
     Counted on the scanned twin (the same parameters, the blocks' stacked [L, ...]): one
-    block is traced, not L (the 7b preset: 2.7 -> 0.25 s)."""
+    block is traced, not L."""
     model = Transformer(dataclasses.replace(cfg, scan_layers=True))
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]

@@ -3,7 +3,8 @@
 `optimizer.name` picks the composition from `BUILDERS`; each reads the sub-groups of the
 `optimizer` group it uses (`adamw`, `lion`, `muon`, `int8`, `galore`) and the shared fields
 (`lr`, `adam_lr`, `weight_decay`, `grad_clip`, the schedule). Hidden matrices (the BitLinear
-kernels inside blocks) and everything else (embedding, LM head, norms) form two groups:
+kernels, model/params.py `is_hidden`) and everything else (embedding, LM head, norms) form
+two groups:
 
 | name | hidden matrices | other leaves |
 |---|---|---|
@@ -14,8 +15,8 @@ kernels inside blocks) and everything else (embedding, LM head, norms) form two 
 | galore2 | GaLore 2 (rank-r Adam, lr, scale galore.scale) | AdamW (adam_lr) |
 | galore2_muon_8bit | GaLore 2 with an 8-bit Muon inner (lr), Muon's RMS | AdamW (adam_lr) |
 
-Weight decay is one convention in every arm: every weight of two or more dimensions
-(embedding and head included; not norms, biases or mHC's `b_res`) decays by
+Weight decay is one convention in every arm: every weight matrix (embedding and head
+included; not norms, biases or mHC's `b_res`: model/params.py `is_decayed`) decays by
 `weight_decay` times its group's learning rate, on the same schedule.
 
 `galore2_muon_8bit` gives its back-projected Muon update Muon's own shape factor
@@ -40,7 +41,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model.transformer import is_block_kernel, layer_ndim, path_names
+from nanochat_jax.model.params import is_decayed, is_hidden
 from nanochat_jax.optim.galore import galore
 from nanochat_jax.optim.quantized import quantize_states
 
@@ -50,23 +51,23 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 
 def matrix_labels(params) -> Any:
-    """'matrix' for hidden matrices, 'other' for every other leaf: the two groups."""
+    """'matrix' for hidden matrices (model/params.py `is_hidden`), 'other' for every other
+    leaf: the two groups. A parameter model/params.py does not declare is refused."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: "matrix" if is_block_kernel(p, x) else "other", params)
+        lambda p, x: "matrix" if is_hidden(p, x) else "other", params)
 
 
 def _decay_mask(params):
-    """AdamW decays weight matrices (embedding and head included), never norms, 1-D leaves or
-    the mHC bias maps `b_res` (decaying them would pull H_res from identity to uniform)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: layer_ndim(p, x) >= 2 and path_names(p)[-1] != "b_res", params)
+    """AdamW decays weight matrices (embedding and head included), never norms' scales,
+    biases or mHC's small maps (model/params.py `is_decayed`)."""
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
 def lr_schedule(cfg: Mapping[str, Any], total_steps: int) -> tuple[Schedule, Schedule]:
     """(lr multiplier, weight-decay multiplier) as functions of the step, both in [0, 1].
 
     constant / linear / cosine: linear warmup, then hold / decay to `min_lr_ratio`.
-    bitnet (SPECS §1): linear decay whose value is multiplied by `stage2_lr_ratio` from
+    bitnet (docs/techniques.md#bitnet): linear decay, multiplied by `stage2_lr_ratio` from
     step `stage2_at * total_steps` on (the abrupt drop), where weight decay also becomes 0.
     """
     name, warmup = cfg["schedule"], int(cfg["warmup_steps"])

@@ -1,4 +1,4 @@
-"""FIRE: re-initialise hidden matrices to their nearest scaled isometry (SPECS §7).
+"""FIRE: re-initialise hidden matrices to their nearest scaled isometry (docs/techniques.md#fire).
 
 "FIRE: Frobenius-Isometry Reinitialization for Balancing the Stability-Plasticity
 Tradeoff" (ICLR 2026). Applied once, at a data-distribution boundary (continual
@@ -9,7 +9,7 @@ Layout: Flax kernels are `[in, out]` (`y = x @ W`), so `d_in = W.shape[0]` and
 `d_out = W.shape[1]`. After convergence every singular value of W' is `c = sqrt(d_out/d_in)`,
 so the Gram matrix on the SHORT side is `c^2 I = (d_out / d_in) I`:
 
-    tall  [in, out], d_in >= d_out:  W'^T W' = (d_out/d_in) I_{d_out}   (SPECS' statement)
+    tall  [in, out], d_in >= d_out:  W'^T W' = (d_out/d_in) I_{d_out}   (docs/techniques.md#fire)
     wide  [in, out], d_in <= d_out:  W' W'^T = (d_out/d_in) I_{d_in}
 
 (the long-side Gram is `c^2` times a rank-min(d_in, d_out) projector, not a multiple of I).
@@ -18,14 +18,14 @@ For a wide kernel the scale keeps activations' RMS per unit exactly: `|x W'|^2 =
 d_out-dimensional part of x: `|x W'|^2 = (d_out/d_in) |P x|^2` with P the projection on
 W's row space, `(d_out/d_in)^2 |x|^2` on average over directions, so the RMS per output
 unit shrinks by `sqrt(d_out/d_in)` there. In PyTorch's `[out, in]` layout the same matrix is
-W'^T, which is tall when d_out > d_in, and SPECS' `W^T W = (d_out/d_in) I (tall)` then reads
+W'^T, which is tall when d_out > d_in, and the tall `W^T W = (d_out/d_in) I` then reads
 `W'_flax W'_flax^T`: the statement holds for any layout as long as "tall" means rows >= cols
 of the matrix written.
 
-What is selected: by default `is_block_kernel`, the 2-D kernels inside transformer blocks
-(q, k, v, o separately; w1, w2, w3). The embedding, the LM head (tied or not) and the norms
-are left as they are: an embedding table is a lookup, not a linear map whose isometry
-matters, and leaving it alone avoids SPECS' tied-embedding pitfall.
+What is selected: by default the hidden matrices (model/params.py `is_hidden`: the BitLinear
+kernels, q, k, v, o separately; w1, w2, w3; MTP's proj). The embedding, the LM head (tied or
+not) and the norms are left as they are: an embedding table is a lookup, not a linear map
+whose isometry matters, and leaving it alone keeps a tied embedding from being orthogonalised.
 
 Optimizer state policy: the moments of every re-initialised leaf are reset to zero (Adam's
 mu and nu, Muon's momentum); everything else, including the step counts shared by all
@@ -38,7 +38,7 @@ is orthogonalised, so its scale does not depend on the momentum's. GaLore's proj
 kept (see `reset_moments`).
 
 `python -m nanochat_jax.cli.fire --workdir=RUN --out=NEW` applies it to a run's
-checkpoint (train/fire.py).
+checkpoint (train/fire_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.model.params import is_hidden
 
 Select = Callable[[Any, jax.Array], bool]
-# Newton-Schulz iterations: 10 (SPECS) leaves a 128x128 Gaussian kernel's singular values
+# Newton-Schulz iterations: 10 (FIRE's default) leaves a 128x128 Gaussian kernel's singular values
 # down to 0.02 c (isometry error 0.22); 30 converges for the presets' shapes. The run's
 # default is experiments/configs/base.py `optimizer.fire.iters` (a test keeps them equal).
 ITERS = 30
@@ -66,7 +66,7 @@ def nearest_isometry(w: jax.Array, iters: int = ITERS) -> jax.Array:
     """`sqrt(d_out / d_in) * U V^T` for `w = U S V^T`: FIRE on one `[in, out]` kernel.
 
     Cubic Newton-Schulz on `X = W / ||W||_F` in the tall orientation, `X <- 1.5 X -
-    0.5 X (X^T X)`, converges to the polar factor U V^T (FIRE, SPECS §7). The Frobenius
+    0.5 X (X^T X)`, converges to the polar factor U V^T (docs/techniques.md#fire). The Frobenius
     normalisation puts every singular value in (0, 1], where the iteration converges;
     a singular value s/||W||_F grows ~1.5x per step while small, so iters must be about
     log_1.5(||W||_F / s_min) + 5: ~15-25 for rectangular Gaussian matrices of width 32-64,
@@ -78,7 +78,7 @@ def nearest_isometry(w: jax.Array, iters: int = ITERS) -> jax.Array:
         return jax.vmap(lambda m: nearest_isometry(m, iters))(flat).reshape(w.shape)
     if w.ndim != 2:
         raise ValueError(f"FIRE needs a 2-D [in, out] kernel, got shape {w.shape}; select "
-                         f"only matrices (see is_block_kernel)")
+                         f"only matrices (see model/params.py is_hidden)")
     d_in, d_out = w.shape
     x = w.astype(jnp.float32)
     wide = d_in < d_out
@@ -98,32 +98,35 @@ def nearest_isometry(w: jax.Array, iters: int = ITERS) -> jax.Array:
 
 
 def isometry_error(w: jax.Array) -> jax.Array:
-    """max |G - (d_out/d_in) I| for the short-side Gram G of an `[in, out]` kernel.
+    """max |G - (d_out/d_in) I| for the short-side Gram G of an `[in, out]` kernel, the
+    largest over a stack `[..., in, out]` (model.scan_layers).
 
     G = W^T W for tall kernels (d_in >= d_out), W W^T for wide ones; 0 for FIRE's output
     at convergence (see the module docstring).
     """
-    d_in, d_out = w.shape
+    d_in, d_out = w.shape[-2:]
     w = w.astype(jnp.float32)
-    gram = jnp.matmul(w.T, w, precision=_HIGHEST) if d_in >= d_out else jnp.matmul(
-        w, w.T, precision=_HIGHEST)  # [min, min]
-    return jnp.max(jnp.abs(gram - (d_out / d_in) * jnp.eye(gram.shape[0])))
+    w_t = jnp.swapaxes(w, -1, -2)
+    gram = jnp.matmul(w_t, w, precision=_HIGHEST) if d_in >= d_out else jnp.matmul(
+        w, w_t, precision=_HIGHEST)  # [..., min, min]
+    eye = jnp.broadcast_to(jnp.eye(gram.shape[-1]), gram.shape)
+    return jnp.max(jnp.abs(gram - (d_out / d_in) * eye))
 
 
-def fire_params(params: Any, select: Select = is_block_kernel, iters: int = ITERS) -> Any:
+def fire_params(params: Any, select: Select = is_hidden, iters: int = ITERS) -> Any:
     """params with every leaf where `select(path, leaf)` replaced by its nearest isometry.
 
-    The FIRE re-initialisation (SPECS §7) of a whole model; other leaves are returned as is.
+    FIRE (docs/techniques.md#fire) on a whole model; other leaves are returned as is.
     """
     return jax.tree_util.tree_map_with_path(
         lambda path, x: nearest_isometry(x, iters) if select(path, x) else x, params)
 
 
-def reset_moments(opt_state: Any, params: Any, select: Select = is_block_kernel) -> Any:
+def reset_moments(opt_state: Any, params: Any, select: Select = is_hidden) -> Any:
     """opt_state with the state of every selected param (Adam mu/nu, Muon momentum) zeroed.
 
     FIRE moves the selected weights far from where their moments were gathered, so those
-    moments are reset (SPECS §7's default). A state subtree "mirrors" params when params'
+    moments are reset (docs/techniques.md#fire). A state subtree "mirrors" params when params'
     tree structure is a prefix of it: Adam's mu and nu, Muon's momentum, and optax.partition
     / masked states, whose non-participating leaves are `optax.MaskedNode` (no arrays, so
     nothing to zero there). A selected position holding a subtree (a quantised state's
@@ -153,7 +156,7 @@ def reset_moments(opt_state: Any, params: Any, select: Select = is_block_kernel)
     return jax.tree_util.tree_map_with_path(reset, opt_state, is_leaf=mirrors)
 
 
-def apply_fire(state: Any, iters: int = ITERS, select: Select = is_block_kernel) -> Any:
+def apply_fire(state: Any, iters: int = ITERS, select: Select = is_hidden) -> Any:
     """The TrainState after FIRE: selected params re-initialised, their moments reset.
 
     `step` and `rng` are kept, so the LR schedule and the data order continue where they were.

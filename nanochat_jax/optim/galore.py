@@ -1,4 +1,4 @@
-"""GaLore 2: run an inner optimizer on low-rank projections of 2-D gradients (SPECS §5).
+"""GaLore 2: run an inner optimizer on low-rank projections of 2-D gradients.
 
 GaLore (Zhao et al. 2024, "Gradient Low-Rank Projection", Alg. 1) keeps optimizer moments in
 an r-dimensional subspace of each weight gradient, refreshed every `update_every` steps from
@@ -109,7 +109,7 @@ def galore(inner: optax.GradientTransformation, *, rank: int, update_every: int 
     its back-projected update has r unit singular values where full-rank Muon's has
     min(m, n), so this gives both the same RMS at the same learning rate.
 
-    GaLore 2 (SPECS §5). Every leaf of rank >= 2 that reaches this transform is projected:
+    GaLore 2 (docs/techniques.md#galore-2). Every leaf of rank >= 2 reaching it is projected:
     choose which leaves do with `optax.partition` / `optax.multi_transform`. Vectors and
     scalars pass to `inner` unprojected (and get no `scale`). The projector of each leaf is
     recomputed from the current gradient at steps 0, T, 2T, ... (T = `update_every`) inside

@@ -1,8 +1,9 @@
-"""Parameter and optimizer-state bytes of a run config, without allocating anything
-(`python -m experiments.memory_at_size` prints them per arm and preset).
+"""Parameter and optimizer-state bytes of a train state, arrays or shapes alike
+(`python -m experiments.memory_at_size` prints them per arm and preset from each run config's
+abstract state: nothing allocated).
 
-Shapes come from `jax.eval_shape` of the model init and the optimizer init. Optimizer bytes
-are split by the partition groups the composition uses (e.g. muon / adam) when it has them.
+Optimizer bytes are split by the partition groups the composition uses (e.g. muon / adam)
+when it has them.
 """
 
 from __future__ import annotations
@@ -10,11 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-
-from nanochat_jax.model import config as model_config
-from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
 
 
 def tree_bytes(tree: Any) -> int:
@@ -48,15 +44,11 @@ def _partition_groups(state) -> dict[str, int]:
     return groups
 
 
-def state_memory(config) -> dict:
-    """{'params', 'params_bytes', 'opt_state_bytes', 'bytes_per_param', 'groups'} for a config."""
-    mcfg = model_config.from_run_config(config)
-    model = Transformer(mcfg)
-    tx, _ = build_optimizer(config.optimizer, config.training.steps)
-    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
-    state = jax.eval_shape(tx.init, params)
+def state_memory(params, opt_state) -> dict:
+    """{'params', 'params_bytes', 'opt_state_bytes', 'bytes_per_param', 'groups'} of a train
+    state's params and optimizer state (arrays or `jax.ShapeDtypeStruct`s: a run config's
+    `nanochat_jax.train.setup.abstract_train_state` allocates nothing)."""
     n = sum(int(x.size) for x in jax.tree.leaves(params))
-    opt = tree_bytes(state)
+    opt = tree_bytes(opt_state)
     return {"params": n, "params_bytes": tree_bytes(params), "opt_state_bytes": opt,
-            "bytes_per_param": opt / n, "groups": _partition_groups(state)}
+            "bytes_per_param": opt / n, "groups": _partition_groups(opt_state)}

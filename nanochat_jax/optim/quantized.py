@@ -1,4 +1,4 @@
-"""8-bit optimizer states: blockwise int8 storage for any optax transform's float state (SPECS §4).
+"""8-bit optimizer states: blockwise int8 storage for any optax transform's float state.
 
 `quantize_states(inner)` keeps the inner transform's large float state leaves (Muon momentum,
 Adam moments, ...) as int8 codes plus one fp32 absmax per block of `block_size` elements, and
@@ -57,7 +57,7 @@ _DYNAMIC_MIDPOINTS = (_DYNAMIC_MAP[1:] + _DYNAMIC_MAP[:-1]) / 2  # f32 [255], de
 
 def quantize(x: jax.Array, block_size: int = 256, dynamic: bool = False) -> QuantizedArray:
     """Blockwise 8-bit encoding of `x`: flatten, zero-pad to a multiple of `block_size`, scale
-    each block by its absmax and round to the nearest code (SPECS §4).
+    each block by its absmax, round to the nearest code (docs/techniques.md#8-bit-optimizer-states).
 
     Linear map: q = round(127 x / absmax) in [-127, 127]. Dynamic map: the index of the nearest
     `create_dynamic_map()` value, stored as index - 128. An all-zero block keeps absmax 0 and
@@ -117,7 +117,7 @@ def quantize_states(inner: optax.GradientTransformation, *, block_size: int = 25
                     ) -> optax.GradientTransformationExtraArgs:
     """`inner` with its float state leaves (>= `min_size` elements) stored as 8-bit blocks.
 
-    SPECS §4 / "Effective Quantization of Muon Optimizer States" (2025): 8-bit Muon matches
+    "Effective Quantization of Muon Optimizer States" (2025): 8-bit Muon matches
     fp32 Muon in loss with ~1 byte per param of state. Each `update` dequantises, runs
     `inner.update`, and re-quantises; the quantisation error is not fed back (no error
     feedback, as in bitsandbytes' 8-bit optimizers). Do not use the linear map for Adam's

@@ -2,7 +2,7 @@
 // in CPU tiles (below) -> the exact int32 accumulator [M, 64 NB], as an XLA FFI handler.
 //
 // Why by hand: XLA:CPU has no fast path for this product. Measured on a 2-core AVX-512
-// host (BUILD.md "CPU decode kernel"): an s8 x s8 -> s32 dot of 768x2048 runs at 374 us
+// host (BUILD.md#the-ternary-kernel): an s8 x s8 -> s32 dot of 768x2048 runs at 374 us
 // against 121 us for float32 (XNNPACK/oneDNN/YNNPACK fusion flags do not change that),
 // bf16 matrix-vector products are slower still, and an unpack-multiply-reduce fusion takes
 // 8 ms; float32 weights cost 4 bytes each. Here the weights stay at 2 bits and are widened

@@ -4,11 +4,11 @@
 
 XLA:CPU multiplies int8 and bf16 matrices several times slower than float32 ones and has no
 2-bit format, so batch-1 decoding from packed weights was bound by float32 weight traffic
-(BUILD.md "CPU decode kernel" has the measurements). `cpu_kernel.cc` is a small XLA FFI
-handler that reads the packed weights at 2 bits each, in the order it streams them (CPU
-tiles, `packing.cpu_tiles`), and multiplies them with int8 activations using the host's
-u8 x s8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AVX2; a portable loop
-elsewhere), sharing long calls with XLA's intra-op thread pool.
+(BUILD.md#the-ternary-kernel, "CPU decode kernel", has the measurements). `cpu_kernel.cc` is
+a small XLA FFI handler that reads the packed weights at 2 bits each, in the order it
+streams them (CPU tiles, `packing.cpu_tiles`), and multiplies them with int8 activations
+using the host's u8 x s8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AVX2; a
+portable loop elsewhere), sharing long calls with XLA's intra-op thread pool.
 
 The library is compiled with the system C++ compiler (`$CXX`, else `c++`) and
 `-march=native` against the FFI headers jaxlib ships (`jax.ffi.include_dir()`), once per

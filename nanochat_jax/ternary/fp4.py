@@ -1,5 +1,5 @@
 """FP4 (E2M1) quantize-dequantize with NVFP4 and MXFP4 block scaling, stochastic rounding,
-a random Hadamard transform, and `fp4_dot`: a matmul whose backward runs in FP4 (SPECS §13).
+a random Hadamard transform, and `fp4_dot`, a matmul with an FP4 backward (docs/techniques.md#fp4).
 
 E2M1 holds +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}. A block of values shares one scale:
 - NVFP4: blocks of 16, an E4M3 scale per block times one fp32 scale per tensor

@@ -20,27 +20,22 @@ CUDA/ROCm, the reference elsewhere), which is also what `jax.export(..., platfor
 sees.
 
 Tile sizes obey each lowering's rules (tiling.py). Tilings come from an in-memory / on-disk
-tuning cache (`tune_cache_path()`), filled by `tune_pending` on concrete arrays before a
-step is compiled, never while one is traced: a shape the cache lacks gets the tiling's
-untuned default and is remembered as pending.
+cache (tile_cache.py), filled by the tuner (tuning.py `tune_pending`) on concrete arrays
+before a step is compiled, never while one is traced: a shape the cache lacks gets the
+tiling's untuned default and is remembered as pending.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from nanochat_jax.ternary import cpu_kernel
+from nanochat_jax.ternary import cpu_kernel, tile_cache
 from nanochat_jax.ternary.packing import (
     PackedTernary,
     cpu_tiles,
@@ -52,23 +47,17 @@ from nanochat_jax.ternary.tiling import (
     MOSAIC,
     TRITON,
     Blocks,
-    Tiling,
     as_blocks,
-    gpu_of,
-    next_pow2,
     slab_alignment,
 )
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
-TUNE_CACHE_ENV = "NANOCHAT_TUNE_CACHE"
 # lowering platform (jax.lax.platform_dependent's names) or device platform -> tiling
 TILINGS = {"tpu": MOSAIC, "cuda": TRITON, "rocm": TRITON, "gpu": TRITON}
 ACCELERATORS = ("tpu", "cuda", "rocm")  # the lowering platforms with a compiled kernel
 # Device kinds whose matrix unit has no int8 mode (Mosaic: "Unsupported matmul RHS type"):
-# the kernel multiplies their int8 activations as bf16, exactly (`_pallas_matmul`)
+# the kernel multiplies their int8 activations as bf16, exactly (`pallas_matmul`)
 NO_INT8_MXU = ("TPU v2", "TPU v3", "TPU v4")
-# Triton's compiler parameters the tuner tries on its best tiling (num_warps, num_stages)
-TRITON_PARAMS = tuple((warps, stages) for warps in (4, 8) for stages in (2, 3, 4))
 
 
 def _acc_dtype(x_dtype) -> jnp.dtype:
@@ -117,8 +106,8 @@ def _slabs(x: jax.Array, k4: int, stride: int, rows: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "lowering", "int8_dots"))
-def _pallas_matmul(x: jax.Array, codes: jax.Array, blocks: Blocks, lowering: str,
-                   int8_dots: bool = True) -> jax.Array:
+def pallas_matmul(x: jax.Array, codes: jax.Array, blocks: Blocks, lowering: str,
+                  int8_dots: bool = True) -> jax.Array:
     """x [M, K] @ unpack(codes [K4, Np]) -> [M, Np] (padding columns included).
     `lowering`: "mosaic", "triton", or "interpret" (Mosaic's slab layout, interpret mode,
     any tiling that divides). `int8_dots` False: int8 x is multiplied as bf16 with fp32
@@ -170,57 +159,7 @@ def _pallas_matmul(x: jax.Array, codes: jax.Array, blocks: Blocks, lowering: str
     return out[:m]
 
 
-# ---- tile choice: a cache filled outside traces ------------------------------------------
-
-_TUNED: dict[str, Blocks] = {}
-_PENDING: dict[str, tuple[Tiling, int, int, int, str]] = {}  # key -> (tiling, m, k4, n_p, dtype)
-_LOOKED_UP: set[str] = set()  # every key looked up since `lookups_in` cleared it
-
-
-def tune_cache_path() -> str:
-    """The tuning cache file: $NANOCHAT_TUNE_CACHE, else kernel_tiles.json in
-    $NANOCHAT_CACHE (default ~/.cache/nanochat_jax). Keyed by device kind and shape, so one
-    file serves every run, model and GPU/TPU kind of a user."""
-    if os.environ.get(TUNE_CACHE_ENV):
-        return os.environ[TUNE_CACHE_ENV]
-    root = os.environ.get("NANOCHAT_CACHE", os.path.expanduser("~/.cache/nanochat_jax"))
-    return os.path.join(root, "kernel_tiles.json")
-
-
-def _cache_key(device_kind: str, lowering: str, m: int, k4: int, n_p: int, dtype) -> str:
-    """Device kind, lowering ("mosaic", "triton", "interpret": a test's interpret-mode tiles
-    never stand for a compiled kernel's), row bucket, packed shape, activation dtype."""
-    return (f"{device_kind}|{lowering}|m{min(next_pow2(m), 1024)}|k4{k4}|n{n_p}|"
-            f"{jnp.dtype(dtype).name}")
-
-
-def _load_disk_cache(path: str) -> dict[str, Blocks]:
-    """The tilings in a cache file ({} when it is missing or unreadable); entries that are
-    not tilings are dropped."""
-    try:
-        with open(path) as f:
-            entries = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    tiles = {}
-    for key, value in entries.items() if isinstance(entries, dict) else ():
-        try:
-            tiles[key] = as_blocks(value)
-        except (TypeError, ValueError):
-            continue
-    return tiles
-
-
-def _save_disk_cache(path: str, key: str, blocks: Blocks) -> None:
-    """Add one entry to the cache file, written to a temporary name and renamed (another
-    process reading it never sees half a file). Raises OSError when it cannot."""
-    disk = _load_disk_cache(path)
-    disk[key] = blocks
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump({k: list(v) for k, v in sorted(disk.items())}, f, indent=1)
-    os.replace(temporary, path)
+# ---- the platform compiled for -----------------------------------------------------------
 
 
 def target() -> tuple[str, str] | None:
@@ -241,171 +180,12 @@ def target_platform() -> str:
 
 
 def _device_kind(platform: str) -> str:
-    """The device kind the tuning cache is keyed by, for a kernel lowered for `platform`."""
+    """The device kind the tile cache is keyed by, for a kernel lowered for `platform`."""
     found = target()
     if found is not None:
         return found[1]
     local = jax.devices()[0]
     return local.device_kind if TILINGS.get(local.platform) is TILINGS.get(platform) else platform
-
-
-def lookup_blocks(tiling: Tiling, device_kind: str, m: int, k4: int, n_p: int, dtype,
-                  cache_path: str | None = None, lowering: str | None = None) -> Blocks:
-    """The tuned tiling for this shape (memory, then the JSON file `cache_path`, default
-    `tune_cache_path()`), else the tiling's default, the shape noted in `pending()`.
-    `lowering`: the tiling's own (default) or "interpret". Safe inside a trace: nothing is
-    timed here."""
-    key = _cache_key(device_kind, lowering or tiling.lowering, m, k4, n_p, dtype)
-    _LOOKED_UP.add(key)
-    if key not in _TUNED:
-        disk = _load_disk_cache(cache_path or tune_cache_path())
-        if key in disk:
-            _TUNED[key] = disk[key]
-    if key in _TUNED and tiling.accepts(_TUNED[key], k4, n_p):  # (a stale file: retune)
-        return _TUNED[key]
-    _PENDING[key] = (tiling, m, k4, n_p, jnp.dtype(dtype).name)
-    return tiling.default(m, k4, n_p, dtype)
-
-
-def tuned(key: str) -> Blocks | None:
-    """The tiling in use for a cache key (None: not tuned, nor read from the cache)."""
-    return _TUNED.get(key)
-
-
-def pending() -> list[str]:
-    """Cache keys of shapes traced with a default tiling since the last `tune_pending`."""
-    return sorted(_PENDING)
-
-
-def _inside_trace() -> bool:
-    return isinstance(jnp.zeros(()), jax.core.Tracer)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def local_lowering(tiling: Tiling) -> str:
-    """How this host's first device runs `tiling`'s kernel: compiled where the tiling is its
-    platform's (Mosaic on a TPU, Triton on a GPU), else in interpret mode."""
-    return tiling.lowering if TILINGS.get(jax.devices()[0].platform) is tiling else "interpret"
-
-
-def tune_shape(tiling: Tiling, m: int, k4: int, n_p: int, dtype, *,
-               candidates: list[Blocks] | None = None, cache_path: str | None = None,
-               repeats: int = 3, say: Callable[[str], None] = print) -> Blocks:
-    """Time every candidate tiling of one shape on the local device, with concrete random
-    operands, and record the fastest in memory and in `cache_path` (default
-    `tune_cache_path()`). On a GPU the candidates are those that fit its shared memory
-    (tiling.triton_shared_memory), and the winner is then timed with the other Triton
-    compiler parameters (`TRITON_PARAMS`). A candidate that fails to compile or run anyway
-    is skipped with one line to `say`. Refuses to run inside a trace (it would be staged,
-    not run)."""
-    if _inside_trace():
-        raise RuntimeError("kernel tuning runs on concrete arrays before a step is traced: "
-                           "call tune_pending() before jax.jit(...)(...), not inside it")
-    device = jax.devices()[0]
-    lowering = local_lowering(tiling)
-    gpu = gpu_of(device) if lowering == "triton" else None
-    key = _cache_key(device.device_kind, lowering, m, k4, n_p, dtype)
-    candidates = [as_blocks(b) for b in candidates] if candidates else tiling.candidates(
-        m, k4, n_p, dtype, gpu)
-    if not candidates:
-        raise ValueError(f"no {tiling.lowering} tiling of the packed shape [{k4}, {n_p}] fits "
-                         f"this device")
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.integers(-127, 128, size=(m, 4 * k4)), dtype)
-    codes = jnp.asarray(rng.integers(0, 256, size=(k4, n_p)), jnp.uint8)
-    int8_dots = device.device_kind not in NO_INT8_MXU
-    timings: dict[Blocks, float] = {}
-    failures: list[str] = []
-
-    def time_one(blocks: Blocks) -> None:
-        run = functools.partial(_pallas_matmul, x, codes, blocks, lowering, int8_dots)
-        try:
-            run().block_until_ready()  # compile
-            started = time.perf_counter()
-            for _ in range(repeats):
-                run().block_until_ready()
-        except Exception as error:  # a tiling the compiler or the device refuses
-            failures.append(_first_line(error))
-            say(f"kernel tiling {tuple(blocks)} of {key} skipped: {failures[-1]}")
-            return
-        timings[blocks] = (time.perf_counter() - started) / repeats
-
-    for blocks in candidates:
-        time_one(blocks)
-    if not timings:
-        raise RuntimeError(f"no tiling of {key} compiled on {device.device_kind} "
-                           f"({len(candidates)} tried; the first error: {failures[0]})")
-    best = min(timings, key=timings.get)
-    if lowering == "triton":
-        for warps, stages in TRITON_PARAMS:
-            variant = best._replace(num_warps=warps, num_stages=stages)
-            if variant not in timings and tiling.fits(variant, dtype, gpu):
-                time_one(variant)
-        best = min(timings, key=timings.get)
-    _TUNED[key] = best
-    _PENDING.pop(key, None)
-    path = cache_path or tune_cache_path()
-    try:
-        _save_disk_cache(path, key, best)
-    except OSError as error:  # a read-only or full home: this process keeps the tiling
-        say(f"kernel tiling {key}: not saved to {path} ({_first_line(error)}); the next "
-            f"process tunes it again")
-    return best
-
-
-def adopt(tiles: dict[str, Blocks]) -> None:
-    """Use these tilings (cache key -> blocks), tuned elsewhere: another process of the
-    same job (train/step.py `tune_kernel_tiles`)."""
-    for key, blocks in tiles.items():
-        _TUNED[key] = as_blocks(blocks)
-        _PENDING.pop(key, None)
-
-
-def tune_pending(*, keys: list[str] | None = None, cache_path: str | None = None,
-                 repeats: int = 3, say: Callable[[str], None] = print) -> dict[str, Blocks]:
-    """Tune every pending shape of the local device's kind (see `lookup_blocks`), or only
-    those of `keys`: trace the step once (`lookups_in`), call this, then jit the step.
-    -> {key: blocks}."""
-    kind = jax.devices()[0].device_kind
-    done = {}
-    for key, (tiling, m, k4, n_p, dtype) in sorted(_PENDING.items()):
-        if key.startswith(kind + "|") and (keys is None or key in keys):
-            started = time.perf_counter()
-            done[key] = tune_shape(tiling, m, k4, n_p, dtype, cache_path=cache_path,
-                                   repeats=repeats, say=say)
-            say(f"kernel tiling {key}: {tuple(done[key])} "
-                f"({time.perf_counter() - started:.1f} s)")
-    return done
-
-
-def lookups_in(fn: Callable, *args) -> tuple[list[str], list[str]]:
-    """Trace `fn(*args)` abstractly and afresh (args may be `jax.ShapeDtypeStruct`s; a
-    jitted function is traced through its `__wrapped__`, so its own cache keeps no
-    default-tiled trace; a new closure, so no cached trace skips the lookups).
-    -> (the cache keys of every kernel product it runs, sorted: the same list in every
-    process that traces the same step; those of them with no tiling yet)."""
-    inner = getattr(fn, "__wrapped__", fn)
-    _LOOKED_UP.clear()
-    jax.eval_shape(lambda *a: inner(*a), *args)
-    keys = sorted(_LOOKED_UP)
-    return keys, [k for k in keys if k in _PENDING]
-
-
-def tune_for(fn: Callable, *args, cache_path: str | None = None,
-             say: Callable[[str], None] = print) -> dict[str, Blocks]:
-    """Tune the kernel for every product `fn(*args)` runs that has no tiling yet, before
-    `fn` is compiled; nothing where the kernel is not compiled (CPU). One process; a
-    multi-process job uses train/step.py `tune_kernel_tiles`. -> {cache key: tiling}."""
-    if resolve_impl("auto") != "pallas":
-        return {}
-    _, pending_keys = lookups_in(fn, *args)
-    if not pending_keys:
-        return {}
-    return tune_pending(keys=pending_keys, cache_path=cache_path, say=say)
 
 
 # ---- dispatch ----------------------------------------------------------------------------
@@ -424,9 +204,10 @@ def _kernel_for(platform: str, x: jax.Array, codes: jax.Array,
         blocks = None
     lowering = "interpret" if platform == "interpret" else tiling.lowering
     if blocks is None:
-        blocks = lookup_blocks(tiling, kind, x.shape[0], k4, n_p, x.dtype, lowering=lowering)
+        blocks = tile_cache.lookup_blocks(tiling, kind, x.shape[0], k4, n_p, x.dtype,
+                                          lowering=lowering)
     int8_dots = platform == "interpret" or kind not in NO_INT8_MXU
-    return _pallas_matmul(x, codes, blocks, lowering, int8_dots)
+    return pallas_matmul(x, codes, blocks, lowering, int8_dots)
 
 
 def _check_blocks(blocks, codes_shape: tuple[int, int], platforms: tuple[str, ...]

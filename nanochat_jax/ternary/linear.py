@@ -1,6 +1,6 @@
 """ternary_dot: the BitLinear product through the packed-weight kernel, with an STE backward.
 
-Forward (SPECS §1): per-token int8 codes of x, absmean ternary codes of W, an exact int32
+Forward (docs/techniques.md#bitnet): per-token int8 codes of x, absmean codes of W, an exact int32
 `codes_matmul` (the kernel packs the codes to 2 bits), then `acc * g * absmax / 127`.
 Backward is the straight-through estimator of the fake-quant product: `dx = gy W_q^T`,
 `dW = x_q^T gy`, both in the compute dtype with fp32 accumulation. `jax.grad` cannot

@@ -1,4 +1,4 @@
-"""I2: ternary weights packed 4 per byte (SPECS §2), the kernel's weight format.
+"""I2: ternary weights packed 4 per byte (docs/techniques.md#packing), the kernel's weight format.
 
 Layout of a logical `[K, N]` weight (Flax `[in, out]`): K is padded to `4 * K4` rows, with
 `K4` a multiple of `k_align`, and N to a multiple of `n_align` (padding codes mean 0). Byte
@@ -109,7 +109,7 @@ def i2_codes(p: PackedTernary) -> jax.Array:
 
 
 def pack(w: jax.Array, k_align: int = K_ALIGN, n_align: int = N_ALIGN) -> PackedTernary:
-    """Absmean-ternarise a latent weight `[K, N]` (SPECS §1) and pack it."""
+    """Absmean-ternarise a latent weight `[K, N]` (docs/techniques.md#bitnet) and pack it."""
     codes, scale = quant.ternary_codes(w)
     return PackedTernary(pack_codes(codes, k_align, n_align), scale, tuple(w.shape))
 

@@ -1,6 +1,6 @@
 """BitNet b1.58 number formats: absmean ternary weights, per-token absmax int8 activations.
 
-Implements SPECS §1 (Ma et al. 2024, "The Era of 1-bit LLMs"). Scales are stored as
+Implements docs/techniques.md#bitnet (Ma et al. 2024, "The Era of 1-bit LLMs"). Scales are stored as
 *multipliers*: a ternary tensor is `codes * g` with `g = mean|W|`; an int8 row is
 `codes / s_x` with `s_x = 127 / absmax`, computed as `(codes / 127) * absmax`. The `*_ste`
 functions are the training-time fake-quant with a straight-through estimator: forward sees

@@ -185,7 +185,7 @@ def triton_shared_memory(blocks: Blocks, x_dtype, capability: tuple[int, int] = 
     compiled for H100 (sm_90) and A100 (sm_80) target configs whose shared memory limit was
     set to 1 KiB, so each compile failed naming the bytes it needed (int8, bf16 and f32
     activations, 2-4 stages, 4 and 8 warps: 1,692 compiles); this bound is at or above
-    every one of them (BUILD.md "The ternary kernel"; tests/test_compile_gpu.py checks it
+    every one of them (BUILD.md#the-ternary-kernel; tests/test_compile_gpu.py checks it
     again in CI for the tilings the tuner can offer at a training and a decode shape)."""
     itemsize = jnp.dtype(x_dtype).itemsize
     bm, bk4, bn = blocks[:3]

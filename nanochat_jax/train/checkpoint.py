@@ -29,8 +29,8 @@ from ml_collections import ConfigDict
 from nanochat_jax.data.pipeline import corpus_spec
 from nanochat_jax.errors import CheckpointError
 from nanochat_jax.model import config as model_config
-from nanochat_jax.train.sharding import path_name
-from nanochat_jax.train.state import abstract_train_state
+from nanochat_jax.model.params import path_name
+from nanochat_jax.train.setup import abstract_train_state
 
 FORMAT = 2  # 2: TrainState with skip counters, checksums in the sidecar; 1: neither
 _COUNTERS = ("skipped_steps", "consecutive_skips")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -38,9 +37,13 @@ class MetricWriter:
         if os.path.exists(path):
             _rewind(path, resume_step)
         self._jsonl = open(path, "a")
-        summary_writer = _summary_writer_class()
-        self._tb = summary_writer(logdir=os.path.join(workdir, "tb"),
-                                  purge_step=resume_step + 1 if resume_step else 0)
+        # Imported by the first writer, not with this module: tensorboardX imports torch
+        # wherever torch is installed (the `hf` extra), which a command refused before
+        # training, or a process that never logs, need not wait for (BUILD.md#tests).
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"),
+                                 purge_step=resume_step + 1 if resume_step else 0)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -61,24 +64,6 @@ class MetricWriter:
         self._tb.close()
         for sink in self.sinks:
             sink.close()
-
-
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported when the first writer opens and, unless torch is
-    loaded already, with torch hidden. tensorboardX imports torch at import whenever it is
-    installed (the `hf` extra), only to name torch tensors in its type hints: 1.0 s of every
-    training process's start (0.09 s without). A None in `sys.modules` makes `import torch`
-    raise ImportError, the case tensorboardX handles; torch stays importable afterwards. We
-    log Python floats, which need no torch."""
-    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None
-        try:
-            import tensorboardX
-        finally:
-            del sys.modules["torch"]
-    import tensorboardX
-
-    return tensorboardX.SummaryWriter
 
 
 def _rewind(path: str, step: int) -> None:

@@ -9,19 +9,19 @@ and stops after step START + COUNT - 1 has finished on the device, so it holds C
 steps, each inside a `jax.profiler.StepTraceAnnotation("train", step_num=...)` (the profile
 plugin's step view). It is written to `WORKDIR/profile/plugins/profile/<run>/` by every
 process (one file per host). The trainer waits for the traced steps to finish before
-stopping the trace: a host sync, only while profiling.
+stopping the trace: a host sync, only then.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from nanochat_jax.errors import ConfigError
+from nanochat_jax.train.schedule import Hook
 
 DIRECTORY = "profile"
 
@@ -44,12 +44,11 @@ def parse_steps(setting: str, total_steps: int) -> tuple[int, int] | None:
 
 
 class StepProfiler:
-    """Around each train step, numbered as it will be once done (1-based):
-
-        with profiler.annotate(step + 1):
-            state, metrics = train_step(state, batch)
-        profiler.after(step + 1, (state, metrics))
-    """
+    """The trace as two hooks of the loop's schedule (train/schedule.py): `stop_hooks` after
+    step START + COUNT - 1, first (the paused hook has waited for it), and `start_hooks`
+    last after step START - 1 (after that step's own evaluation and saving: the trace holds
+    steps, not them); the loop marks every step with a `StepTraceAnnotation`. `close` stops
+    a trace the run ended inside (interrupted before its last profiled step)."""
 
     def __init__(self, steps: tuple[int, int] | None, workdir: str,
                  say: Callable[[str], Any] = print):
@@ -57,30 +56,29 @@ class StepProfiler:
         self.directory = os.path.join(workdir, DIRECTORY)
         self.tracing = False
 
-    @contextlib.contextmanager
-    def annotate(self, number: int) -> Iterator[None]:
-        """Start the trace at the first profiled step; mark each traced step."""
-        if self.steps is not None and number == self.steps[0] and not self.tracing:
-            jax.profiler.start_trace(self.directory)
-            self.tracing = True
-        if not self.tracing:
-            yield
-            return
-        with jax.profiler.StepTraceAnnotation("train", step_num=number):
-            yield
+    def start_hooks(self) -> list[Hook]:
+        if self.steps is None:
+            return []
+        return [Hook(self.start, at=(self.steps[0] - 1,), each_launch=True)]
 
-    def after(self, number: int, outputs: Any) -> None:
-        """After the last profiled step: wait for its `outputs`, stop the trace, say where."""
-        if not self.tracing or number != self.steps[0] + self.steps[1] - 1:
+    def stop_hooks(self) -> list[Hook]:
+        if self.steps is None:
+            return []
+        return [Hook(self.stop, at=(sum(self.steps) - 1,))]
+
+    def start(self, step: int, state: Any) -> None:
+        jax.profiler.start_trace(self.directory)
+        self.tracing = True
+
+    def stop(self, step: int, state: Any) -> None:
+        if not self.tracing:  # resumed inside the profiled steps
             return
-        jax.block_until_ready(outputs)
         jax.profiler.stop_trace()
         self.tracing = False
-        self.say(f"profile of steps {self.steps[0]}..{number} written to {self.directory} "
+        self.say(f"profile of steps {self.steps[0]}..{step} written to {self.directory} "
                  f"(tensorboard --logdir {self.directory}, or ui.perfetto.dev)")
 
     def close(self) -> None:
-        """Stop a trace a run ended inside (interrupted before its last profiled step)."""
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False

@@ -1,11 +1,11 @@
 """Mesh, logical axis rules and multi-host start-up: how one runner spans devices and hosts.
 
-Sharding is data, not code (DESIGN principle 5). Every parameter gets logical axis names
-from `PARAM_AXES` (a rule table on its Flax path: `embed/embedding` -> ("vocab", "embed"),
-`.../attn/q/kernel` -> ("embed", "heads"), ...), and `LOGICAL_RULES` map logical names to
-the mesh axes `data`, `fsdp`, `tensor` (both in model/axes.py, which the model reads too):
-FSDP splits `embed` over `fsdp`, tensor parallelism `heads`, `mlp` and `vocab` over
-`tensor`, and the batch is split over `data` x `fsdp`.
+Sharding is data, not code (docs/design.md#sharding-by-logical-axes). Every parameter gets
+logical axis names from its row of `PARAMS` (model/params.py, a table on its Flax path:
+`embed/embedding` -> ("vocab", "embed"), `.../attn/q/kernel` -> ("embed", "heads"), ...),
+and `LOGICAL_RULES` (model/axes.py) map logical names to the mesh axes `data`, `fsdp`,
+`tensor` (the model reads both too): FSDP splits `embed` over `fsdp`, tensor parallelism
+`heads`, `mlp` and `vocab` over `tensor`, and the batch is split over `data` x `fsdp`.
 
 A dimension that the mesh axis does not divide stays whole. Optimizer-state leaves that are
 not shaped like their parameter (8-bit blockwise codes, GaLore projections and bases) are
@@ -16,36 +16,64 @@ collectives.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from typing import Any
 
 import jax
+from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.errors import ConfigError
-from nanochat_jax.model import axes as axes_lib
-from nanochat_jax.model.axes import AXES, LOGICAL_RULES, param_axes
+from nanochat_jax.model.axes import AXES, LOGICAL_RULES
+from nanochat_jax.model.params import param_axes, path_name
 
 MIN_SHARDED_STATE = 2**12  # optimizer-state leaves smaller than this stay replicated
+MEGACORE = ("v4", "v5p")  # TPU generations whose two TensorCores form one device
 
 
-def initialize_distributed(dc) -> None:
+def prepare_libtpu_without_tpu() -> None:
+    """What libtpu reads when it starts, set for a host without a TPU, where it starts only
+    to compile for one (`tpu_topology`) or because JAX starts every installed backend (the
+    test session). Unset, libtpu prints a screen of warnings, and a second process that loads
+    it fails on its lockfile (`pytest -n 2`, parallel compiles), a lock that guards nothing
+    where there is no device. Call it before the TPU backend starts; values already in the
+    environment stay; on a TPU host it does nothing. Importing the package sets nothing."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def tpu_topology(name: str):
+    """The compile-only devices (`.devices`) of a TPU topology GENERATION:SHAPE ("v5e:2x2"),
+    for compiling for it on any host (libtpu: the `tpu` extra)."""
+    prepare_libtpu_without_tpu()
+    generation = name.split(":")[0]
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=name,
+        chip_config_name="megacore" if generation in MEGACORE else "default")
+
+
+def initialize_distributed(distributed) -> None:
     """`jax.distributed.initialize` from the config's `distributed` group, before any device
     is touched. `coordinator_address` set: explicit (with `num_processes`, `process_id`);
     `auto=True`: JAX's cluster detection (TPU pods, SLURM, Open MPI, or the
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment); else a
     single process. CPU processes exchange data over gloo."""
-    explicit = dc.coordinator_address is not None
-    if not (explicit or dc.auto) or jax.distributed.is_initialized():
+    explicit = distributed.coordinator_address is not None
+    if not (explicit or distributed.auto) or jax.distributed.is_initialized():
         return
-    if explicit and (dc.num_processes is None or dc.process_id is None):
+    if explicit and (distributed.num_processes is None or distributed.process_id is None):
         raise ConfigError("distributed.coordinator_address needs distributed.num_processes "
                           "and distributed.process_id")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        jax.distributed.initialize(dc.coordinator_address, dc.num_processes, dc.process_id)
+        jax.distributed.initialize(distributed.coordinator_address, distributed.num_processes,
+                                   distributed.process_id)
     else:
         jax.distributed.initialize(
             num_processes=int(os.environ["JAX_NUM_PROCESSES"])
@@ -54,10 +82,10 @@ def initialize_distributed(dc) -> None:
             if "JAX_PROCESS_ID" in os.environ else None)
 
 
-def mesh_shape(mc, n_devices: int) -> dict[str, int]:
+def mesh_shape(mesh_config, n_devices: int) -> dict[str, int]:
     """{axis: size} of the config's `mesh` group over `n_devices`; one axis may be -1 (the
     rest)."""
-    sizes = {axis: int(mc[axis]) for axis in AXES}
+    sizes = {axis: int(mesh_config[axis]) for axis in AXES}
     rest = [a for a, s in sizes.items() if s == -1]
     if len(rest) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
         raise ConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
@@ -73,25 +101,12 @@ def mesh_shape(mc, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(mc) -> Mesh:
+def make_mesh(mesh_config) -> Mesh:
     """The (data, fsdp, tensor) mesh over every device of every process."""
-    sizes = mesh_shape(mc, jax.device_count())
+    sizes = mesh_shape(mesh_config, jax.device_count())
     # Auto axes: XLA's SPMD partitioner propagates shardings through the model's ops
     return jax.make_mesh(tuple(sizes.values()), AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
-
-
-def path_name(path) -> str:
-    """"block_0/attn/q/kernel" of a pytree key path (dict keys and attribute names)."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-    return "/".join(parts)
 
 
 def _spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P:
@@ -110,13 +125,13 @@ def _spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh) -> P
 
 def param_specs(params: Any, mesh: Mesh) -> Any:
     """PartitionSpecs of a params tree (arrays or shapes); every parameter must match a
-    rule of PARAM_AXES."""
+    row of model/params.py `PARAMS` that names each of its dimensions (or none)."""
     def spec(path, leaf):
         name = path_name(path)
-        axes = param_axes(name)
-        if axes is None or len(axes) not in (0, leaf.ndim):
-            raise ConfigError(f"no sharding rule for parameter {name} {leaf.shape}: add one "
-                              f"to PARAM_AXES in {axes_lib.__name__}")
+        axes = param_axes(name, leaf.shape)
+        if len(axes) not in (0, leaf.ndim):
+            raise ConfigError(f"parameter {name} {leaf.shape} has {leaf.ndim} dimensions but "
+                              f"its row of PARAMS (model/params.py) names {len(axes)}")
         return _spec(leaf.shape, axes, mesh)
 
     return jax.tree_util.tree_map_with_path(spec, params)
@@ -134,7 +149,7 @@ def state_specs(tree: Any, params: Any, mesh: Mesh) -> Any:
         name = path_name(path)
         owner = next((p for p in shapes if name == p or name.endswith("/" + p)), None)
         if owner is not None and shapes[owner] == shape:
-            return _spec(shape, param_axes(owner) or (), mesh)
+            return _spec(shape, param_axes(owner, shape), mesh)
         if math.prod(shape) < MIN_SHARDED_STATE or fsdp == 1:
             return P()
         for dim in range(len(shape)):  # 8-bit codes [blocks, block]: split the blocks

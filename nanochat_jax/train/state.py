@@ -10,9 +10,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nanochat_jax.model import config as model_config
-from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.train.sharding import train_state_shardings
 
 
@@ -45,10 +42,3 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: i
         shardings = train_state_shardings(jax.eval_shape(init, key), mesh)
     return jax.jit(init, out_shardings=shardings)(key)
 
-
-def abstract_train_state(config) -> TrainState:
-    """Shapes and dtypes of the TrainState a run config trains (nothing allocated)."""
-    mcfg = model_config.from_run_config(config)
-    tx, _ = build_optimizer(config.optimizer, config.training.steps)
-    return jax.eval_shape(
-        lambda: init_train_state(Transformer(mcfg), tx, config.training.seed, mcfg.seq_len))

@@ -22,7 +22,7 @@ from nanochat_jax.errors import ConfigError
 from nanochat_jax.losses import Objective, chunked_cross_entropy, lm_objective
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.ternary import kernel
+from nanochat_jax.ternary import kernel, tile_cache, tuning
 from nanochat_jax.train import sharding
 from nanochat_jax.train.state import TrainState
 
@@ -57,9 +57,10 @@ def _split(tokens: jax.Array, pad_id: int):
     return inputs, targets, targets != pad_id
 
 
-def build_objective(config, pad_id: int) -> Objective:
-    """The Objective of a run config: z-loss, and the MTP weight and LoopLM entropy weight
-    as two-stage schedules (value, then value_final from `switch_at` x steps on)."""
+def build_objective(config, pad_id: int, mcfg: model_config.ModelConfig) -> Objective:
+    """The Objective of a run config whose ModelConfig is `mcfg`: z-loss, FP4 of the head's
+    backward, and the MTP weight and LoopLM entropy weight as two-stage schedules (value,
+    then value_final from `switch_at` x steps on)."""
     steps = config.training.steps
 
     def two_stage(value: float, final: float, switch_at: float) -> Callable:
@@ -77,7 +78,7 @@ def build_objective(config, pad_id: int) -> Objective:
     return Objective(
         pad_id=pad_id, vocab_chunk=config.training.vocab_chunk, z_loss=config.training.z_loss,
         keep_ratio=keep_ratio, sparse_backward=sparse_backward,
-        fp4=model_config.from_run_config(config).fp4_head_backward,
+        fp4=mcfg.fp4_head_backward,
         **({"mtp_weight": two_stage(mtp.weight, mtp.weight_final, mtp.switch_at)}
            if mtp and mtp.enabled else {}),
         **({"loop_entropy": two_stage(loop.entropy, loop.entropy_final, loop.switch_at)}
@@ -194,7 +195,7 @@ CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 def cpu_schedule_flags(cpu_schedule: str, xla_flags: str) -> str:
     """`XLA_FLAGS` with the CPU scheduler `cpu_schedule` asks for: "memory" turns off
     XLA:CPU's concurrency-optimized scheduler (its default), which overlaps independent ops
-    by keeping many more buffers live (BUILD.md "Where e3_full's memory goes": e3_full's
+    by keeping many more buffers live (BUILD.md#architecture-features-mtp-looplm-mhc: e3_full's
     peak RSS 5.5 -> 4.2 GB, tiny_rust's 1.4 -> 1.1 GB, same speed). A scheduler already
     named in `xla_flags` is kept. XLA reads the flag when its CPU backend starts, so the
     commands set it first thing (`jax.jit(compiler_options=...)` accepts the option but
@@ -229,9 +230,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 def tune_kernel_tiles(step, *args, cache_path: str | None = None,
                       say: Callable[[str], None] = print) -> dict:
     """Time the Pallas kernel's tilings for every product `step(*args)` runs, on concrete
-    arrays, before the step is compiled (`kernel.lookups_in` traces it abstractly; `args`
+    arrays, before the step is compiled (`tile_cache.lookups_in` traces it abstractly; `args`
     may be `jax.ShapeDtypeStruct`s), then tune the shapes the trace found no cached tiling
-    for (ternary/kernel.py; cache `cache_path`, default `kernel.tune_cache_path()`). Does
+    for (ternary/tuning.py; cache `cache_path`, default `tile_cache.tune_cache_path()`). Does
     nothing where the kernel is not compiled (CPU). -> {cache key: tiling}.
 
     In a multi-process job every process must compile the same program, and each host's
@@ -240,23 +241,23 @@ def tune_kernel_tiles(step, *args, cache_path: str | None = None,
     one broadcast that all processes join whatever their own caches hold."""
     if kernel.resolve_impl("auto") != "pallas":
         return {}
-    keys, pending = kernel.lookups_in(step, *args)  # `keys`: the same list everywhere
+    keys, pending = tile_cache.lookups_in(step, *args)  # `keys`: the same list everywhere
     lead = jax.process_index() == 0
     if pending and lead:
         say(f"kernel: tuning the tiles of {len(pending)} shapes (cached in "
-            f"{cache_path or kernel.tune_cache_path()})")
-        done = kernel.tune_pending(keys=pending, cache_path=cache_path, say=say)
+            f"{cache_path or tile_cache.tune_cache_path()})")
+        done = tuning.tune_pending(keys=pending, cache_path=cache_path, say=say)
     else:
         done = {}
     if jax.process_count() == 1 or not keys:
         return done
     width = len(kernel.Blocks._fields)
-    tiles = np.asarray([(kernel.tuned(k) or (0,) * width) if lead else (0,) * width
+    tiles = np.asarray([(tile_cache.tuned(k) or (0,) * width) if lead else (0,) * width
                         for k in keys], np.int32)  # [products, 6]
     tiles = multihost_utils.broadcast_one_to_all(tiles)
     chosen = {k: kernel.Blocks(*(int(b) for b in t)) for k, t in zip(keys, tiles, strict=True)
               if t.all()}  # zeros: process 0 has no tiling either, all keep the same default
-    kernel.adopt(chosen)
+    tile_cache.adopt(chosen)
     return chosen
 
 

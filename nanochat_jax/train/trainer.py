@@ -6,11 +6,12 @@ checkpoint and reproduces the uninterrupted loss curve: batches are a function o
 and the RNG lives in the saved state. SIGINT / SIGTERM (Ctrl-C, pod preemption) stop after
 the current step with a checkpoint; after a SIGKILL the newest complete, intact checkpoint
 is the resume point (train/checkpoint.py). Steps with NaN/inf values are skipped on device;
-`training.max_consecutive_skips` in a row stop the run (BUILD.md "Faults").
+`training.max_consecutive_skips` in a row stop the run (BUILD.md#faults-kills-damaged-files-nan).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -30,7 +31,6 @@ from nanochat_jax.data.pipeline import open_data
 from nanochat_jax.errors import ConfigError, DivergenceError
 from nanochat_jax.model import config as model_config
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import apply_fire
 from nanochat_jax.optim.memory import tree_bytes
 from nanochat_jax.train import metrics as metrics_lib
@@ -44,15 +44,9 @@ from nanochat_jax.train.checkpoint import (
     newest_sidecar,
 )
 from nanochat_jax.train.profile import StepProfiler, parse_steps
-from nanochat_jax.train.schedule import Clock, Evaluator, Periodic
-from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import (
-    StepShardings,
-    build_objective,
-    make_eval_step,
-    make_train_step,
-    tune_kernel_tiles,
-)
+from nanochat_jax.train.schedule import Clock, Evaluator, Hook, run_due
+from nanochat_jax.train.setup import Setup, setup
+from nanochat_jax.train.step import tune_kernel_tiles
 from nanochat_jax.train.validate import check_workdir, validate
 
 
@@ -84,13 +78,17 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _load_reference(workdir: str, data_identity: dict):
-    """(model, params) of the reference run for Collider's excess-loss score."""
-    ref_config, ref_state, ref_meta = load_run(workdir)
+def _reference(config: ml_collections.ConfigDict, data_identity: dict, say):
+    """(model, params) of the reference run for Collider's excess-loss score, or None."""
+    filtering = config.get("collider")
+    if not (filtering and filtering.enabled and filtering.score == "excess_loss"):
+        return None
+    ref_config, ref_state, ref_meta = load_run(filtering.reference)
     if ref_meta["data"]["tokenizer"] != data_identity["tokenizer"]:
-        raise ConfigError(f"the reference run in {workdir} used tokenizer "
+        raise ConfigError(f"the reference run in {filtering.reference} used tokenizer "
                           f"{ref_meta['data']['tokenizer']}, this run {data_identity['tokenizer']}"
                           f": excess loss needs the same tokens")
+    say(f"collider: excess loss over the reference model in {filtering.reference}")
     return Transformer(model_config.from_run_config(ref_config)), ref_state.params
 
 
@@ -158,19 +156,19 @@ def evaluate(eval_step, params, batches: BatchSource, n_batches: int,
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          evaluators: Sequence[Evaluator] = ()) -> dict[str, Any]:
+          evaluators: Sequence[Evaluator] = (), hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Train (or resume) the run `config` in `workdir`; returns a summary of the final metrics.
     Every process of a multi-host job runs this; only process 0 prints and writes metrics.
 
     `evaluators` are the periodic evaluations besides validation loss, built by the caller:
     `experiments.run` passes `nanochat_jax.eval.code.training_evaluators(config)` (the code
     evaluation when `training.code_eval_every` > 0), so train/ depends on neither eval/ nor
-    infer/."""
+    infer/. `hooks` are research code's own actions (train/schedule.py `Hook`), run after
+    the loop's own at the steps they are due: `Hook(lambda step, state: ..., every=100)`."""
     if "distributed" in config:
         sharding_lib.initialize_distributed(config.distributed)
     started = time.perf_counter()  # training/wall_s: seconds since the call, start-up in
-    main_process = jax.process_index() == 0
-    say = print if main_process else (lambda *_, **__: None)
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     mcfg = validate(config)  # every cross-group check, before anything has side effects
     every = config.training.code_eval_every
     if every and "code" not in {e.name for e in evaluators}:
@@ -180,200 +178,273 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     check_workdir(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     with jax.set_mesh(mesh):  # every step is traced for this mesh's devices and shards
-        return _train_on(mesh, config, workdir, mcfg, started, say, evaluators)
+        return _train_on(mesh, config, workdir, mcfg, started, say, evaluators, hooks)
 
 
 def _train_on(mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, workdir: str,
               mcfg: model_config.ModelConfig, started: float, say,
-              evaluators: Sequence[Evaluator]) -> dict[str, Any]:
-    """`train` once the mesh is made and set."""
-    main_process = jax.process_index() == 0
-    training, data = config.training, config.data
-    filtering = config.get("collider")
+              evaluators: Sequence[Evaluator], hooks: Sequence[Hook]) -> dict[str, Any]:
+    """`train` once the mesh is made and set: the data, the setup, the resume point, then
+    the steps and the schedule of hooks."""
     checkpoints = os.path.join(workdir, "checkpoints")
     saved = newest_sidecar(checkpoints)
     if saved is not None:
         check_resumable(saved, config, mcfg, workdir)
     os.makedirs(workdir, exist_ok=True)
-
-    corpus, train_data, val_data = open_data(config, mcfg.seq_len, say)
-    tokenizer = corpus.tokenizer
-    if main_process:
-        tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
-    data_identity = {"tokenizer": tokenizer.identity(),
-                     "corpus_sha256": corpus.manifest["content_sha256"]}
-    eval_batches = min(training.eval_batches, val_data.n_rows // data.batch_size)
-    say(f"data: {data.source} ({corpus.directory}): {train_data.n_rows:,} train rows, "
-        f"{val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; {tokenizer.name}")
-
-    model = Transformer(mcfg)
-    tx, lr_fn = build_optimizer(config.optimizer, training.steps)
-    state = init_train_state(model, tx, training.seed, mcfg.seq_len, mesh)
+    data = _Data.open(config, workdir, mcfg, say)
+    built = setup(config, mesh, model_config=mcfg, pad_id=data.tokenizer.pad_id,
+                  token_bytes=data.tokenizer.token_bytes,
+                  reference=_reference(config, data.identity, say))
     say(f"mesh: {', '.join(f'{k}={v}' for k, v in mesh.shape.items())} over "
         f"{jax.device_count()} {jax.devices()[0].platform} devices in {jax.process_count()} "
         f"process(es)")
-    ckpt = Checkpointer(checkpoints, config.checkpoint.every, config.checkpoint.max_to_keep)
+    run = _Run(config, workdir, built, data, started, say)
+    try:
+        state = run.resume(built.state)
+        if config.training.tune_kernel and mcfg.tunes_kernel:
+            tokens = jax.ShapeDtypeStruct((config.data.batch_size, mcfg.seq_len + 1),
+                                          jnp.int32)
+            tune_kernel_tiles(built.train_step, state, tokens, *built.step_extra, say=say)
+        run.describe(state)
+        return run.loop(state, run.hooks(evaluators, hooks))
+    finally:
+        run.close()
 
-    restored_sidecar: dict = {}
 
-    def like_for(saved: dict):
-        check_resumable(saved, config, mcfg, workdir)
-        check_same_data(saved, data_identity, workdir)
-        restored_sidecar.clear()
-        restored_sidecar.update(saved)
-        return state
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The run's corpus opened and verified: its tokenizer, batch sources and identity."""
 
-    found = ckpt.restore_newest(like_for, say=say, set_aside=True)
-    if found is not None:
-        state = found[1]
-        say(f"resumed from {workdir} at step {found[0]}")
-    tracker_ids: dict = {}  # set with the writer below; saved in every sidecar
+    tokenizer: Any
+    train: BatchSource
+    validation: BatchSource
+    identity: dict  # tokenizer and corpus hashes, saved in every sidecar
 
-    def meta(step: int) -> dict:
-        return {"config": config.to_dict(), "step": step, "trackers": tracker_ids,
-                "data": {**data_identity, "batches_consumed": step, "seed": training.seed}}
+    @classmethod
+    def open(cls, config: ml_collections.ConfigDict, workdir: str,
+             mcfg: model_config.ModelConfig, say) -> _Data:
+        corpus, train_data, val_data = open_data(config, mcfg.seq_len, say)
+        tokenizer = corpus.tokenizer
+        if jax.process_index() == 0:
+            tokenizer.save(workdir)  # the run is usable (chat, eval, export) without its corpus
+        say(f"data: {config.data.source} ({corpus.directory}): {train_data.n_rows:,} train "
+            f"rows, {val_data.n_rows:,} val rows of {mcfg.seq_len + 1} tokens; "
+            f"{tokenizer.name}")
+        return cls(tokenizer, train_data, val_data,
+                   {"tokenizer": tokenizer.identity(),
+                    "corpus_sha256": corpus.manifest["content_sha256"]})
 
-    optimizer = config.optimizer
-    fire = jax.jit(functools.partial(apply_fire, iters=optimizer.fire.iters), donate_argnums=0,
-                   out_shardings=jax.tree.map(lambda x: x.sharding, state))
-    reference, reference_params = None, None
-    if filtering and filtering.enabled and filtering.score == "excess_loss":
-        reference, reference_params = _load_reference(filtering.reference, data_identity)
-        reference_params = jax.device_put(reference_params, sharding_lib.named(
-            sharding_lib.param_specs(reference_params, mesh), mesh))
-        say(f"collider: excess loss over the reference model in {filtering.reference}")
-    shardings = StepShardings.on(mesh, state, reference_params)
-    train_step = make_train_step(model, tx, lr_fn, build_objective(config, tokenizer.pad_id),
-                                 reference, grad_accum=training.grad_accum, shardings=shardings)
-    step_extra = () if reference is None else (reference_params,)
-    if training.tune_kernel and mcfg.uses_kernel:
-        tokens = jax.ShapeDtypeStruct((data.batch_size, mcfg.seq_len + 1), jnp.int32)
-        tune_kernel_tiles(train_step, state, tokens, *step_extra, say=say)
-    eval_step = make_eval_step(model, jnp.asarray(tokenizer.token_bytes),
-                               pad_id=tokenizer.pad_id, vocab_chunk=training.vocab_chunk,
-                               shardings=shardings)
-    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    peak, peak_source = metrics_lib.peak_flops_per_chip(training.peak_flops)
-    flops_per_token = metrics_lib.flops_per_token(mcfg, mcfg.seq_len)
-    memory = {"memory/params_bytes": tree_bytes(state.params),
-              "memory/opt_state_bytes": tree_bytes(state.opt_state)}
-    say(f"model: {config.model.preset} ({'ternary' if mcfg.ternary else 'dense'}), "
-        f"{n_params:,} params; optimizer {optimizer.name}; "
-        f"peak {peak / 1e9:,.1f} GFLOP/s per chip ({peak_source}) x {jax.device_count()}")
-    if mcfg.fp4 is not None:
-        where = " and ".join(["the dense layers"] * (not mcfg.ternary)
-                             + ["the LM head"] * mcfg.fp4_head)
-        say(f"FP4 backward ({mcfg.fp4_backward}{', Hadamard' if mcfg.fp4_hadamard else ''}) of "
-            f"{where}, forward exact: simulated on {jax.devices()[0].device_kind} "
-            f"(ternary/fp4.py; native scaled FP4 matmuls need a Blackwell GPU)")
 
-    start = int(state.step)
-    sinks = ()
-    if config.logging.wandb and main_process:  # the resumed run's W&B run continues
-        sinks = (trackers.WandbSink(config.logging, workdir, config.to_dict(),
-                                    restored_sidecar.get("trackers", {}).get("wandb_id"), say),)
-        tracker_ids["wandb_id"] = sinks[0].run_id
-    writer = metrics_lib.MetricWriter(workdir, enabled=main_process, resume_step=start,
-                                      sinks=sinks)
-    skips = _SkipWatch(training.max_consecutive_skips)
-    summary: dict[str, Any] = {"start_step": start, "interrupted": False}
-    validation = functools.partial(evaluate, eval_step, batches=val_data,
-                                   n_batches=eval_batches, sharding=shardings.batch)
-    if start == 0:
-        writer.write(0, {**validation(state.params), **memory})
-    clock = Clock(data.batch_size * mcfg.seq_len)
-    bar = tqdm(total=training.steps, initial=start, desc="train", unit="step",
-               dynamic_ncols=True, disable=not main_process)
-    note = bar.write if main_process else say  # tqdm.write prints even when disabled
-    pending: list[dict] = []  # the step metrics since the last log, on device
+class _Run:
+    """One launch of a run: its checkpoints, metrics, progress bar and clock, and the
+    actions the schedule of hooks runs (each `action(step, state)`)."""
 
-    def log(step: int, state) -> None:
-        per_step, first = _fetch(pending), step - len(pending) + 1
-        pending.clear()
-        logged = {**_mean_applied(per_step), "training/epoch": train_data.epoch(step), **memory,
-                  "training/wall_s": time.perf_counter() - started,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, built: Setup,
+                 data: _Data, started: float, say):
+        self.config, self.workdir, self.built, self.data = config, workdir, built, data
+        self.started, self._print = started, say
+        self.main_process = jax.process_index() == 0
+        self.training = config.training
+        self.peak, self.peak_source = metrics_lib.peak_flops_per_chip(self.training.peak_flops)
+        self.flops_per_token = metrics_lib.flops_per_token(built.model_config,
+                                                           built.model_config.seq_len)
+        self.profiler = StepProfiler(parse_steps(self.training.profile_steps,
+                                                 self.training.steps), workdir, say=self.say)
+        self.writer = self.bar = self.batches = None
+        self.tracker_ids: dict = {}  # set with the writer; saved in every sidecar
+        self.restored_sidecar: dict = {}
+        self.pending: list[dict] = []  # the step metrics since the last log, on device
+        self.summary: dict[str, Any] = {"interrupted": False}
+        self.skips = _SkipWatch(self.training.max_consecutive_skips)
+        self.clock = Clock(config.data.batch_size * built.model_config.seq_len)
+        self.stop_reason: str | None = None
+        self.signals = _StopFlag((signal.SIGINT,) if jax.process_count() > 1 else
+                                 (signal.SIGINT, signal.SIGTERM))
+        self.memory = {"memory/params_bytes": tree_bytes(built.state.params),
+                       "memory/opt_state_bytes": tree_bytes(built.state.opt_state)}
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every,
+                                 config.checkpoint.max_to_keep)  # last: `close` releases it
+
+    def say(self, text: str) -> None:
+        """Print a line (process 0), above the progress bar once there is one."""
+        if self.bar is not None and self.main_process:
+            self.bar.write(text)
+        else:
+            self._print(text)
+
+    def resume(self, state):
+        """The newest intact checkpoint's state (checked against this run), else `state`."""
+        def like_for(saved: dict):
+            check_resumable(saved, self.config, self.built.model_config, self.workdir)
+            check_same_data(saved, self.data.identity, self.workdir)
+            self.restored_sidecar = saved
+            return state
+
+        found = self.ckpt.restore_newest(like_for, say=self.say, set_aside=True)
+        if found is None:
+            return state
+        self.say(f"resumed from {self.workdir} at step {found[0]}")
+        return found[1]
+
+    def describe(self, state) -> None:
+        """Print the model, optimizer and peak FLOP/s; open the metrics writer."""
+        mcfg, optimizer = self.built.model_config, self.config.optimizer
+        n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+        self.say(f"model: {self.config.model.preset} "
+                 f"({'ternary' if mcfg.ternary else 'dense'}), {n_params:,} params; optimizer "
+                 f"{optimizer.name}; peak {self.peak / 1e9:,.1f} GFLOP/s per chip "
+                 f"({self.peak_source}) x {jax.device_count()}")
+        if mcfg.fp4 is not None:
+            where = " and ".join(["the dense layers"] * (not mcfg.ternary)
+                                 + ["the LM head"] * mcfg.fp4_head)
+            self.say(f"FP4 backward ({mcfg.fp4_backward}"
+                     f"{', Hadamard' if mcfg.fp4_hadamard else ''}) of {where}, forward exact: "
+                     f"simulated on {jax.devices()[0].device_kind} (ternary/fp4.py; native "
+                     f"scaled FP4 matmuls need a Blackwell GPU)")
+        start = int(state.step)
+        sinks = ()
+        if self.config.logging.wandb and self.main_process:  # a resumed run's W&B run goes on
+            sinks = (trackers.WandbSink(self.config.logging, self.workdir,
+                                        self.config.to_dict(), self.restored_sidecar.get(
+                                            "trackers", {}).get("wandb_id"), self.say),)
+            self.tracker_ids["wandb_id"] = sinks[0].run_id
+        self.writer = metrics_lib.MetricWriter(self.workdir, enabled=self.main_process,
+                                               resume_step=start, sinks=sinks)
+        self.summary["start_step"] = start
+
+    def hooks(self, evaluators: Sequence[Evaluator], own: Sequence[Hook]) -> list[Hook]:
+        """The schedule: per-step bookkeeping and stop checks, the profiler's stop, logging,
+        the evaluations, FIRE, research code's `own` hooks, saving (last but the profiler's
+        start, so a checkpoint holds the state after every hook of its step and a resume
+        replays none), the profiler's start."""
+        training, fire = self.training, self.config.optimizer.fire
+        validation = self.evaluation(self.validate, _describe_validation)
+        evaluations = [Hook(self.evaluation(e.build(self.built.model, self.data.tokenizer),
+                                            e.describe), every=e.every)
+                       for e in evaluators if e.every]
+        firing = (fire.step is not None and 0 <= fire.step <= training.steps)
+        saving = self.config.checkpoint.every > 0
+        return [Hook(self.progress, every=1, paused=False),
+                Hook(self.check_stop, every=1, paused=False),
+                *self.profiler.stop_hooks(),
+                Hook(self.log, every=training.log_every),
+                Hook(self.first_validation, at=(0,)),
+                Hook(validation, every=training.eval_every),
+                *evaluations,
+                *([Hook(self.fire, at=(fire.step,))] if firing else []),
+                *own,
+                *([Hook(self.save, every=self.config.checkpoint.every)] if saving else []),
+                *self.profiler.start_hooks()]
+
+    def loop(self, state, hooks: Sequence[Hook]) -> dict[str, Any]:
+        """The steps from the state's own to `training.steps`, the hooks after each."""
+        step, last = int(state.step), self.training.steps
+        self.bar = tqdm(total=last, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.main_process)
+        self.batches = Prefetcher(self.data.train, step, depth=self.config.data.prefetch,
+                                  sharding=self.built.shardings.batch)
+        with self.signals:  # until the final save is under way
+            state = run_due(hooks, step, last, state, self.clock, starting=True)
+            while step < last and self.stop_reason is None and self.signals.signal is None:
+                batch_step, batch = next(self.batches)
+                assert batch_step == step, (batch_step, step)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                    state, metrics = self.built.train_step(state, batch, *self.built.step_extra)
+                step += 1
+                self.pending.append(metrics)
+                state = run_due(hooks, step, last, state, self.clock)
+            self.stop_reason = self.stop_reason or self.signals.signal
+            if self.stop_reason is not None:
+                self.summary["interrupted"] = True
+                self.say(f"{self.stop_reason} received: stopped at step {step}; re-run the "
+                         f"same command to resume")
+            if self.ckpt.latest_step() != step and not int(state.consecutive_skips):
+                self.ckpt.save(step, state, self.meta(step))
+        self.summary["step"] = step
+        return self.summary
+
+    # The hooks' actions: each (step, state) -> new state or None.
+
+    def progress(self, step: int, state) -> None:
+        self.bar.update(1)
+        if step == self.summary["start_step"] + 1:  # compilation stays out of throughput
+            jax.block_until_ready(state)
+            self.clock.restart(step)
+
+    def check_stop(self, step: int, state) -> None:
+        if self.ckpt.reached_preemption(step):  # the same answer on every host
+            self.stop_reason = "SIGTERM (preemption, agreed by every process)"
+        elif self.signals.signal is not None:
+            self.stop_reason = self.signals.signal
+
+    def validate(self, params) -> dict[str, float]:
+        return evaluate(self.built.eval_step, params, self.data.validation,
+                        min(self.training.eval_batches,
+                            self.data.validation.n_rows // self.config.data.batch_size),
+                        self.built.shardings.batch)
+
+    def first_validation(self, step: int, state) -> None:
+        self.writer.write(0, {**self.validate(state.params), **self.memory})
+
+    def log(self, step: int, state) -> None:
+        per_step, first = _fetch(self.pending), step - len(self.pending) + 1
+        self.pending.clear()
+        logged = {**_mean_applied(per_step), "training/epoch": self.data.train.epoch(step),
+                  **self.memory, "training/wall_s": time.perf_counter() - self.started,
                   **metrics_lib.device_memory()}
-        tokens_per_sec = clock.rate(step)
+        tokens_per_sec = self.clock.rate(step)
         if tokens_per_sec is not None:
             logged.update({"throughput/tokens_per_sec": tokens_per_sec,
                            "throughput/mfu": metrics_lib.mfu(
-                               tokens_per_sec, flops_per_token, peak, jax.device_count())})
-            bar.set_postfix(loss=f"{logged.get('loss/total', math.nan):.3f}",
-                            tok_s=f"{tokens_per_sec:,.0f}")
-        clock.restart(step)
-        writer.write(step, logged)
-        summary.update(logged)
+                               tokens_per_sec, self.flops_per_token, self.peak,
+                               jax.device_count())})
+            self.bar.set_postfix(loss=f"{logged.get('loss/total', math.nan):.3f}",
+                                 tok_s=f"{tokens_per_sec:,.0f}")
+        self.clock.restart(step)
+        self.writer.write(step, logged)
+        self.summary.update(logged)
         if per_step["training/skipped"].any():
-            note(f"step {step}: {int(per_step['training/skipped'].sum())} of the last "
-                 f"{len(per_step['training/skipped'])} updates skipped (NaN/inf); "
-                 f"{int(logged['training/skipped_steps'])} in all")
-            skips.check(per_step, first, ckpt.latest_step())
+            self.say(f"step {step}: {int(per_step['training/skipped'].sum())} of the last "
+                      f"{len(per_step['training/skipped'])} updates skipped (NaN/inf); "
+                      f"{int(logged['training/skipped_steps'])} in all")
+            self.skips.check(per_step, first, self.ckpt.latest_step())
 
-    def run_evaluation(evaluation, describe):
+    def evaluation(self, evaluate_params, describe):
+        """A hook action: `evaluate_params(params) -> metrics`, written and described."""
         def action(step: int, state) -> None:
-            evaluated = evaluation(state.params)
-            writer.write(step, {**evaluated, "training/wall_s": time.perf_counter() - started})
-            summary.update(evaluated)
-            note(f"step {step}: {describe(evaluated)}")
+            evaluated = evaluate_params(state.params)
+            self.writer.write(step, {**evaluated,
+                                     "training/wall_s": time.perf_counter() - self.started})
+            self.summary.update(evaluated)
+            self.say(f"step {step}: {describe(evaluated)}")
         return action
 
-    def save(step: int, state) -> None:  # only states whose last update was applied
+    def save(self, step: int, state) -> None:  # only states whose last update was applied
         if int(state.consecutive_skips):
-            note(f"step {step}: checkpoint postponed: the last update was skipped")
+            self.say(f"step {step}: checkpoint postponed: the last update was skipped")
         else:
-            ckpt.save(step, state, meta(step))
+            self.ckpt.save(step, state, self.meta(step))
 
-    schedule = [Periodic(training.log_every, log),
-                Periodic(training.eval_every, run_evaluation(validation, _describe_validation)),
-                *[Periodic(e.every, run_evaluation(e.build(model, tokenizer), e.describe))
-                  for e in evaluators],
-                Periodic(config.checkpoint.every, save)]
-    profiler = StepProfiler(parse_steps(training.profile_steps, training.steps), workdir,
-                            say=note)
-    step = start
-    batches = Prefetcher(train_data, start, depth=data.prefetch, sharding=shardings.batch)
-    try:
-        preempted = False  # every process agreed to stop (multi-process SIGTERM)
-        signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGINT,
-                                                                    signal.SIGTERM)
-        with _StopFlag(signals) as stop:
-            while step < training.steps and stop.signal is None and not preempted:
-                batch_step, batch = next(batches)
-                assert batch_step == step, (batch_step, step)
-                if step == optimizer.fire.step:  # a data boundary: re-initialise once (SPECS §7)
-                    state = fire(state)
-                    note(f"step {step}: FIRE re-initialised the hidden matrices "
-                         f"({optimizer.fire.iters} Newton-Schulz iterations), moments reset")
-                with profiler.annotate(step + 1):
-                    state, step_metrics = train_step(state, batch, *step_extra)
-                profiler.after(step + 1, (state, step_metrics))
-                step += 1
-                preempted = ckpt.reached_preemption(step)  # the same answer on every host
-                pending.append(step_metrics)
-                bar.update(1)
-                if step == start + 1:  # keep compilation out of the throughput numbers
-                    jax.block_until_ready(step_metrics)
-                    clock.restart(step)
-                for periodic in schedule:
-                    if periodic.due(step, training.steps):
-                        with clock.paused(state):
-                            periodic.action(step, state)
-            if stop.signal is not None or preempted:
-                summary["interrupted"] = True
-                why = (stop.signal if stop.signal is not None
-                       else "SIGTERM (preemption, agreed by every process)")
-                note(f"{why} received: stopped at step {step}; re-run the same command to "
-                     f"resume")
-            if ckpt.latest_step() != step and not int(state.consecutive_skips):
-                ckpt.save(step, state, meta(step))
-    finally:
-        profiler.close()
-        batches.close()
-        bar.close()
-        ckpt.close()
-        writer.close()
-    summary["step"] = step
-    return summary
+    def fire(self, step: int, state):
+        """FIRE at a data boundary (docs/techniques.md#fire): the hidden matrices
+        re-initialised once, their moments reset."""
+        iters = self.config.optimizer.fire.iters
+        state = jax.jit(functools.partial(apply_fire, iters=iters), donate_argnums=0,
+                        out_shardings=self.built.shardings.state)(state)
+        self.say(f"step {step}: FIRE re-initialised the hidden matrices ({iters} "
+                  f"Newton-Schulz iterations), moments reset")
+        return state
+
+    def meta(self, step: int) -> dict:
+        return {"config": self.config.to_dict(), "step": step, "trackers": self.tracker_ids,
+                "data": {**self.data.identity, "batches_consumed": step,
+                         "seed": self.training.seed}}
+
+    def close(self) -> None:
+        self.profiler.close()
+        for part in (self.batches, self.bar, self.ckpt, self.writer):
+            if part is not None:
+                part.close()
 
 
 def _describe_validation(evaluated: dict[str, float]) -> str:

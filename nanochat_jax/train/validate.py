@@ -65,7 +65,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None
                           "multi-host run set it to 0 and evaluate checkpoints with "
                           "`python -m nanochat_jax.cli.eval --checkpoint=WORKDIR`")
     _check_features(config, mcfg)
-    build_objective(config, pad_id=0)  # the objective's own checks (collider.keep_ratio)
+    build_objective(config, 0, mcfg)  # the objective's own checks (collider.keep_ratio)
     sizes = mesh_shape(config.mesh, n_devices or jax.device_count())
     rows = sizes["data"] * sizes["fsdp"] * training.grad_accum
     if data.batch_size % rows:

@@ -15,7 +15,8 @@ from nanochat_jax.eval.code import (
     load_generations,
     save_generations,
 )
-from nanochat_jax.eval.rust import BUILTIN_PROBLEMS, load_problems, rustc_available
+from nanochat_jax.eval.problems import BUILTIN_PROBLEMS, load_problems
+from nanochat_jax.eval.sandbox import rustc_available
 from nanochat_jax.infer.engine import Engine
 from nanochat_jax.infer.load import load
 

@@ -33,31 +33,21 @@ def init_params(cfg, seed: int = 0) -> dict:
     return jax.tree.map(np.asarray, params["params"])
 
 
-def _train_on_cycle(cfg, cycle: list[int], steps: int = 60):
-    """(model, params): `cfg` trained with Adam for `steps` steps on every rotation of the
-    token `cycle` repeated, 32 next-token targets per row."""
-    model, params = Transformer(cfg), init_params(cfg)
-    rows = np.stack([np.roll(np.tile(cycle, 40), -s)[:33] for s in range(len(cycle))])
-    tx = optax.adam(3e-3)
-
-    def loss(params):
-        logits = model.apply({"params": params}, jnp.asarray(rows[:, :-1]))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
-
-    @jax.jit
-    def step(params, opt):
-        grads = jax.grad(loss)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt
-
-    opt = tx.init(params)
-    for _ in range(steps):
-        params, opt = step(params, opt)
-    return model, jax.tree.map(np.asarray, params)
-
-
 @pytest.fixture(scope="session")
-def train_on_cycle():
-    """`(cfg, cycle, steps=60) -> (model, params)`: a model that has learned a token cycle."""
-    return _train_on_cycle
+def train_on_cycle(fit_adam):
+    """`(cfg, cycle, steps=60) -> (model, params)`: `cfg` trained with Adam for `steps` steps
+    on every rotation of the token `cycle` repeated, 32 next-token targets per row."""
+
+    def train(cfg, cycle: list[int], steps: int = 60):
+        model = Transformer(cfg)
+        rows = np.stack([np.roll(np.tile(cycle, 40), -s)[:33] for s in range(len(cycle))])
+
+        def loss(params):
+            logits = model.apply({"params": params}, jnp.asarray(rows[:, :-1]))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:]).mean()
+
+        params = fit_adam(loss, init_params(cfg), steps, 3e-3)
+        return model, jax.tree.map(np.asarray, params)
+
+    return train
 

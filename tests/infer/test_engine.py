@@ -1,5 +1,6 @@
 """The generation engine: the KV-cache path computes the full forward's logits, speculative
-decoding reproduces plain greedy decoding, and LoopLM early exit behaves as SPECS §9 says."""
+decoding reproduces plain greedy decoding, and LoopLM early exit behaves as
+docs/techniques.md#looplm says."""
 
 import dataclasses
 import functools
@@ -19,7 +20,7 @@ from nanochat_jax.model.layers import cached_attention
 from nanochat_jax.model.loop import early_exit_step
 from nanochat_jax.model.packed import pack_params
 from nanochat_jax.model.transformer import Transformer
-from nanochat_jax.ternary import cpu_kernel, kernel
+from nanochat_jax.ternary import cpu_kernel, kernel, tile_cache, tuning
 from nanochat_jax.ternary.packing import PackedTernary
 
 PROMPTS = [[1, 5, 9, 3, 4], [1, 7], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
@@ -87,7 +88,7 @@ def test_generate_and_stream_equal_full_forward_greedy_for_prompts_of_different_
     assert streamed == want[2]
 
 
-def _trained_on_cycle(kind: str, cycle=(3, 7, 2, 9, 5), steps=150):
+def _trained_on_cycle(fit_adam, kind: str, cycle=(3, 7, 2, 9, 5), steps=150):
     """A model with MTP depth 2 trained for a moment on one repeating cycle of tokens, so its
     MTP drafts are mostly right and speculative decoding accepts them."""
     model, variables = _model(vocab=12, seed=3, mtp_depth=2, mtp_kind=kind)
@@ -102,25 +103,13 @@ def _trained_on_cycle(kind: str, cycle=(3, 7, 2, 9, 5), steps=150):
                     h @ out.head, jnp.asarray(rows[:, shift:rows.shape[1] - 3 + shift])).mean()
         return ce(out.hidden[-1], 1) + ce(out.mtp_hidden[0], 2) + ce(out.mtp_hidden[1], 3)
 
-    tx = optax.adam(1e-2)
-    params = variables["params"]
-
-    @jax.jit
-    def step(params, opt):
-        grads = jax.grad(loss)(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt
-
-    opt = tx.init(params)
-    for _ in range(steps):
-        params, opt = step(params, opt)
-    return model, {"params": params}
+    return model, {"params": fit_adam(loss, variables["params"], steps, 1e-2)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sequential", "parallel"])
-def test_speculative_greedy_output_equals_plain_greedy_token_for_token(kind):
-    engine = Engine(*_trained_on_cycle(kind))
+def test_speculative_greedy_output_equals_plain_greedy_token_for_token(kind, fit_adam):
+    engine = Engine(*_trained_on_cycle(fit_adam, kind))
     prompts = [[3, 7, 2], [9, 5, 3, 7, 2, 9], [1, 4, 0, 9]]  # the last one leaves the cycle
     plain = engine.generate(prompts, Generation(max_new_tokens=24))
     spec = engine.generate(prompts, Generation(max_new_tokens=24, speculative=True))
@@ -251,7 +240,7 @@ def test_the_engine_packs_a_ternary_model_once_and_keeps_fake_quant_latent():
     model, variables = _model()
     assert "packed" in Engine(model, variables).variables
     assert "packed" not in Engine(model, variables, pack=False).variables
-    fake = Transformer(dataclasses.replace(model.cfg, ternary_impl="fake_quant"))
+    fake = Transformer(dataclasses.replace(model.cfg, ternary_product="fake_quant"))
     assert "packed" not in Engine(fake, variables).variables
 
 
@@ -270,15 +259,15 @@ def test_the_engine_tunes_the_kernel_for_its_shapes_before_compiling_them(monkey
     prompt and cache shape, before they compile; on a CPU it tunes nothing."""
     model, variables = _model()
     tuned = []
-    monkeypatch.setattr(kernel, "tune_pending",
-                        lambda keys=None, **_: tuned.append(keys or kernel.pending()) or {})
+    monkeypatch.setattr(tuning, "tune_pending",
+                        lambda keys=None, **_: tuned.append(keys or tile_cache.pending()) or {})
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)  # I2 codes, the kernel's
     gen = Generation(max_new_tokens=3)
     monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "reference")
     Engine(model, variables).generate([[1, 5, 9]], gen)  # as on a CPU
     assert tuned == []
     monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
-    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(tile_cache, "_PENDING", {})
     engine = Engine(model, variables)
     engine.generate([[1, 5, 9]], gen)
     engine.generate([[1, 7, 2, 4]], gen)  # the same bucketed shapes: nothing new to tune

@@ -1,4 +1,5 @@
-"""mHC (SPECS §10): Sinkhorn projection, the hyper-connection residual, composite gain."""
+"""mHC (docs/techniques.md#mhc): Sinkhorn projection, the hyper-connection residual, composite
+gain."""
 
 import dataclasses
 

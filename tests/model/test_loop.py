@@ -1,4 +1,4 @@
-"""LoopLM (SPECS §9): exit distribution, adaptive exit, and the looped stack."""
+"""LoopLM (docs/techniques.md#looplm): exit distribution, adaptive exit, and the looped stack."""
 
 import dataclasses
 

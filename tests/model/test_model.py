@@ -1,4 +1,4 @@
-"""BitLinear, rotary embeddings, attention and the Transformer (SPECS §1), plus the model zoo."""
+"""BitLinear, rotary embeddings, attention and the Transformer, plus the model zoo."""
 
 import dataclasses
 import functools
@@ -72,7 +72,8 @@ def test_bitlinear_ternary_equals_quantized_activations_times_quantized_weights(
 
 
 def test_bitlinear_ternary_equals_integer_matmul_rescaled():
-    """Inference form of SPECS §1: (int8(x) @ tern(W)) * g / s_x with exact int32 accumulation.
+    """Inference form of docs/techniques.md#bitnet: (int8(x) @ tern(W)) * g / s_x with exact int32
+    accumulation.
 
     s_x = 127 / absmax per token.
     """

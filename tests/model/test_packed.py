@@ -18,16 +18,16 @@ CFG = ModelConfig(vocab_size=64, seq_len=16, d_model=64, n_layers=2, n_heads=4,
                   n_kv_heads=2, d_ff=96, compute_dtype="float32")
 
 
-def _model_and_vars(impl="auto", **features):
-    model = Transformer(dataclasses.replace(CFG, ternary_impl=impl, **features))
+def _model_and_vars(backend="auto", **features):
+    model = Transformer(dataclasses.replace(CFG, kernel_backend=backend, **features))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(2, 16)), jnp.int32)
     return model, model.init(jax.random.PRNGKey(0), tokens), tokens
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["reference", "interpret"])
-def test_packed_forward_equals_the_latent_weight_forward(impl):
-    model, variables, tokens = _model_and_vars(impl)
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_packed_forward_equals_the_latent_weight_forward(backend):
+    model, variables, tokens = _model_and_vars(backend)
     np.testing.assert_allclose(np.asarray(model.apply(pack_params(variables), tokens)),
                                np.asarray(model.apply(variables, tokens)), rtol=1e-6, atol=1e-6)
 
@@ -50,7 +50,7 @@ def test_packed_forward_equals_fake_quant_forward_within_float_tolerance():
     difference can flip one int8 activation code in a later layer, so the bound is on the
     logit scale (1%) plus agreement of the predicted tokens, not a per-element rtol."""
     model, variables, tokens = _model_and_vars("reference")
-    fake_quant, _, _ = _model_and_vars("fake_quant")
+    fake_quant, _, _ = _model_and_vars(ternary_product="fake_quant")
     expected = np.asarray(fake_quant.apply(variables, tokens))
     got = np.asarray(model.apply(pack_params(variables), tokens))
     assert np.max(np.abs(got - expected)) <= 1e-2 * np.max(np.abs(expected))

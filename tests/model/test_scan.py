@@ -15,7 +15,8 @@ from experiments.configs import base
 from nanochat_jax.errors import ConfigError
 from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.kv_cache import KVCache
-from nanochat_jax.model.transformer import Transformer, is_block_kernel, unscan
+from nanochat_jax.model.params import is_hidden, unscan
+from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
 from nanochat_jax.optim.fire import fire_params
 from nanochat_jax.train import sharding
@@ -93,7 +94,7 @@ def test_mhc_maps_of_a_scanned_stack_are_initialised_by_depth():
 def test_stacked_kernels_are_hidden_matrices_and_shard_like_their_layers():
     _, _, params, stacked = _pair()
     kernels = [p for p, leaf in jax.tree_util.tree_flatten_with_path(stacked)[0]
-               if is_block_kernel(p, leaf)]
+               if is_hidden(p, leaf)]
     assert len(kernels) == 7  # q, k, v, o, w1, w2, w3: one stacked leaf each
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
     unrolled_specs = sharding.param_specs(params, mesh)

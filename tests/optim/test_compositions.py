@@ -13,6 +13,7 @@ from nanochat_jax.model.config import ModelConfig
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import OPTIMIZERS, build_optimizer
 from nanochat_jax.optim.memory import state_memory
+from nanochat_jax.train.setup import abstract_train_state
 
 CFG = ModelConfig(vocab_size=64, seq_len=16, d_model=64, n_layers=2, n_heads=4,
                   n_kv_heads=2, d_ff=128)
@@ -86,7 +87,8 @@ def test_optimizer_state_bytes_per_param_follow_the_formulas():
     mem = {}
     for name in ("adamw", "muon", "muon_8bit", "galore2", "galore2_muon_8bit"):
         c.optimizer.name = name
-        mem[name] = state_memory(c)
+        state = abstract_train_state(c)
+        mem[name] = state_memory(state.params, state.opt_state)
     assert abs(mem["adamw"]["bytes_per_param"] - 8.0) < 1e-3  # two fp32 moments
     muon, muon8 = mem["muon"]["groups"], mem["muon_8bit"]["groups"]
     assert muon8["other"] == muon["other"]  # embedding / head / norms keep fp32 AdamW

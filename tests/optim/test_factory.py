@@ -1,4 +1,4 @@
-"""Optimizer factory: hybrid Muon routing (SPECS §3), AdamW, and the LR / weight-decay schedules."""
+"""Optimizer factory: hybrid Muon routing, AdamW, and the LR / weight-decay schedules."""
 
 import copy
 import functools
@@ -158,7 +158,7 @@ def _value_and_grad(params, tokens, targets):
 
 
 def _newton_schulz(g, steps=5, eps=1e-8):
-    """SPECS §3 reference, in float64: quintic Newton-Schulz on the wide orientation."""
+    """docs/techniques.md#muon in float64: quintic Newton-Schulz on the wide orientation."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = np.asarray(g, np.float64)
     x = x / (np.linalg.norm(x) + eps)
@@ -173,7 +173,7 @@ def _newton_schulz(g, steps=5, eps=1e-8):
 
 @pytest.mark.slow
 def test_muon_first_update_is_newton_schulz_of_gradient_and_adam_takes_sign_steps():
-    """SPECS §3 on hidden matrices: W <- W (1 - lr wd) - lr sqrt(max(1, fan_out/fan_in)) NS(G)."""
+    """Muon on hidden matrices: W <- W (1 - lr wd) - lr sqrt(max(1, fan_out/fan_in)) NS(G)."""
     _, params = _model_and_params()
     cfg = TRAIN_CFGS["muon"]
     lr, adam_lr, wd = cfg["lr"], cfg["adam_lr"], cfg["weight_decay"]

@@ -1,4 +1,5 @@
-"""FIRE (SPECS §7): nearest scaled isometry of `[in, out]` kernels, moment reset, checkpoints."""
+"""FIRE (docs/techniques.md#fire): nearest scaled isometry of `[in, out]` kernels, moment reset,
+checkpoints."""
 
 import functools
 from typing import Any, NamedTuple
@@ -14,12 +15,13 @@ from optax.contrib import MuonDimensionNumbers
 
 from nanochat_jax.cli import fire as fire_command
 from nanochat_jax.model.config import ModelConfig
-from nanochat_jax.model.transformer import Transformer, is_block_kernel
+from nanochat_jax.model.params import is_hidden
+from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim import fire
 from nanochat_jax.optim.fire import fire_params, isometry_error, nearest_isometry, reset_moments
 from nanochat_jax.train.checkpoint import Checkpointer
-from nanochat_jax.train.fire import fire_checkpoint
-from nanochat_jax.train.state import abstract_train_state
+from nanochat_jax.train.fire_checkpoint import fire_checkpoint
+from nanochat_jax.train.setup import abstract_train_state
 from nanochat_jax.train.trainer import train
 
 CFG = ModelConfig(vocab_size=64, seq_len=8, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -101,7 +103,7 @@ def test_fire_params_reinitialises_exactly_the_block_kernels():
 def _muon():
     def dims(params):
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: MuonDimensionNumbers(0, 1) if is_block_kernel(p, x) else None, params)
+            lambda p, x: MuonDimensionNumbers(0, 1) if is_hidden(p, x) else None, params)
     return optax.contrib.muon(0.02, muon_weight_dimension_numbers=dims)
 
 
@@ -149,7 +151,7 @@ def test_command_fires_a_checkpoint_into_a_new_run_that_resumes(small_config, tm
         ckpt.close()
     assert meta["fire"]["iters"] == 60 and meta["config"]["model"] == c.model.to_dict()
     kernels = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
-               if is_block_kernel(path, x)]
+               if is_hidden(path, x)]
     assert len(kernels) == 14
     assert max(float(isometry_error(x)) for _, x in kernels) < 1e-4
     zeroed_again = reset_moments(state.opt_state, state.params)  # their moments are already 0

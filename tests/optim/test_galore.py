@@ -1,5 +1,6 @@
-"""GaLore 2 (SPECS §5): projection = truncated SVD, orthonormal projectors, low-rank updates,
-refresh schedule, moments kept across a refresh, optax compositions, and it trains."""
+"""GaLore 2 (docs/techniques.md#galore-2): projection = truncated SVD, orthonormal projectors,
+low-rank updates, refresh schedule, moments kept across a refresh, optax compositions, and it
+trains."""
 
 import functools
 
@@ -226,7 +227,7 @@ def test_muon_inner_orthogonalises_the_projected_matrix():
     proj = np.asarray(state.projectors["w"])  # [12, 4]
     s = np.linalg.svd(proj.T @ update, compute_uv=False)  # the [4, 20] inner update
     s = s / np.sqrt(20 / 4)  # Muon's width scaling sqrt(fan_out / fan_in) of the [4, 20] matrix
-    assert np.all((s > 0.6) & (s < 1.2)), s  # Newton-Schulz band (SPECS §3), not exactly 1
+    assert np.all((s > 0.6) & (s < 1.2)), s  # Newton-Schulz band, not 1 (docs/techniques.md#muon)
 
 
 def test_least_squares_trains_at_rank_8():

@@ -1,4 +1,4 @@
-"""8-bit optimizer states (SPECS §4): blockwise int8 codes + fp32 absmax, as an optax wrapper."""
+"""8-bit optimizer states: blockwise int8 codes + fp32 absmax, as an optax wrapper."""
 
 import jax
 import jax.numpy as jnp

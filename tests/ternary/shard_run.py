@@ -74,10 +74,10 @@ def kernel_case(mesh, name: str) -> dict:
 def model_case(mesh) -> dict:
     """The whole model (1 layer of the tiny preset): interpret kernels per shard vs the
     reference with no mesh."""
-    cfg = model_config("tiny", vocab_size=384, seq_len=128, n_layers=1, ternary_impl="interpret")
+    cfg = model_config("tiny", vocab_size=384, seq_len=128, n_layers=1, kernel_backend="interpret")
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 384, size=(8, 16)), jnp.int32)
     ref_model = Transformer(model_config("tiny", vocab_size=384, seq_len=128, n_layers=1,
-                                             ternary_impl="reference"))
+                                             kernel_backend="reference"))
     params = ref_model.init(jax.random.key(0), tokens)
     want = ref_model.apply(params, tokens)
     placed = jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp"))))

@@ -1,4 +1,4 @@
-"""FP4 (SPECS §13): values land on the E2M1 grid with one scale per block, stochastic
+"""FP4 (docs/techniques.md#fp4): values land on the E2M1 grid with one scale per block, stochastic
 rounding is unbiased, the Hadamard rotation is orthogonal, and `fp4_dot` has an exact
 forward and an FP4 backward that the model reaches through `model.fp4_backward`."""
 

@@ -11,7 +11,7 @@ import pytest
 from jax import export
 from numpy.testing import assert_array_equal
 
-from nanochat_jax.ternary import kernel, packing, tiling
+from nanochat_jax.ternary import kernel, packing, tile_cache, tiling, tuning
 
 # (M, K, N): decode rows, odd sizes, aligned sizes, several K steps per tile
 SHAPES = [(1, 128, 32), (5, 100, 70), (16, 256, 64), (33, 384, 96), (64, 512, 128)]
@@ -116,10 +116,10 @@ def test_tilings_follow_each_lowering_rules():
     assert kernel.MOSAIC.default(1, 192, 768)[:3] == (32, 192, 256)  # K4 192: one whole-K step
     assert {b.bm for b in kernel.TRITON.candidates(1, 64, 64)} == {16}  # decode: 1 row tile
     with pytest.raises(ValueError, match="not a mosaic tiling"):
-        kernel._pallas_matmul(jnp.zeros((8, 768), jnp.int8), jnp.zeros((192, 768), jnp.uint8),
+        kernel.pallas_matmul(jnp.zeros((8, 768), jnp.int8), jnp.zeros((192, 768), jnp.uint8),
                               (32, 64, 256), "mosaic")
     with pytest.raises(ValueError, match="not a mosaic tiling"):  # Mosaic never splits K
-        kernel._pallas_matmul(jnp.zeros((8, 768), jnp.int8), jnp.zeros((192, 768), jnp.uint8),
+        kernel.pallas_matmul(jnp.zeros((8, 768), jnp.int8), jnp.zeros((192, 768), jnp.uint8),
                               (32, 192, 256, 2), "mosaic")
 
 
@@ -142,12 +142,12 @@ def test_split_k_adds_exact_int32_partial_sums(blocks):
     """Programs that share an output tile along K each sum their K4 / split_k packed rows;
     the partial sums add up exactly, at odd shapes and at the int8 extremes."""
     x, w, _ = _operands(5, 760, 120, seed=7)  # K4 = 192: shares of 96, 64 and 32 rows
-    out = kernel._pallas_matmul(x, w.codes, blocks, "interpret")[:, :120]
+    out = kernel.pallas_matmul(x, w.codes, blocks, "interpret")[:, :120]
     assert_array_equal(np.asarray(out), np.asarray(kernel.ternary_matmul_reference(x, w)))
     extreme = jnp.full((3, 1024), -127, jnp.int8)
     w_extreme = packing.PackedTernary(packing.pack_codes(jnp.full((1024, 32), -1, jnp.int8)),
                                       jnp.float32(1.0), (1024, 32))
-    out = kernel._pallas_matmul(extreme, w_extreme.codes, (16, 32, 32, 4), "interpret")
+    out = kernel.pallas_matmul(extreme, w_extreme.codes, (16, 32, 32, 4), "interpret")
     assert_array_equal(np.asarray(out), np.full((3, 32), 127 * 1024, np.int32))
 
 
@@ -175,7 +175,7 @@ def test_the_alignment_hint_holds_for_every_offset_the_kernel_reads():
     for blocks in [kernel.MOSAIC.default(8, 192, 768), kernel.Blocks(16, 64, 64),
                    kernel.Blocks(16, 32, 64, 3)]:
         traced = str(jax.make_jaxpr(
-            lambda a, c, b=blocks: kernel._pallas_matmul(a, c, b, "interpret"))(x, codes))
+            lambda a, c, b=blocks: kernel.pallas_matmul(a, c, b, "interpret"))(x, codes))
         hints = {int(v) for v in re.findall(r"multiple_of\[values=\((\d+),\)\]", traced)}
         assert hints == {tiling.slab_alignment(192, blocks, 256), blocks.bk4}, blocks
 
@@ -221,7 +221,7 @@ def test_int8_products_through_bf16_dots_stay_exact():
     w_extreme = packing.PackedTernary(packing.pack_codes(jnp.full((2048, 32), -1, jnp.int8)),
                                       jnp.float32(1.0), (2048, 32))
     for a, b in ((x, w), (extreme, w_extreme)):
-        out = kernel._pallas_matmul(a, b.codes, kernel.MOSAIC.default(a.shape[0], *b.codes.shape),
+        out = kernel.pallas_matmul(a, b.codes, kernel.MOSAIC.default(a.shape[0], *b.codes.shape),
                                     "interpret", int8_dots=False)[:, : b.shape[1]]
         assert out.dtype == jnp.int32
         assert_array_equal(np.asarray(out), np.asarray(kernel.ternary_matmul_reference(a, b)))
@@ -242,69 +242,69 @@ def test_tiles_are_looked_up_while_tracing_and_tuned_only_on_concrete_arrays(tmp
     times anything; tune_pending times the pending shapes afterwards and caches the winner
     in memory and on disk; a new process finds it on disk."""
     calls = []
-    real = kernel._pallas_matmul
+    real = kernel.pallas_matmul
 
     def counting(x, codes, blocks, lowering, int8_dots=True):
         calls.append(blocks)
         return real(x, codes, blocks, lowering, int8_dots)
 
-    monkeypatch.setattr(kernel, "_pallas_matmul", counting)
-    monkeypatch.setattr(kernel, "_TUNED", {})
-    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(kernel, "pallas_matmul", counting)
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
+    monkeypatch.setattr(tile_cache, "_PENDING", {})
     cache = str(tmp_path / "tune.json")
     kind = jax.devices()[0].device_kind
-    lowering = kernel.local_lowering(kernel.MOSAIC)  # what the tuner keys its timings by
-    traced = jax.jit(lambda: kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
-                                                  cache_path=cache, lowering=lowering)
+    lowering = tuning.local_lowering(kernel.MOSAIC)  # what the tuner keys its timings by
+    traced = jax.jit(lambda: tile_cache.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
+                                                      cache_path=cache, lowering=lowering)
                      and jnp.zeros(()))
     traced()
-    assert calls == [] and len(kernel.pending()) == 1
+    assert calls == [] and len(tile_cache.pending()) == 1
     with pytest.raises(RuntimeError, match="before a step is traced"):
-        jax.jit(lambda: kernel.tune_shape(kernel.MOSAIC, 8, 32, 128, jnp.int8) and 0)()
+        jax.jit(lambda: tuning.tune_shape(kernel.MOSAIC, 8, 32, 128, jnp.int8) and 0)()
 
-    done = kernel.tune_pending(cache_path=cache, repeats=1)
+    done = tuning.tune_pending(cache_path=cache, repeats=1)
     (key, best), = done.items()
     assert best in kernel.MOSAIC.candidates(8, 32, 128) and set(calls) == set(
         kernel.MOSAIC.candidates(8, 32, 128))
-    assert kernel.pending() == [] and json.loads(open(cache).read()) == {key: list(best)}
+    assert tile_cache.pending() == [] and json.loads(open(cache).read()) == {key: list(best)}
 
     calls.clear()
-    monkeypatch.setattr(kernel, "_TUNED", {})  # a new process: only the disk cache remains
-    assert kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
-                                cache_path=cache, lowering=lowering) == best
-    assert calls == [] and kernel.pending() == []
+    monkeypatch.setattr(tile_cache, "_TUNED", {})  # a new process: only the disk cache remains
+    assert tile_cache.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
+                                    cache_path=cache, lowering=lowering) == best
+    assert calls == [] and tile_cache.pending() == []
     # a cache entry this lowering cannot run (a stale file) is not used: retuned instead
     open(cache, "w").write(json.dumps({key: [32, 64, 128]}))
-    monkeypatch.setattr(kernel, "_TUNED", {})
-    assert kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
-                                cache_path=cache, lowering=lowering) == \
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
+    assert tile_cache.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 128, jnp.int8,
+                                    cache_path=cache, lowering=lowering) == \
         kernel.MOSAIC.default(8, 32, 128)
-    assert kernel.pending() == [key]
+    assert tile_cache.pending() == [key]
 
 
 def test_tuned_tiles_are_read_back_from_the_default_cache_by_a_new_process(tmp_path,
                                                                            monkeypatch):
     """With no cache named, the tuner writes $NANOCHAT_CACHE/kernel_tiles.json and a later
     trace reads it (before, only $NANOCHAT_TUNE_CACHE was read back: every start retuned)."""
-    monkeypatch.delenv(kernel.TUNE_CACHE_ENV, raising=False)
+    monkeypatch.delenv(tile_cache.TUNE_CACHE_ENV, raising=False)
     monkeypatch.setenv("NANOCHAT_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernel, "_TUNED", {})
-    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
+    monkeypatch.setattr(tile_cache, "_PENDING", {})
     kind = jax.devices()[0].device_kind
-    lowering = kernel.local_lowering(kernel.MOSAIC)
-    kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 256, jnp.int8, lowering=lowering)
-    (key, best), = kernel.tune_pending(repeats=1, say=lambda _: None).items()
+    lowering = tuning.local_lowering(kernel.MOSAIC)
+    tile_cache.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 256, jnp.int8, lowering=lowering)
+    (key, best), = tuning.tune_pending(repeats=1, say=lambda _: None).items()
     assert json.loads((tmp_path / "kernel_tiles.json").read_text()) == {key: list(best)}
-    monkeypatch.setattr(kernel, "_TUNED", {})  # a new process
-    assert kernel.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 256, jnp.int8,
-                                lowering=lowering) == best
-    assert kernel.pending() == []
+    monkeypatch.setattr(tile_cache, "_TUNED", {})  # a new process
+    assert tile_cache.lookup_blocks(kernel.MOSAIC, kind, 8, 32, 256, jnp.int8,
+                                    lowering=lowering) == best
+    assert tile_cache.pending() == []
 
 
 def test_a_tiling_that_fails_to_compile_is_skipped_with_one_line(monkeypatch, tmp_path):
     """The tuner times what compiles and says one line per refusal; when nothing compiles
     it stops naming the first error."""
-    real = kernel._pallas_matmul
+    real = kernel.pallas_matmul
     refused = kernel.Blocks(32, 32, 128)
 
     def compiler(x, codes, blocks, lowering, int8_dots=True):
@@ -313,23 +313,23 @@ def test_a_tiling_that_fails_to_compile_is_skipped_with_one_line(monkeypatch, tm
                                              "exceeded: requested 286720, available: 232448")
         return real(x, codes, blocks, lowering, int8_dots)
 
-    monkeypatch.setattr(kernel, "_pallas_matmul", compiler)
-    monkeypatch.setattr(kernel, "_TUNED", {})
+    monkeypatch.setattr(kernel, "pallas_matmul", compiler)
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
     cache = str(tmp_path / "tiles.json")
     said = []
-    best = kernel.tune_shape(kernel.MOSAIC, 8, 128, 128, jnp.int8, repeats=1, say=said.append,
+    best = tuning.tune_shape(kernel.MOSAIC, 8, 128, 128, jnp.int8, repeats=1, say=said.append,
                              candidates=[refused, kernel.Blocks(32, 128, 128)],
                              cache_path=cache)
     assert best == (32, 128, 128, 1, 4, 2)
     assert len(said) == 1 and "(32, 32, 128, 1, 4, 2)" in said[0] and "skipped" in said[0]
     assert "RESOURCE_EXHAUSTED" in said[0] and "\n" not in said[0]
     with pytest.raises(RuntimeError, match="no tiling of .* compiled.*RESOURCE_EXHAUSTED"):
-        kernel.tune_shape(kernel.MOSAIC, 8, 128, 128, jnp.int8, repeats=1,
+        tuning.tune_shape(kernel.MOSAIC, 8, 128, 128, jnp.int8, repeats=1,
                           say=lambda _: None, candidates=[refused], cache_path=cache)
     # a cache that cannot be written (here its directory is a file) costs a line, not the run
     (tmp_path / "file").write_text("")
     said.clear()
-    assert kernel.tune_shape(kernel.MOSAIC, 8, 128, 128, jnp.int8, repeats=1, say=said.append,
+    assert tuning.tune_shape(kernel.MOSAIC, 8, 128, 128, jnp.int8, repeats=1, say=said.append,
                              candidates=[kernel.Blocks(32, 128, 128)],
                              cache_path=str(tmp_path / "file" / "tiles.json")) == best
     assert len(said) == 1 and "not saved to" in said[0]

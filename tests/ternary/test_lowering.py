@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.ternary import kernel, packing
 from nanochat_jax.ternary.linear import packed_dot, ternary_dot
+from nanochat_jax.train.sharding import tpu_topology
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -28,9 +29,7 @@ DTYPES = [jnp.int8, jnp.bfloat16]
 @pytest.fixture(scope="module")
 def tpu_chip():
     """A one-chip mesh of a compile-only TPU v5e."""
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    devices = tpu_topology("v5e:2x2").devices
     return jax.sharding.Mesh(np.asarray(devices[:1]), ("data",))
 
 
@@ -58,12 +57,7 @@ def test_kernel_compiles_for_tpu_with_mosaic(tpu_chip, shape, dtype):
 def test_kernel_compiles_for_every_tpu_generation(topology):
     """v4 has no int8 matrix unit (Mosaic refuses an int8 matmul there): its kernel takes
     the int8 activations as bf16 operands; v5p and v6e multiply int8 directly."""
-    from jax.experimental import topologies
-
-    generation = topology.split(":")[0]
-    devices = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology,
-        chip_config_name="megacore" if generation in ("v4", "v5p") else "default").devices
+    devices = tpu_topology(topology).devices
     chip = jax.sharding.Mesh(np.asarray(devices[:1]), ("data",))
     compiled = _compile_for(chip, lambda x, c: kernel.codes_matmul(x, c),
                             ((256, 3072), jnp.int8), ((3072, 8192), jnp.int8))

@@ -1,4 +1,5 @@
-"""I2 packing (SPECS §2): exact round trips, 2 bits per weight, padding that means zero."""
+"""I2 packing (docs/techniques.md#packing): exact round trips, 2 bits per weight, padding that means
+zero."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""SPECS §1: absmean ternary weights and per-token absmax int8 activations (BitNet b1.58)."""
+"""Absmean ternary weights and per-token absmax int8 activations (docs/techniques.md#bitnet)."""
 
 import jax
 import jax.numpy as jnp

@@ -78,7 +78,7 @@ def _residual_bytes(fn, *args, capsys) -> int:
 @pytest.mark.slow
 def test_remat_gives_the_same_gradients_and_keeps_fewer_activations(capsys):
     # fake_quant: the ternary layers are plain matmuls, which the "dots" policy may keep
-    cfg = dataclasses.replace(TINY, n_layers=4, ternary_impl="fake_quant")
+    cfg = dataclasses.replace(TINY, n_layers=4, ternary_product="fake_quant")
     kept, results = {}, {}
     for policy in ("none", "dots", "full"):
         loss, params = _loss(dataclasses.replace(cfg, remat=policy))
@@ -100,7 +100,7 @@ def test_loop_remat_gives_the_same_gradients_and_keeps_only_the_loop_inputs(caps
     backward; what the backward keeps shrinks below the un-remat'd model's, and below
     per-block "full" remat's (which keeps every block's input in every loop)."""
     cfg = dataclasses.replace(TINY, n_layers=2, loops=2, mhc_streams=2, d_model=64,
-                              n_heads=2, n_kv_heads=1, d_ff=128, ternary_impl="fake_quant")
+                              n_heads=2, n_kv_heads=1, d_ff=128, ternary_product="fake_quant")
     kept, results = {}, {}
     for policy in ("none", "full", "loop"):
         loss, params = _loss(dataclasses.replace(cfg, remat=policy))

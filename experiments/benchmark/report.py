@@ -1,57 +1,17 @@
-"""The E3 benchmark: the E3 configurations and two AdamW baselines (dense, ternary) trained
-one after another on the same data and token budget, with a report.
-
-    python -m experiments.benchmark --quick                  # tiny model, ~12 min on 2 CPUs
-    python -m experiments.benchmark --configs=e3:muon,e3:muon_8bit,e3:galore2,\\
-        e3:galore2_muon_8bit,e3:full --model=125m --steps=2000 --out=runs/benchmark_125m
-
-Each run is `python -m experiments.run` in its own process (so its peak host memory is its
-own), with the same overrides: model preset, data (rust-src, one BPE), batch, sequence
-length, steps, evaluation schedule and one measured matmul peak for MFU. Any further
-`--config.GROUP.FIELD=VALUE` arguments are passed to every run. `DIR/results.json` holds the
-raw numbers and the machine; `DIR/report.md` the table (ratios against the dense AdamW run),
-the seed's claims next to what was measured, and three plots (`loss_vs_tokens.png`,
-`loss_vs_wall.png`, `memory.png`).
-
-    python -m experiments.benchmark --quick --sweep=lr [--lrs=0.5,1,2] [--seeds=3]
-
-`--sweep=lr` first trains every arm at each multiple in `--lrs` of that arm's own
-`optimizer.lr` (the Muon-family rate for the Muon/GaLore arms, the AdamW/Lion rate for the
-others; the hybrids' AdamW-branch `adam_lr` stays fixed), keeps each arm's rate with the
-lowest final validation CE, and reruns that rate with `training.seed` 1 .. `--seeds` - 1.
-The table then shows each arm at its best rate, the report adds the grid (table and
-`sweep_lr.png`) and the winners' mean +- std over seeds, and says for each arm whether its
-CE is better or worse than dense AdamW's beyond one standard deviation of both, or within
-noise.
-"""
+"""The E3 benchmark's report: report.md (the table with ratios against dense AdamW, the seed's
+claims next to what was measured, the sweep's grid and winners) and its plots, written from
+the runs' summaries; `regenerate` rewrites them from a finished benchmark's results.json."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
-import time
 
 import numpy as np
 
-from experiments.configs import variant_names
-from experiments.run import canonical, load_config, run_name, split_configs
+from experiments.benchmark.plan import BASELINE, is_e3
+from experiments.benchmark.runner import from_disk, winner_record
 
-# run names (experiments.run.run_name) e3_muon, ..., e3_full
-E3_CONFIGS = ("e3:muon", "e3:muon_8bit", "e3:galore2", "e3:galore2_muon_8bit", "e3:full")
-BASELINE = "adamw_dense"
-# name -> (experiment config, overrides): the two AdamW references
-BASELINES = {BASELINE: ("base", ["--config.model.ternary=False"]),
-             "adamw_ternary": ("base", [])}
-# The tiny model's rates (the E3 configs' defaults are for 125m): what e3_full sets
-TINY_RATES = ["--config.optimizer.adam_lr=3e-3", "--config.optimizer.galore.rank=32",
-              "--config.optimizer.galore.update_every=50"]
-# Arms whose own rate is set for 125m against AdamW's 1.5e-3: rescaled to tiny's AdamW 3e-3
-# by run name; Lion: AdamW's / 5, as e3:lion
-TINY_ARM_RATES = {"e3_lion": ["--config.optimizer.lr=6e-4"]}
 CLAIMS = (
     ("2-3x faster training", "tokens/s against dense AdamW"),
     ("50-80% less memory", "parameter + optimizer-state bytes and peak memory against dense "
@@ -61,89 +21,6 @@ CLAIMS = (
 )
 
 
-def _is_e3(config: str) -> bool:
-    """Whether a run's config is one of the seed's E3 arms (`E3_CONFIGS`, any variant of
-    them, in new or old spelling); Lion and the AdamW references are not."""
-    family, _, variants = canonical(config).partition(":")
-    arms = {canonical(c).partition(":")[2] for c in E3_CONFIGS}
-    return family == "e3" and bool(set(variant_names(variants)) & arms)
-
-
-def plan(args, extra: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(run name, experiment config, overrides) for every run, the dense baseline first."""
-    steps = args.steps
-    common = [f"--config.model.preset={args.model}", f"--config.training.steps={steps}",
-              f"--config.model.seq_len={args.seq_len}", f"--config.data.batch_size={args.batch}",
-              "--config.data.source=rust-src", f"--config.data.max_bytes={args.max_bytes}",
-              f"--config.data.vocab_size={args.vocab}", f"--config.model.vocab_size={args.vocab}",
-              f"--config.training.eval_every={max(1, steps // args.evals)}",
-              f"--config.training.log_every={max(1, min(10, steps // 10))}",
-              f"--config.training.eval_batches={args.eval_batches}",
-              f"--config.optimizer.warmup_steps={max(1, steps // 10)}",
-              f"--config.checkpoint.every={steps}", f"--config.training.peak_flops={args.peak:.6g}"]
-    if args.model == "tiny":
-        common += TINY_RATES
-        baseline_lr = ["--config.optimizer.lr=3e-3"]  # tiny's AdamW rate
-    else:
-        baseline_lr = []
-    runs = [(name, cfg, over + baseline_lr) for name, (cfg, over) in BASELINES.items()]
-    runs += [(run_name(config), config,
-              TINY_ARM_RATES.get(run_name(config), []) if args.model == "tiny" else [])
-             for config in args.configs]
-    return [(name, cfg, common + over + extra) for name, cfg, over in runs]
-
-
-LR_FLAG = "--config.optimizer.lr="
-SEED_FLAG = "--config.training.seed="
-
-
-LOOP_FLAG = "--config.loop.enabled="
-
-
-def _last_override(overrides: list[str], flag: str) -> str | None:
-    return next((item[len(flag):] for item in reversed(overrides) if item.startswith(flag)),
-                None)
-
-
-def centre_lr(config: str, overrides: list[str]) -> float:
-    """The arm's own `optimizer.lr`: the last override of it, else its config's value."""
-    lr = _last_override(overrides, LR_FLAG)
-    if lr is not None:
-        return float(lr)
-    return float(load_config(config).optimizer.lr)
-
-
-def is_looped(config: str, overrides: list[str]) -> bool:
-    """Whether the arm runs LoopLM (`loop.enabled`), from its overrides or its config."""
-    enabled = _last_override(overrides, LOOP_FLAG)
-    if enabled is None:
-        return bool(load_config(config).loop.enabled)
-    return enabled.lower() in ("true", "1")
-
-
-def arm_multiples(config: str, overrides: list[str], multiples: list[float]) -> list[float]:
-    """The multiples of the arm's rate it is swept over: `multiples`, and for a looped arm
-    (LoopLM) one more below the smallest (half of it): Ouro trains looped models at smaller
-    rates than plain ones, so the grid reaches lower there."""
-    if is_looped(config, overrides):
-        return sorted({min(multiples) / 2, *multiples})
-    return sorted(multiples)
-
-
-def lr_grid(runs: list[tuple[str, str, list[str]]], multiples: list[float]
-            ) -> list[tuple[str, str, list[str], str, float, float]]:
-    """(run name, config, overrides, arm, multiple, lr) for every arm at every multiple of its
-    own rate (`arm_multiples`)."""
-    grid = []
-    for arm, config, overrides in runs:
-        centre = centre_lr(config, overrides)
-        for m in arm_multiples(config, overrides, multiples):
-            lr = float(f"{centre * m:.4g}")
-            grid.append((f"{arm}_lr{lr:g}", config, [*overrides, f"{LR_FLAG}{lr:g}"], arm, m,
-                         lr))
-    return grid
-
-
 def noise_verdict(mean: float, std: float, base_mean: float, base_std: float) -> str:
     """Lower CE is better; a difference counts only beyond one standard deviation of both."""
     if mean + std < base_mean - base_std:
@@ -151,66 +28,6 @@ def noise_verdict(mean: float, std: float, base_mean: float, base_std: float) ->
     if mean - std > base_mean + base_std:
         return "worse"
     return "within noise"
-
-
-def run_one(name: str, config: str, overrides: list[str], out: str) -> dict:
-    """Train one run in a child process; its summary with wall time and peak host RSS."""
-    workdir = os.path.join(out, "runs", name)
-    log_path = os.path.join(out, "logs", f"{name}.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, "-m", "experiments.run", f"--config={config}",
-           f"--workdir={workdir}", *overrides]
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        with open(log_path) as f:
-            tail = f.read()[-2000:]
-        raise SystemExit(f"error: run {name} failed (log {log_path}):\n{tail}")
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return summarise(name, config, rows, wall, usage.ru_maxrss * 1024, " ".join(cmd[1:]))
-
-
-def summarise(name: str, config: str, rows: list[dict], wall: float, peak_rss: int,
-              command: str) -> dict:
-    """Per-run numbers from its metrics.jsonl rows."""
-    logs = [r for r in rows if "throughput/tokens_per_sec" in r]
-    evals = [r for r in rows if "eval/ce" in r]
-    tps = np.array([r["throughput/tokens_per_sec"] for r in logs])
-    memory = rows[0]
-    final = evals[-1]
-    device_peak = max((r.get("memory/peak_device_bytes", 0) for r in rows), default=0)
-    return {
-        "name": name, "config": config, "command": command, "wall_s": wall,
-        "tokens_per_sec": float(np.median(tps)) if len(tps) else None,
-        "tokens_per_sec_p10_p90": [float(np.percentile(tps, 10)), float(np.percentile(tps, 90))]
-        if len(tps) else None,
-        "mfu": float(np.median([r["throughput/mfu"] for r in logs])) if logs else None,
-        "params_bytes": memory.get("memory/params_bytes"),
-        "opt_state_bytes": memory.get("memory/opt_state_bytes"),
-        "peak_host_bytes": peak_rss, "peak_device_bytes": device_peak or None,
-        "final_step": final["step"], "val_ce": final["eval/ce"], "val_bpb": final["eval/bpb"],
-        "evals": [{"step": r["step"], "ce": r["eval/ce"], "bpb": r["eval/bpb"],
-                   "wall_s": r.get("training/wall_s")} for r in evals],
-        "train_loss": [[r["step"], r["loss/total"]] for r in rows if "loss/total" in r],
-        "loop": loop_use(logs),
-    }
-
-
-def loop_use(logs: list[dict]) -> dict | None:
-    """Whether a LoopLM run uses its loops, from its last logged training step: the CE after
-    each loop (`loop/ce/stepN`), their spread (first minus last: what the extra loops buy) and
-    the exit distribution's mean step and entropy. None for a run without loops."""
-    last = next((r for r in reversed(logs) if "loop/ce/step1" in r), None)
-    if last is None:
-        return None
-    ce = [last[f"loop/ce/step{i}"] for i in range(1, 100) if f"loop/ce/step{i}" in last]
-    return {"step": last["step"], "ce_per_loop": ce, "spread": ce[0] - ce[-1],
-            "mean_exit_step": last["loop/mean_exit_step"],
-            "exit_entropy": last["loop/exit_entropy"]}
 
 
 def step_times(result: dict, tokens_per_step: int) -> dict:
@@ -226,16 +43,6 @@ def time_to_target(result: dict, target: float, tokens_per_step: int):
         if e["ce"] <= target:
             return e["step"] * tokens_per_step, e["wall_s"]
     return None
-
-
-def machine() -> dict:
-    import jax
-
-    device = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device_kind": device.device_kind,
-            "device_count": jax.device_count(), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version()}
 
 
 def plots(results: list[dict], tokens_per_step: int, out: str) -> list[str]:
@@ -384,7 +191,7 @@ def claim_verdicts(results: list[dict], info: dict) -> list[str]:
     judged on the error bars."""
     reach = time_to_dense(info)
     base = next(r for r in results if r["name"] == BASELINE)
-    e3 = [r for r in results if _is_e3(r["config"])]
+    e3 = [r for r in results if is_e3(r["config"])]
     lines = ["", "## The seed's claims, judged", "", "| claim | measured here | verdict |",
              "|---|---|---|"]
     fast = {r["name"]: reach[r["name"]] for r in e3 if reach[r["name"]]["reached"]}
@@ -488,8 +295,8 @@ def sweep_plot(sweep: dict, out: str) -> str:
     return "sweep_lr.png"
 
 
-def report(results: list[dict], info: dict, out: str) -> str:
-    """report.md: the table, the claims, the plots."""
+def markdown(results: list[dict], info: dict) -> str:
+    """report.md's text: the table, the claims, the plots."""
     tps_step = info["tokens_per_step"]
     base = next(r for r in results if r["name"] == BASELINE)
     target = base["val_ce"]
@@ -538,7 +345,7 @@ def report(results: list[dict], info: dict, out: str) -> str:
     if info.get("sweep"):
         lines += claim_verdicts(results, info)
         lines += sweep_section(results, info)
-    e3 = [r for r in results if _is_e3(r["config"])]
+    e3 = [r for r in results if is_e3(r["config"])]
     fastest = max(e3, key=lambda r: r["tokens_per_sec"], default=None)
     if fastest and not info.get("sweep"):
         lines += ["", "## The seed's claims next to this run", "", "| claim | measured here |",
@@ -577,118 +384,16 @@ def report(results: list[dict], info: dict, out: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sweep(runs, multiples: list[float], seeds: int, train):
-    """Grid, winners, seeds. -> (each arm's best-rate seed-0 run, the sweep's record)."""
-    grid: dict[str, list[dict]] = {}
-    best: dict[str, tuple[dict, list[str], str]] = {}
-    for name, config, overrides, arm, multiple, lr in lr_grid(runs, multiples):
-        r = train(name, config, overrides)
-        grid.setdefault(arm, []).append({"multiple": multiple, "lr": lr, "val_ce": r["val_ce"],
-                                         "run": name, "loop": r["loop"]})
-        if arm not in best or r["val_ce"] < best[arm][0]["val_ce"]:
-            best[arm] = (r, overrides, config)
-    winners, results = {}, []
-    for arm, (r, overrides, config) in best.items():
-        runs = [r] + [train(f"{r['name']}_seed{s}", config, [*overrides, f"{SEED_FLAG}{s}"])
-                      for s in range(1, seeds)]
-        lr = next(p["lr"] for p in grid[arm] if p["run"] == r["name"])
-        winners[arm] = winner_record(lr, runs)
-        results.append({**r, "name": arm, "lr": lr})
-    return results, {"multiples": multiples, "seeds": seeds, "grid": grid, "winners": winners}
-
-
-def winner_record(lr: float, runs: list[dict]) -> dict:
-    """An arm's best rate over its seeds: final CEs with mean and std, and each seed's
-    evaluation curve and wall time (for time to target)."""
-    ces = [r["val_ce"] for r in runs]
-    return {"lr": lr, "val_ce": ces, "mean": float(np.mean(ces)),
-            "std": float(np.std(ces, ddof=1)) if len(ces) > 1 else 0.0,
-            "runs": [{"name": r["name"], "val_ce": r["val_ce"], "wall_s": r["wall_s"],
-                      "evals": r["evals"], "tokens_per_sec": r["tokens_per_sec"]}
-                     for r in runs]}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=",".join(E3_CONFIGS),
-                        help="comma-separated experiment configs (the baselines always run)")
-    parser.add_argument("--model", default=None, help="model preset (tiny with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 100 steps x 16 x 128 tokens: ~12 min on 2 CPU cores")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq_len", type=int, default=None)
-    parser.add_argument("--vocab", type=int, default=None, help="BPE ids (8192 quick, 32768)")
-    parser.add_argument("--max_bytes", type=int, default=0,
-                        help="read at most this much of the corpus (0: all)")
-    parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
-    parser.add_argument("--eval_batches", type=int, default=4)
-    parser.add_argument("--out", default=None, help="report directory (default "
-                        "runs/benchmark_<model>)")
-    parser.add_argument("--sweep", default="", choices=["", "lr"],
-                        help="lr: each arm over --lrs x its own optimizer.lr, the best rerun "
-                        "with --seeds seeds")
-    parser.add_argument("--lrs", default="0.5,1,2",
-                        help="with --sweep=lr: multiples of each arm's optimizer.lr")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="with --sweep=lr: seeds for each arm's best rate (>= 1)")
-    parser.add_argument("--regenerate", action="store_true",
-                        help="rewrite --out's report.md and plots from its results.json")
-    args, extra = parser.parse_known_args(argv)
-    if args.regenerate:
-        if not args.out:
-            parser.error("--regenerate needs --out=DIR (a finished benchmark)")
-        return regenerate(args.out)
-    bad = [a for a in extra if not a.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    quick = {"model": "tiny", "steps": 100, "batch": 16, "seq_len": 128, "vocab": 8192}
-    full = {"model": "125m", "steps": 2000, "batch": 32, "seq_len": 1024, "vocab": 32768}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.configs = split_configs(args.configs)
-    for config in args.configs:  # NAME, NAME:VARIANTS (e3:full,seed) or an old name (e3_muon)
-        load_config(config)  # an unknown name or variant exits with the choices
-    try:
-        multiples = [float(m) for m in args.lrs.split(",") if m]
-    except ValueError:
-        parser.error(f"--lrs={args.lrs}: expected comma-separated numbers, e.g. 0.5,1,2")
-    if args.sweep and (not multiples or min(multiples) <= 0 or args.seeds < 1):
-        parser.error("--sweep=lr needs positive --lrs multiples and --seeds >= 1")
-    out = args.out or os.path.join("runs", f"benchmark_{args.model}")
-    if os.path.exists(os.path.join(out, "results.json")):
-        raise SystemExit(f"error: {out} already holds a benchmark; choose another --out")
-    os.makedirs(out, exist_ok=True)
-
-    from nanochat_jax.train.metrics import measure_peak_flops
-
-    args.peak = measure_peak_flops()
-    runs = plan(args, extra)
-    count = iter(range(1, 10**6))
-
-    def train(name: str, config: str, overrides: list[str]) -> dict:
-        print(f"[{next(count)}] {name} (--config={config}) ...", flush=True)
-        r = run_one(name, config, overrides, out)
-        print(f"    val CE {r['val_ce']:.3f}, {r['tokens_per_sec']:,.0f} tokens/s, "
-              f"{r['wall_s']:.0f} s", flush=True)
-        return r
-
-    started = time.perf_counter()
-    info = {"command": " ".join(["python -m experiments.benchmark",
-                                 *(sys.argv[1:] if argv is None else argv)]),
-            "mode": "quick" if args.quick else "full", "model": args.model,
-            "steps": args.steps, "evals": args.evals,
-            "tokens_per_step": args.batch * args.seq_len,
-            "vocab": args.vocab, "peak": args.peak, "machine": machine(), "extra": extra}
-    if args.sweep == "lr":
-        results, info["sweep"] = _sweep(runs, multiples, args.seeds, train)
-    else:
-        results = [train(name, config, overrides) for name, config, overrides in runs]
-    info["total_s"] = time.perf_counter() - started
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({**info, "runs": results}, f, indent=1)
-    write_report(results, info, out)
+def write_report(results: list[dict], info: dict, out: str) -> None:
+    """report.md and the plots in `out` from the runs' summaries and the run's info."""
+    plots(results, info["tokens_per_step"], out)
+    if info.get("sweep"):
+        sweep_plot(info["sweep"], out)
+    text = markdown(results, info)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {out}/report.md and the plots")
 
 
 def save_study(out: str, results: dict, text: str) -> None:
@@ -698,18 +403,6 @@ def save_study(out: str, results: dict, text: str) -> None:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     print(text)
-
-
-def write_report(results: list[dict], info: dict, out: str) -> None:
-    """report.md and the plots in `out` from the runs' summaries and the run's info."""
-    plots(results, info["tokens_per_step"], out)
-    if info.get("sweep"):
-        sweep_plot(info["sweep"], out)
-    text = report(results, info, out)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
-    print(text)
-    print(f"wrote {out}/report.md and the plots")
 
 
 def regenerate(out: str) -> None:
@@ -728,22 +421,10 @@ def regenerate(out: str) -> None:
             first = next(r for r in results if r["name"] == arm)
             seed0 = next(p["run"] for p in info["sweep"]["grid"][arm] if p["lr"] == w["lr"])
             names = [seed0] + [f"{seed0}_seed{s}" for s in range(1, len(w["val_ce"]))]
-            runs = [{**first, "name": seed0}] + [_from_disk(out, n) for n in names[1:]]
+            runs = [{**first, "name": seed0}] + [from_disk(out, n) for n in names[1:]]
             w.update(winner_record(w["lr"], runs))
             rebuilt = True
     if rebuilt:  # keep them: results.json alone then regenerates the report
         with open(path, "w") as f:
             json.dump({**info, "runs": results}, f, indent=1)
     write_report(results, info, out)
-
-
-def _from_disk(out: str, name: str) -> dict:
-    """A run's summary from its metrics.jsonl alone (wall time: its last evaluation's)."""
-    with open(os.path.join(out, "runs", name, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    wall = max(r.get("training/wall_s") or 0 for r in rows)
-    return summarise(name, "", rows, wall, 0, "")
-
-
-if __name__ == "__main__":
-    main()
