@@ -63,11 +63,11 @@ def main() -> None:
     variants = {"unfiltered": None, **{f"keep {k:g}": k for k in keeps}}
     fns, states, state0 = {}, {}, None
     for name, keep in variants.items():
-        c = config.copy_and_resolve_references()
-        c.collider.enabled = keep is not None
+        variant = config.copy_and_resolve_references()
+        variant.collider.enabled = keep is not None
         if keep is not None:
-            c.collider.keep_ratio = keep
-        built = setup(c, model_config=mcfg, seed=0)  # the same initial state in every variant
+            variant.collider.keep_ratio = keep
+        built = setup(variant, model_config=mcfg, seed=0)  # the same initial state in every variant
         model, obj, states[name] = built.model, built.objective, built.state
         if state0 is None:  # the forward passes' parameters (the steps donate theirs)
             state0 = jax.tree.map(jnp.copy, built.state)
@@ -112,11 +112,11 @@ def main() -> None:
           f"{args.seq_len}; median of {args.rounds} rounds x {args.steps} calls")
     print("| variant | forward ms | backward ms | step ms | backward / unfiltered | "
           "step / unfiltered |\n|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        r["backward_ratio"] = r["backward_ms"] / ref["backward_ms"]
-        r["step_ratio"] = r["step_ms"] / ref["step_ms"]
-        print(f"| {name} | {r['forward_ms']:.0f} | {r['backward_ms']:.0f} | {r['step_ms']:.0f} | "
-              f"{r['backward_ratio']:.3f} | {r['step_ratio']:.3f} |")
+    for name, row in rows.items():
+        row["backward_ratio"] = row["backward_ms"] / ref["backward_ms"]
+        row["step_ratio"] = row["step_ms"] / ref["step_ms"]
+        print(f"| {name} | {row['forward_ms']:.0f} | {row['backward_ms']:.0f} | "
+              f"{row['step_ms']:.0f} | {row['backward_ratio']:.3f} | {row['step_ratio']:.3f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"device": device, "model": dataclasses.asdict(mcfg), "batch": args.batch,

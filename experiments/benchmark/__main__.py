@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def train(name: str, config: str, overrides: list[str]) -> dict:
         print(f"[{next(count)}] {name} (--config={config}) ...", flush=True)
-        r = runner.run_one(name, config, overrides, out)
-        print(f"    val CE {r['val_ce']:.3f}, {r['tokens_per_sec']:,.0f} tokens/s, "
-              f"{r['wall_s']:.0f} s", flush=True)
-        return r
+        result = runner.run_one(name, config, overrides, out)
+        print(f"    val CE {result['val_ce']:.3f}, {result['tokens_per_sec']:,.0f} tokens/s, "
+              f"{result['wall_s']:.0f} s", flush=True)
+        return result
 
     started = time.perf_counter()
     info = {"command": " ".join(["python -m experiments.benchmark",

@@ -101,18 +101,19 @@ def sweep(runs: list[tuple[str, str, list[str]]], multiples: list[float], seeds:
     grid: dict[str, list[dict]] = {}
     best: dict[str, tuple[dict, list[str], str]] = {}
     for name, config, overrides, arm, multiple, lr in lr_grid(runs, multiples):
-        r = train(name, config, overrides)
-        grid.setdefault(arm, []).append({"multiple": multiple, "lr": lr, "val_ce": r["val_ce"],
-                                         "run": name, "loop": r["loop"]})
-        if arm not in best or r["val_ce"] < best[arm][0]["val_ce"]:
-            best[arm] = (r, overrides, config)
+        result = train(name, config, overrides)
+        grid.setdefault(arm, []).append({"multiple": multiple, "lr": lr,
+                                         "val_ce": result["val_ce"], "run": name,
+                                         "loop": result["loop"]})
+        if arm not in best or result["val_ce"] < best[arm][0]["val_ce"]:
+            best[arm] = (result, overrides, config)
     winners, results = {}, []
-    for arm, (r, overrides, config) in best.items():
-        seeded = [r] + [train(f"{r['name']}_seed{s}", config, [*overrides, f"{SEED_FLAG}{s}"])
-                        for s in range(1, seeds)]
-        lr = next(p["lr"] for p in grid[arm] if p["run"] == r["name"])
+    for arm, (result, overrides, config) in best.items():
+        seeded = [result] + [train(f"{result['name']}_seed{s}", config,
+                                   [*overrides, f"{SEED_FLAG}{s}"]) for s in range(1, seeds)]
+        lr = next(p["lr"] for p in grid[arm] if p["run"] == result["name"])
         winners[arm] = winner_record(lr, seeded)
-        results.append({**r, "name": arm, "lr": lr})
+        results.append({**result, "name": arm, "lr": lr})
     return results, {"multiples": multiples, "seeds": seeds, "grid": grid, "winners": winners}
 
 
