@@ -32,20 +32,20 @@ class Block(nn.Module):
         """x -> (x, H_res maps or None, Collider carrier passed on, attention's updated KV
         cache or None); `kv` and `positions` as in layers.Attention; `index` (traced, under
         `nn.scan`) replaces the static `self.index`."""
-        c = self.cfg
+        cfg = self.cfg
         depth = self.index if index is None else index
 
         def norm(name):
-            return rms_norm(c, name)
+            return rms_norm(cfg, name)
 
         def attn(h, cr):
             nonlocal kv
-            out, cr, kv = Attention(c, name="attn")(norm("attn_norm")(h), cr, kv, positions)
+            out, cr, kv = Attention(cfg, name="attn")(norm("attn_norm")(h), cr, kv, positions)
             return out, cr
 
         sublayers = (("attn", attn),
-                     ("ffn", lambda h, cr: FeedForward(c, name="ffn")(norm("ffn_norm")(h), cr)))
-        if not c.mhc_streams:  # x: [B, T, D]
+                     ("ffn", lambda h, cr: FeedForward(cfg, name="ffn")(norm("ffn_norm")(h), cr)))
+        if not cfg.mhc_streams:  # x: [B, T, D]
             for _, sublayer in sublayers:
                 y, carrier = sublayer(x, carrier)
                 x = x + y
@@ -53,7 +53,7 @@ class Block(nn.Module):
         res_maps = []
         for j, (name, sublayer) in enumerate(sublayers):
             h_pre, h_post, h_res = HyperMaps(
-                c.mhc_streams, c.mhc_sinkhorn_iters, c.mhc_dynamic, norm_eps=c.norm_eps,
+                cfg.mhc_streams, cfg.mhc_sinkhorn_iters, cfg.mhc_dynamic, norm_eps=cfg.norm_eps,
                 name=f"hyper_{name}")(x, 2 * depth + j)
             y, carrier = sublayer(hyper_read(x, h_pre), carrier)
             x = hyper_write(x, y, h_post, h_res)

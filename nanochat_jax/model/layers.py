@@ -161,19 +161,19 @@ class Attention(nn.Module):
                  kv: tuple[jax.Array, jax.Array] | None = None,
                  positions: jax.Array | None = None):
         """x [B, T, D] (already normed) -> (out [B, T, D], carrier, updated kv or None)."""
-        c = self.cfg
+        cfg = self.cfg
         b, t, _ = x.shape
 
         def dense(h, n, name, std=None):
-            return linear_with(bit_linear(c, n, name, std), h, carrier)
+            return linear_with(bit_linear(cfg, n, name, std), h, carrier)
 
-        q, carrier = dense(x, c.n_heads * c.head_dim, "q")
-        k, carrier = dense(x, c.n_kv_heads * c.head_dim, "k")
-        v, carrier = dense(x, c.n_kv_heads * c.head_dim, "v")
-        q = q.reshape(b, t, c.n_heads, c.head_dim)
-        k, v = (a.reshape(b, t, c.n_kv_heads, c.head_dim) for a in (k, v))
-        cos, sin = rotary_tables(jnp.arange(t) if kv is None else positions, c.head_dim,
-                                 c.rope_theta)
+        q, carrier = dense(x, cfg.n_heads * cfg.head_dim, "q")
+        k, carrier = dense(x, cfg.n_kv_heads * cfg.head_dim, "k")
+        v, carrier = dense(x, cfg.n_kv_heads * cfg.head_dim, "v")
+        q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k, v = (a.reshape(b, t, cfg.n_kv_heads, cfg.head_dim) for a in (k, v))
+        cos, sin = rotary_tables(jnp.arange(t) if kv is None else positions, cfg.head_dim,
+                                 cfg.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, H]
@@ -181,8 +181,8 @@ class Attention(nn.Module):
             kv = tuple(write_slots(cache, new, positions[:, 0]) for cache, new in
                        zip(kv, (k, v), strict=True))  # each [B, Hkv, S, Dh]
             out = cached_attention(q, *kv, positions)
-        out = rms_norm(c, "attn_sub_norm")(out.reshape(b, t, -1))
-        out, carrier = dense(out, c.d_model, "o", c.init_std / (2 * c.n_layers) ** 0.5)
+        out = rms_norm(cfg, "attn_sub_norm")(out.reshape(b, t, -1))
+        out, carrier = dense(out, cfg.d_model, "o", cfg.init_std / (2 * cfg.n_layers) ** 0.5)
         return out, carrier, kv
 
 
@@ -195,12 +195,12 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, carrier: collider.Carrier | None = None):
         """x [B, T, D] (already normed) -> (out [B, T, D], carrier)."""
-        c = self.cfg
+        cfg = self.cfg
 
-        gate, carrier = linear_with(bit_linear(c, c.d_ff, "w1"), x, carrier)  # [B, T, F]
-        up, carrier = linear_with(bit_linear(c, c.d_ff, "w3"), x, carrier)  # [B, T, F]
-        act = jax.nn.silu(gate) if c.ffn_activation == "silu" else jnp.square(jax.nn.relu(gate))
+        gate, carrier = linear_with(bit_linear(cfg, cfg.d_ff, "w1"), x, carrier)  # [B, T, F]
+        up, carrier = linear_with(bit_linear(cfg, cfg.d_ff, "w3"), x, carrier)  # [B, T, F]
+        act = jax.nn.silu(gate) if cfg.ffn_activation == "silu" else jnp.square(jax.nn.relu(gate))
         h = act * up
-        h = rms_norm(c, "ffn_sub_norm")(h)
-        return linear_with(bit_linear(c, c.d_model, "w2", c.init_std / (2 * c.n_layers) ** 0.5),
-                           h, carrier)
+        h = rms_norm(cfg, "ffn_sub_norm")(h)
+        w2 = bit_linear(cfg, cfg.d_model, "w2", cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        return linear_with(w2, h, carrier)

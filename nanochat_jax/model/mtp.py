@@ -36,12 +36,12 @@ class MTPModule(nn.Module):
                  carrier: Carrier | None = None, kv: tuple[jax.Array, jax.Array] | None = None,
                  positions: jax.Array | None = None):
         """-> (h_k, RMSNorm(h_k), Collider carrier passed on, the block's KV cache or None)."""
-        c = self.cfg
+        cfg = self.cfg
         h = h_prev  # [B, T, D]
-        if c.mtp_kind == "sequential":
-            h = jnp.concatenate([rms_norm(c, "hidden_norm")(h_prev),
-                                 rms_norm(c, "embed_norm")(next_embed)],
+        if cfg.mtp_kind == "sequential":
+            h = jnp.concatenate([rms_norm(cfg, "hidden_norm")(h_prev),
+                                 rms_norm(cfg, "embed_norm")(next_embed)],
                                 axis=-1)  # [B, T, 2D]
-            h, carrier = linear_with(bit_linear(c, c.d_model, "proj"), h, carrier)  # [B, T, D]
-        h, _, carrier, kv = block_class(c)(c, name="block")(h, carrier, kv, positions)
-        return h, rms_norm(c, "out_norm")(h), carrier, kv
+            h, carrier = linear_with(bit_linear(cfg, cfg.d_model, "proj"), h, carrier)  # [B, T, D]
+        h, _, carrier, kv = block_class(cfg)(cfg, name="block")(h, carrier, kv, positions)
+        return h, rms_norm(cfg, "out_norm")(h), carrier, kv

@@ -56,22 +56,22 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
-        c = self.cfg
-        self.embed = nn.Embed(c.vocab_size, c.d_model,
-                              embedding_init=nn.initializers.normal(c.init_std))
-        if c.scan_layers:
-            self.stack = scanned_blocks(c)
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model,
+                              embedding_init=nn.initializers.normal(cfg.init_std))
+        if cfg.scan_layers:
+            self.stack = scanned_blocks(cfg)
         else:
-            self.blocks = [block_class(c)(c, i, name=f"block_{i}") for i in range(c.n_layers)]
-        self.final_norm = rms_norm(c)
-        if not c.tie_embeddings:
-            self.lm_head = self.param("lm_head", nn.initializers.normal(c.init_std),
-                                      (c.d_model, c.vocab_size), jnp.float32)
-        if c.loops > 1:
-            self.loop_norm = rms_norm(c)
-            self.exit_gate = nn.Dense(1, kernel_init=nn.initializers.normal(c.init_std))
-        plain = dataclasses.replace(c, mhc_streams=0)
-        self.mtp = [MTPModule(plain, name=f"mtp_{k}") for k in range(c.mtp_depth)]
+            self.blocks = [block_class(cfg)(cfg, i, name=f"block_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = rms_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param("lm_head", nn.initializers.normal(cfg.init_std),
+                                      (cfg.d_model, cfg.vocab_size), jnp.float32)
+        if cfg.loops > 1:
+            self.loop_norm = rms_norm(cfg)
+            self.exit_gate = nn.Dense(1, kernel_init=nn.initializers.normal(cfg.init_std))
+        plain = dataclasses.replace(cfg, mhc_streams=0)
+        self.mtp = [MTPModule(plain, name=f"mtp_{k}") for k in range(cfg.mtp_depth)]
 
     def _head(self) -> jax.Array:
         return self.embed.embedding.T if self.cfg.tie_embeddings else self.lm_head
@@ -88,21 +88,21 @@ class Transformer(nn.Module):
         """tokens [B, T] int -> ModelOutput; `loops` runs fewer loops than configured;
         `with_mtp=False` skips the MTP modules (inference); `carrier` turns on Collider's
         filtered backward (nanochat_jax/collider.py)."""
-        c = self.cfg
-        n_loops = c.loops if loops is None else loops
-        if not 1 <= n_loops <= c.loops:
-            raise ConfigError(f"loops must be in 1..{c.loops} for this model, got {n_loops}")
+        cfg = self.cfg
+        n_loops = cfg.loops if loops is None else loops
+        if not 1 <= n_loops <= cfg.loops:
+            raise ConfigError(f"loops must be in 1..{cfg.loops} for this model, got {n_loops}")
         x = self._embed_stream(tokens)
         hidden, gates, rms, maps = [], [], [], []
         stack_pass = Transformer._stack_pass
-        if c.remat == "loop":  # keep each pass's input, recompute the pass in the backward
+        if cfg.remat == "loop":  # keep each pass's input, recompute the pass in the backward
             stack_pass = nn.remat(stack_pass)
         for t in range(n_loops):
             if t:
                 x = self.loop_norm(x)  # hidden norms grow across loops (docs/techniques.md#looplm)
             x, res, carrier = stack_pass(self, x, carrier)
             maps += res
-            flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, T, D]
+            flat = jnp.mean(x, axis=2) if cfg.mhc_streams else x  # [B, T, D]
             rms.append(jnp.sqrt(jnp.mean(jnp.square(flat.astype(jnp.float32)))))
             hidden.append(self.final_norm(flat))
             if t < n_loops - 1:
@@ -110,7 +110,7 @@ class Transformer(nn.Module):
         mtp_hidden = []
         h = flat  # the trunk's last residual state h_0
         for k, module in enumerate(self.mtp if with_mtp else [], start=1):
-            if c.mtp_kind == "sequential":
+            if cfg.mtp_kind == "sequential":
                 h, normed, carrier, _ = module(h, self.embed(shift_left(tokens, k)), carrier)
             else:
                 _, normed, carrier, _ = module(flat, carrier=carrier)
@@ -121,14 +121,14 @@ class Transformer(nn.Module):
 
         return ModelOutput(hidden=jnp.stack(hidden), head=self._head(), loop_rms=jnp.stack(rms),
                            exit_logits=stack(gates), mtp_hidden=stack(mtp_hidden),
-                           res_maps=jnp.concatenate(maps) if c.mhc_streams else None,
+                           res_maps=jnp.concatenate(maps) if cfg.mhc_streams else None,
                            carrier=carrier)
 
     def _stack_pass(self, x: jax.Array, carrier: Carrier | None):
         """One pass of the block stack (one LoopLM loop) -> (x, per-block res maps, carrier)."""
-        c = self.cfg
-        if c.scan_layers:
-            (x, carrier), res = self.stack((x, carrier), jnp.arange(c.n_layers))
+        cfg = self.cfg
+        if cfg.scan_layers:
+            (x, carrier), res = self.stack((x, carrier), jnp.arange(cfg.n_layers))
             return x, [] if res is None else [res.reshape(-1, *res.shape[2:])], carrier
         maps = []
         for block in self.blocks:
@@ -164,13 +164,13 @@ class Transformer(nn.Module):
         once every token fed has exited; a skipped loop's cache slots get the previous loop's
         keys and values, so later tokens that do run that loop attend to those instead.
         """
-        c = self.cfg
-        if c.scan_layers:
+        cfg = self.cfg
+        if cfg.scan_layers:
             raise ConfigError("decoding with the KV cache runs on unrolled blocks: convert a "
                               "model.scan_layers=True model with "
                               "nanochat_jax.model.params.unscan(cfg, params)")
         x = self._embed_stream(tokens)
-        n_layers = c.n_layers
+        n_layers = cfg.n_layers
         k, v = list(cache.k), list(cache.v)  # loop t, layer i at t * L + i: [B, Hkv, S, Dh]
         hidden, gates = [], []
 
@@ -184,7 +184,7 @@ class Transformer(nn.Module):
                 vs.append(v_i)
             return x, ks, vs
 
-        for t in range(c.loops):
+        for t in range(cfg.loops):
             now = slice(t * n_layers, (t + 1) * n_layers)
             if t and exit_threshold is not None:
                 cdf = jnp.cumsum(exit_distribution(jnp.stack(gates)), axis=0)[:t]  # [t, B, W]
@@ -204,11 +204,11 @@ class Transformer(nn.Module):
                                             k[before], v[before])
             else:
                 x, k[now], v[now] = run_loop(self, x, k[now], v[now], t)
-            flat = jnp.mean(x, axis=2) if c.mhc_streams else x  # [B, W, D]
+            flat = jnp.mean(x, axis=2) if cfg.mhc_streams else x  # [B, W, D]
             hidden.append(self.final_norm(flat))
-            if t < c.loops - 1:
+            if t < cfg.loops - 1:
                 gates.append(self.exit_gate(hidden[-1])[..., 0])  # [B, W]
-        exit_step = jnp.full(tokens.shape, c.loops - 1, jnp.int32)
+        exit_step = jnp.full(tokens.shape, cfg.loops - 1, jnp.int32)
         chosen = hidden[-1]
         if exit_threshold is not None and gates:
             chosen, exit_step = exit_hidden(jnp.stack(hidden), jnp.stack(gates), exit_threshold)

@@ -92,16 +92,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     LM head once per loop and per MTP depth (each is scored), and per MTP depth one block
     (plus its 2D -> D projection when sequential). The embedding lookup is not counted.
     """
-    c = cfg
-    attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    block = attn + 3 * c.d_model * c.d_ff
-    n = c.mhc_streams
-    hyper = 2 * (n * c.d_model) * (2 * n + n * n) if n and c.mhc_dynamic else 0
-    proj = 2 * c.d_model * c.d_model if c.mtp_kind == "sequential" else 0
-    matmul_params = (c.loops * c.n_layers * (block + hyper) + c.mtp_depth * (block + proj)
-                     + (c.loops + c.mtp_depth) * c.d_model * c.vocab_size)
-    attention_layers = c.loops * c.n_layers + c.mtp_depth
-    return 6.0 * matmul_params + 12.0 * attention_layers * c.d_model * seq_len
+    attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    block = attn + 3 * cfg.d_model * cfg.d_ff
+    n = cfg.mhc_streams
+    hyper = 2 * (n * cfg.d_model) * (2 * n + n * n) if n and cfg.mhc_dynamic else 0
+    proj = 2 * cfg.d_model * cfg.d_model if cfg.mtp_kind == "sequential" else 0
+    matmul_params = (cfg.loops * cfg.n_layers * (block + hyper) + cfg.mtp_depth * (block + proj)
+                     + (cfg.loops + cfg.mtp_depth) * cfg.d_model * cfg.vocab_size)
+    attention_layers = cfg.loops * cfg.n_layers + cfg.mtp_depth
+    return 6.0 * matmul_params + 12.0 * attention_layers * cfg.d_model * seq_len
 
 
 @dataclasses.dataclass(frozen=True)
